@@ -1,0 +1,46 @@
+# make run   - set up and start the daemon in the foreground on /run/cma
+# make test  - set up and run the whole test suite
+# make bench - run the benchmarks (they print ratios, they never assert)
+# make lint  - byte-compile and check the layering rules
+
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+APT_PKGS := fuse3 libfuse3-dev pkg-config
+MOUNTPOINT ?= /run/cma
+
+.PHONY: run test bench lint deps clean
+
+deps: $(STAMP)
+
+# Debian packages, only those missing; then a venv with the project.
+$(STAMP): pyproject.toml
+	@missing=""; for p in $(APT_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	mkdir -p $(MOUNTPOINT)
+	$(VENV)/bin/cmad --mountpoint $(MOUNTPOINT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/core.py
+
+lint: $(STAMP)
+	$(PY) -m compileall -q cmad fusefs tests bench
+	@! grep -rnE '^\s*(from|import)\s+cmad' fusefs --include='*.py' || (echo "fusefs must not import cmad"; exit 1)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

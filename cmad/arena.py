@@ -1,0 +1,162 @@
+"""The arena: the memory behind the regions, hugepage-backed where the machine allows.
+
+Preference order (each choice is logged with its reason):
+  hugetlb  a file on a hugetlbfs mount, or memfd_create(MFD_HUGETLB)
+  thp      shared memory (tmpfs file or memfd) with MADV_HUGEPAGE advised
+  shm      plain shared memory
+With ``path`` the arena is a named file that outlives the process, so a
+client can map a chunk through it and a restarted daemon finds its bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+
+from .errors import CmaError
+from .memparse import human
+
+log = logging.getLogger(__name__)
+
+BACKINGS = ("auto", "hugetlb", "thp", "shm")
+_THP_SHMEM = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+
+
+def hugepage_size() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Hugepagesize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 << 20
+
+
+def fs_type(path: str) -> str:
+    """The filesystem type of the mount holding ``path`` (longest prefix in /proc/mounts)."""
+    path = os.path.realpath(path)
+    best, kind = "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            mnt = fields[1].replace("\\040", " ")
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, fields[2]
+    return kind
+
+
+def hugetlbfs_mounts() -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[2] == "hugetlbfs"]
+
+
+def _hugepages_free() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("HugePages_Free:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _thp_shmem_mode() -> str:
+    try:
+        with open(_THP_SHMEM) as f:
+            text = f.read()
+    except OSError:
+        return "unavailable"
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+
+
+class Arena:
+    """``size`` bytes of shared memory mapped into the daemon, zero-copy by memoryview."""
+
+    def __init__(self, size: int, *, path: str | None = None, backing: str = "auto",
+                 populate: bool = True):
+        if backing not in BACKINGS:
+            raise CmaError(errno.EINVAL, f"backing {backing!r}: expected one of {BACKINGS}")
+        if size <= 0:
+            raise CmaError(errno.EINVAL, f"arena size {size} must be positive")
+        self.size = size
+        self.named = path is not None
+        self.path = path
+        self.existed = path is not None and os.path.exists(path)
+        self.fd = -1
+        self.mm: mmap.mmap | None = None
+        failures = []
+        for kind in (("hugetlb", "thp", "shm") if backing == "auto" else (backing,)):
+            self.size = size
+            try:
+                self._open(kind, path, populate)
+            except OSError as e:
+                failures.append(f"{kind}: {e.strerror or e}")
+                self._close_fd()
+                continue
+            self.backing = kind
+            self.why = "; ".join(failures) or "first choice"
+            log.info("arena: %s of %s backed by %s%s at %s", human(self.size),
+                     "named file" if self.named else "anonymous memory", kind,
+                     f" (after {self.why})" if failures else "", self.path)
+            return
+        raise CmaError(errno.ENOMEM, f"arena of {human(size)}: no backing worked: "
+                                     + "; ".join(failures))
+
+    def _open(self, kind: str, path: str | None, populate: bool) -> None:
+        if kind == "hugetlb":
+            self.size = -(-self.size // hugepage_size()) * hugepage_size()
+            if path is None and _hugepages_free() * hugepage_size() < self.size:
+                raise OSError(errno.ENOMEM, f"{_hugepages_free()} free hugepages of "
+                                            f"{human(hugepage_size())}, need "
+                                            f"{self.size // hugepage_size()}")
+            if path is None:
+                self.fd = os.memfd_create("cmad-arena", os.MFD_HUGETLB | os.MFD_CLOEXEC)
+            elif fs_type(os.path.dirname(path) or ".") != "hugetlbfs":
+                raise OSError(errno.EINVAL, f"{path} is not on a hugetlbfs mount")
+        elif path is not None and fs_type(os.path.dirname(path) or ".") == "hugetlbfs":
+            raise OSError(errno.EINVAL, f"{path} is on hugetlbfs, which is not {kind}")
+        if kind == "thp" and _thp_shmem_mode() not in ("always", "within_size", "advise"):
+            raise OSError(errno.ENOTSUP, f"shmem THP is {_thp_shmem_mode()!r} "
+                                         f"in {_THP_SHMEM}")
+        if self.fd < 0:
+            self.fd = (os.memfd_create("cmad-arena", os.MFD_CLOEXEC) if path is None
+                       else os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        if os.fstat(self.fd).st_size < self.size:
+            os.ftruncate(self.fd, self.size)
+        if kind != "hugetlb":
+            os.posix_fallocate(self.fd, 0, self.size)  # ENOSPC now, not SIGBUS later
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+        self.mm = mmap.mmap(self.fd, self.size, flags=flags)
+        if kind == "thp":
+            self.mm.madvise(mmap.MADV_HUGEPAGE)
+        if path is None:
+            self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    def view(self, offset: int, size: int) -> memoryview:
+        """The bytes [offset, offset + size) of the arena, zero-copy."""
+        if offset < 0 or offset + size > self.size:
+            raise CmaError(errno.EINVAL, f"range {offset:#x}+{size:#x} is outside the arena")
+        return memoryview(self.mm)[offset:offset + size]
+
+    def _close_fd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def close(self, unlink: bool = False) -> None:
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:  # a view is still exported; the mapping dies with us
+                log.debug("arena: mapping still referenced at close")
+            self.mm = None
+        self._close_fd()
+        if unlink and self.named:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,198 @@
+"""Best fit, as in the CMA patch RFCv4 (mm/cma-best-fit.c).
+
+A request takes the smallest hole that can hold it at the requested
+alignment (lowest address among equal sizes), from the hole's first aligned
+address; what is left of the hole on either side stays free.  A freed range
+merges with both neighbouring holes.
+
+The patch keeps holes in two rb-trees, by size and by start.  Here:
+
+- ``_by_size`` is a SortedList of int keys ``(size << 64) | start``: ints
+  compare faster than tuples, and key order is size then address, so the
+  first key >= ``size << 64`` is the best fit when alignment is the page
+  size.  With a larger alignment we walk forward only past holes that are
+  big enough but misaligned.
+- ``_by_start`` (start -> size) and ``_by_end`` (end -> start) are boundary
+  tags: merging on free is two dict lookups, not a tree search.
+- ``_starts`` is a SortedList of hole starts, needed only by ``reserve`` to
+  find the hole containing an address.  Keeping it on the hot path would
+  cost two more tree updates per alloc and free, so it is built on demand by
+  ``reserve``, kept up to date across consecutive reserves (recovery
+  reserves every chunk in a row), and dropped by the next alloc or free.
+
+Costs, n holes: alloc O(log n) at page alignment (plus one step per
+misaligned candidate otherwise), free O(log n), reserve O(log n) after an
+O(n log n) rebuild if an alloc or free came between, holes O(n log n),
+largest_free O(log n).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from sortedcontainers import SortedList
+
+from .allocator import PAGE_SIZE, Allocator, register
+
+_SHIFT = 64
+_LOW = (1 << _SHIFT) - 1
+
+
+@register
+class BestFit(Allocator):
+    name = "bf"
+    params = ()
+
+    def __init__(self, start: int, size: int, **params: int):
+        super().__init__(start, size, **params)
+        assert start + size <= _LOW, "bus addresses must fit in 64 bits"
+        self._by_size = SortedList()
+        self._by_start: dict[int, int] = {}
+        self._by_end: dict[int, int] = {}
+        self._starts: SortedList | None = None
+        if size:
+            self._insert(start, size)
+
+    # -- helpers -------------------------------------------------------
+
+    def _insert(self, start: int, size: int) -> None:
+        """Index the hole [start, start + size)."""
+        self._by_size.add((size << _SHIFT) | start)
+        self._by_start[start] = size
+        self._by_end[start + size] = start
+
+    def _remove(self, start: int, size: int) -> None:
+        """Drop the hole [start, start + size) from the indexes."""
+        self._by_size.remove((size << _SHIFT) | start)
+        del self._by_start[start]
+        del self._by_end[start + size]
+
+    # -- the interface -------------------------------------------------
+
+    def alloc(self, size: int, alignment: int) -> tuple[int, int] | None:
+        """Best fit.  O(log n), plus one step per big-enough misaligned hole."""
+        by_size = self._by_size
+        i = by_size.bisect_left(size << _SHIFT)
+        if i == len(by_size):
+            return None
+        key = by_size[i]
+        hole_size = key >> _SHIFT
+        hole = key & _LOW
+        at = hole
+        if alignment > PAGE_SIZE:
+            mask = alignment - 1
+            at = (hole + mask) & ~mask
+            if at + size > hole + hole_size:
+                for key in by_size.islice(i + 1):
+                    hole_size = key >> _SHIFT
+                    hole = key & _LOW
+                    at = (hole + mask) & ~mask
+                    if at + size <= hole + hole_size:
+                        break
+                else:
+                    return None
+        self._starts = None
+        # Carve [at, at + size) out of the hole; keep the head and the tail.
+        by_size.remove(key)
+        by_start = self._by_start
+        by_end = self._by_end
+        end = hole + hole_size
+        if at > hole:
+            head = at - hole
+            by_size.add((head << _SHIFT) | hole)
+            by_start[hole] = head
+            by_end[at] = hole
+        else:
+            del by_start[hole]
+        tail = at + size
+        if tail < end:
+            rest = end - tail
+            by_size.add((rest << _SHIFT) | tail)
+            by_start[tail] = rest
+            by_end[end] = tail
+        else:
+            del by_end[end]
+        self.free_bytes -= size
+        return at, size
+
+    def free(self, start: int, size: int) -> None:
+        """Give back [start, start + size), merged with both neighbours.  O(log n)."""
+        self._starts = None
+        by_size = self._by_size
+        by_start = self._by_start
+        by_end = self._by_end
+        self.free_bytes += size
+        end = start + size
+        left = by_end.pop(start, None)
+        if left is not None:
+            left_size = by_start.pop(left)
+            by_size.remove((left_size << _SHIFT) | left)
+            start = left
+            size += left_size
+        right_size = by_start.pop(end, None)
+        if right_size is not None:
+            del by_end[end + right_size]
+            by_size.remove((right_size << _SHIFT) | end)
+            size += right_size
+        by_size.add((size << _SHIFT) | start)
+        by_start[start] = size
+        by_end[start + size] = start
+
+    def reserve(self, start: int, size: int) -> bool:
+        """Claim [start, start + size) if all free.  O(log n) between reserves."""
+        if size <= 0 or start < self.start or start + size > self.start + self.size:
+            return False
+        starts = self._starts
+        if starts is None:
+            starts = self._starts = SortedList(self._by_start)
+        i = starts.bisect_right(start)
+        if not i:
+            return False
+        hole = starts[i - 1]
+        hole_size = self._by_start[hole]
+        end = hole + hole_size
+        if start + size > end:
+            return False
+        self._remove(hole, hole_size)
+        starts.remove(hole)
+        if start > hole:
+            self._insert(hole, start - hole)
+            starts.add(hole)
+        if start + size < end:
+            self._insert(start + size, end - start - size)
+            starts.add(start + size)
+        self.free_bytes -= size
+        return True
+
+    def holes(self) -> Iterator[tuple[int, int]]:
+        """Free ranges in address order (adjacent holes never exist).  O(n log n)."""
+        return iter(sorted(self._by_start.items()))
+
+    def largest_free(self) -> int:
+        """Size of the largest hole: page alignment never needs more.  O(log n)."""
+        by_size = self._by_size
+        return by_size[-1] >> _SHIFT if by_size else 0
+
+    def _check(self) -> None:
+        self._by_size._check()
+        by_start = self._by_start
+        by_end = self._by_end
+        assert len(self._by_size) == len(by_start) == len(by_end)
+        for key in self._by_size:
+            hole, hole_size = key & _LOW, key >> _SHIFT
+            assert by_start.get(hole) == hole_size, (hex(hole), hole_size)
+            assert by_end.get(hole + hole_size) == hole, hex(hole)
+        total = 0
+        last_end = None
+        limit = self.start + self.size
+        for hole, hole_size in sorted(by_start.items()):
+            assert hole_size > 0 and hole_size % PAGE_SIZE == 0, (hex(hole), hole_size)
+            assert (hole - self.start) % PAGE_SIZE == 0, hex(hole)
+            assert self.start <= hole and hole + hole_size <= limit, (hex(hole), hole_size)
+            assert last_end is None or last_end < hole, f"holes overlap or touch at {hex(hole)}"
+            last_end = hole + hole_size
+            total += hole_size
+        assert total == self.free_bytes, (total, self.free_bytes)
+        if self._starts is not None:
+            self._starts._check()
+            assert list(self._starts) == sorted(by_start)

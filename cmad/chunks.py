@@ -1,0 +1,117 @@
+"""Chunks: one allocation each, indexed by start address and by label."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import re
+import time
+from typing import Iterator
+
+from sortedcontainers import SortedDict
+
+from .errors import CmaError, einval
+from .memparse import fmt_addr
+from .regions import Region
+
+LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+_ADDR_FORM = re.compile(r"[0-9a-fA-F]{16}")
+
+
+def check_label(label: str) -> str:
+    """Labels are file names in chunks/ and never read as a start address."""
+    if not LABEL.fullmatch(label) or _ADDR_FORM.fullmatch(label):
+        raise einval(f"label {label!r}: must match [A-Za-z][A-Za-z0-9_.-]{{0,63}} and not be "
+                     "16 hex digits")
+    return label
+
+
+_ids = itertools.count(1)
+
+
+class Chunk:
+    """One allocation.  ``id`` is its identity: it survives a move, ``start`` does not."""
+
+    __slots__ = ("id", "start", "size", "region", "dev", "type", "uid", "pid", "label",
+                 "created", "movable", "transient", "bound", "__weakref__")
+
+    def __init__(self, start: int, size: int, region: Region, dev: str, type: str, *,
+                 uid: int = 0, pid: int = 0, label: str | None = None,
+                 movable: bool = False, transient: bool = False, bound: int | None = None,
+                 created: float | None = None, id: int | None = None):
+        self.id = next(_ids) if id is None else id
+        self.start = start
+        self.size = size
+        self.region = region
+        self.dev = dev
+        self.type = type
+        self.uid = uid
+        self.pid = pid
+        self.label = label
+        self.created = time.time() if created is None else created
+        self.movable = movable
+        self.transient = transient
+        self.bound = bound
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    @property
+    def name(self) -> str:
+        """The directory name in chunks/."""
+        return fmt_addr(self.start)
+
+    def created_iso(self) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
+
+    def __repr__(self) -> str:
+        return f"<Chunk {self.name}+{self.size:#x} {self.region.name} {self.label or ''}>"
+
+
+class ChunkIndex:
+    """All live chunks, by start (sorted: log-time "who holds X") and by label."""
+
+    def __init__(self) -> None:
+        self._by_start: SortedDict = SortedDict()
+        self._by_label: dict[str, Chunk] = {}
+
+    def add(self, chunk: Chunk) -> None:
+        if chunk.label is not None:
+            if chunk.label in self._by_label:
+                raise CmaError(errno.EEXIST, f"label {chunk.label!r} is taken by chunk "
+                                             f"{self._by_label[chunk.label].name}")
+            self._by_label[chunk.label] = chunk
+        self._by_start[chunk.start] = chunk
+
+    def remove(self, chunk: Chunk) -> None:
+        del self._by_start[chunk.start]
+        if chunk.label is not None:
+            del self._by_label[chunk.label]
+
+    def get(self, start: int) -> Chunk | None:
+        return self._by_start.get(start)
+
+    def by_label(self, label: str) -> Chunk | None:
+        return self._by_label.get(label)
+
+    def holding(self, addr: int) -> Chunk | None:
+        """The chunk whose bytes include ``addr``, in O(log n)."""
+        i = self._by_start.bisect_right(addr)
+        if i == 0:
+            return None
+        chunk = self._by_start.peekitem(i - 1)[1]
+        return chunk if addr < chunk.end else None
+
+    def in_range(self, start: int, end: int) -> Iterator[Chunk]:
+        for key in self._by_start.irange(start, end, inclusive=(True, False)):
+            yield self._by_start[key]
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return iter(self._by_start.values())
+
+    def __len__(self) -> int:
+        return len(self._by_start)
+
+    def __contains__(self, start: int) -> bool:
+        return start in self._by_start

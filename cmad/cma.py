@@ -1,0 +1,354 @@
+"""The Cma facade: regions, map, allocators and chunks behind one lock.
+
+This is the whole core API; the filesystem is one client of it, the tests
+another.  Every method either succeeds or raises CmaError and changes nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol, Sequence
+
+from .allocator import PAGE_SIZE, Allocator, registry
+from .arena import Arena
+from .chunks import Chunk, ChunkIndex, check_label
+from .errors import CmaError, einval
+from .map import DEFAULT_TYPE, Map
+from .memparse import U64_MAX, fmt_addr, human, is_power_of_two
+from .regions import (Region, RegionStats, fragmentation, layout, page_align,
+                      parse_alignment, parse_alloc_spec, parse_regions)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE = 0x40000000
+
+
+@dataclass(frozen=True)
+class Info:
+    """The patch's cma_info: what the map gives one (device, type) request."""
+
+    lower_bound: int
+    upper_bound: int
+    total_size: int
+    free_size: int
+    count: int
+
+
+class Listener(Protocol):
+    """Told of every change after the core made it; may veto alloc by raising."""
+
+    def on_alloc(self, chunk: Chunk) -> None: ...
+    def on_free(self, chunk: Chunk) -> None: ...
+
+
+def _locked(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapper(self: "Cma", *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+class Cma:
+    """Contiguous memory allocator over named regions of one arena."""
+
+    def __init__(self, regions: str = "", map: str = "", *, base: int = DEFAULT_BASE,
+                 arena_size: int | None = None, arena: Arena | None = None,
+                 limits: dict[int, int] | None = None):
+        if base <= 0 or base % PAGE_SIZE:
+            raise einval(f"base {base:#x} must be a positive multiple of the page size")
+        self._lock = threading.RLock()
+        self._allocators: dict[str, type[Allocator]] = dict(registry())
+        specs = parse_regions(regions)
+        granules = {}
+        for spec in specs:
+            cls = self._allocator_class(spec.alloc.name, f"region {spec.name}")
+            granules[spec.name] = cls.granule(**spec.alloc.params)
+        if arena is not None and arena_size is None:
+            arena_size = arena.size
+        starts = layout(specs, base, arena_size, granules)
+        self.base = base
+        self.arena_size = arena_size if arena_size is not None else (
+            max((starts[s.name] + s.size for s in specs), default=base) - base)
+        if arena is not None and arena.size < self.arena_size:
+            raise CmaError(errno.ENOMEM, f"arena of {human(arena.size)} is smaller than the "
+                                         f"{human(self.arena_size)} the regions need")
+        self.arena = arena
+        self._regions: dict[str, Region] = {}
+        for spec in specs:
+            region = Region(spec, starts[spec.name])
+            region.attach(self._allocator_class(spec.alloc.name, ""), spec.alloc.params)
+            self._regions[spec.name] = region
+        self._map = Map(map)
+        self.chunks = ChunkIndex()
+        self.limits: dict[int, int] = dict(limits or {})
+        self._held: dict[int, int] = {}
+        self.listeners: list[Listener] = []
+
+    # -- introspection -------------------------------------------------
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        """All regions in address order."""
+        return tuple(sorted(self._regions.values(), key=lambda r: r.start))
+
+    def region(self, name: str) -> Region:
+        try:
+            return self._regions[name]
+        except KeyError:
+            raise CmaError(errno.ENOENT, f"no region named {name!r}") from None
+
+    @property
+    def allocators(self) -> list[str]:
+        """Registered allocator names; the first is the default."""
+        return [name or "-" for name in self._allocators]
+
+    @property
+    def map(self) -> str:
+        return self._map.text
+
+    @_locked
+    def set_map(self, text: str) -> None:
+        """Replace the map; a syntax error raises EINVAL and keeps the old one."""
+        self._map = Map(text)
+        log.info("map set to %r", self._map.text)
+
+    def held(self, uid: int) -> int:
+        return self._held.get(uid, 0)
+
+    # -- allocators ----------------------------------------------------
+
+    def _allocator_class(self, name: str | None, what: str) -> type[Allocator]:
+        if name is None:
+            if not self._allocators:
+                raise einval(f"{what}: no allocator is registered")
+            return next(iter(self._allocators.values()))
+        try:
+            return self._allocators[name]
+        except KeyError:
+            raise einval(f"{what}: unknown allocator {name!r} (registered: "
+                         f"{' '.join(self._allocators)})") from None
+
+    @_locked
+    def set_allocator(self, region_name: str, text: str) -> None:
+        """The region's ``alloc`` attribute: empty means the default allocator; an
+        unregistered name is remembered and shown as ``[name]`` until registered."""
+        region = self.region(region_name)
+        if region.users:
+            raise CmaError(errno.EBUSY, f"region {region.name} has {region.users} chunks; "
+                                        "its allocator can change only when it has none")
+        spec = parse_alloc_spec(text, f"region {region.name}: allocator")
+        if spec.kind != "exclusive" or "sticky" in text:
+            raise einval(f"region {region.name}: the kind is set by the configuration, "
+                         "not the alloc attribute")
+        if spec.name is not None and spec.name not in self._allocators:
+            region.detach()
+            region.wanted = spec
+            log.info("region %s: allocator %r is not registered; pending", region.name,
+                     spec.name)
+            return
+        region.attach(self._allocator_class(spec.name, f"region {region.name}"), spec.params)
+        region.wanted = spec
+
+    @_locked
+    def register_allocator(self, cls: type[Allocator]) -> None:
+        """Register another allocator; regions waiting for its name get it now."""
+        self._allocators[cls.name] = cls
+        for region in self._regions.values():
+            if region.allocator is None and region.wanted.name == cls.name:
+                region.attach(cls, region.wanted.params)
+
+    # -- allocation ----------------------------------------------------
+
+    @_locked
+    def alloc(self, dev: str, size: int, alignment: int = 0, type: str | None = None,
+              **options) -> Chunk:
+        """Allocate from the regions the map gives (dev, type), tried in order."""
+        type = type or DEFAULT_TYPE
+        names = self._map.lookup(dev, type)
+        regions = [self._regions[n] for n in names if n in self._regions]
+        if not regions:
+            raise CmaError(errno.ENOENT, f"map sends {dev}/{type} to {','.join(names)}, "
+                                         "none of which exists")
+        return self._alloc(regions, size, alignment, dev, type, **options)
+
+    @_locked
+    def alloc_from(self, regions: str | Sequence[str], size: int, alignment: int = 0,
+                   **options) -> Chunk:
+        """Allocate from the named regions (the patch's cma_alloc_from)."""
+        names = regions.split(",") if isinstance(regions, str) else list(regions)
+        return self._alloc([self.region(n.strip()) for n in names], size, alignment,
+                           "-", "-", **options)
+
+    def _alloc(self, regions: list[Region], size: int, alignment: int, dev: str, type: str,
+               *, label: str | None = None, movable: bool = False, transient: bool = False,
+               bound: int | None = None, uid: int = 0, pid: int = 0) -> Chunk:
+        request = f"{dev}/{type} {size:#x}/{alignment:#x}"
+        if not isinstance(size, int) or size <= 0 or size > U64_MAX:
+            raise einval(f"alloc {request}: size must be between 1 and 2^64-1")
+        size = page_align(size)
+        alignment = parse_alignment(alignment, f"alloc {request}: alignment")
+        if bound is not None:
+            if not is_power_of_two(bound) or bound < PAGE_SIZE or size > bound:
+                raise einval(f"alloc {request}: bound {bound:#x} must be a power of two "
+                             "no smaller than the page size or the chunk")
+            alignment = max(alignment, _next_pow2(size))
+        if label is not None:
+            check_label(label)
+            if self.chunks.by_label(label) is not None:
+                raise CmaError(errno.EEXIST, f"alloc {request}: label {label!r} is taken")
+        limit = self.limits.get(uid)
+        if limit is not None and self.held(uid) + size > limit:
+            raise CmaError(errno.EDQUOT, f"alloc {request}: uid {uid} holds "
+                                         f"{human(self.held(uid))} of its {human(limit)} limit")
+        for region in regions:
+            allocator = region.allocator
+            got = allocator.alloc(size, alignment) if allocator and size <= region.free else None
+            if got is None:
+                region.alloc_fail += 1
+                continue
+            chunk = Chunk(got[0], got[1], region, dev, type, uid=uid, pid=pid, label=label,
+                          movable=movable, transient=transient, bound=bound)
+            self._commit(chunk)
+            return chunk
+        tried = ", ".join(r.describe() if r.allocator else f"{r.name} (no allocator: "
+                          f"{r.alloc_text})" for r in regions)
+        why = f"alloc {request}: no room; tried {tried}"
+        log.info("%s", why)
+        raise CmaError(errno.ENOMEM, why)
+
+    def _commit(self, chunk: Chunk) -> None:
+        """Index a freshly allocated chunk and tell the listeners; undo all if one vetoes."""
+        self.chunks.add(chunk)
+        region = chunk.region
+        region.users += 1
+        region.used += chunk.size
+        self._held[chunk.uid] = self._held.get(chunk.uid, 0) + chunk.size
+        try:
+            for listener in self.listeners:
+                listener.on_alloc(chunk)
+        except BaseException:
+            self._forget(chunk)
+            raise
+        region.alloc_ok += 1
+        region.peak_used = max(region.peak_used, region.used)
+        log.debug("alloc %s/%s -> %s", chunk.dev, chunk.type, chunk)
+
+    def _forget(self, chunk: Chunk) -> None:
+        self.chunks.remove(chunk)
+        region = chunk.region
+        region.allocator.free(chunk.start, chunk.size)
+        region.users -= 1
+        region.used -= chunk.size
+        held = self._held[chunk.uid] - chunk.size
+        if held:
+            self._held[chunk.uid] = held
+        else:
+            del self._held[chunk.uid]
+
+    # -- free ----------------------------------------------------------
+
+    def find(self, key: int | str) -> Chunk:
+        """A chunk by start address or by the text the ``free`` file takes:
+        the %p form (16 hex digits), 0x hex, decimal, or a label."""
+        if isinstance(key, str):
+            text = key.strip()
+            if len(text) == 16 and all(c in "0123456789abcdefABCDEF" for c in text):
+                key = int(text, 16)
+            elif text[:2].lower() == "0x" and text[2:] and all(
+                    c in "0123456789abcdefABCDEF" for c in text[2:]):
+                key = int(text[2:], 16)
+            elif text.isdigit() and text.isascii():
+                key = int(text)
+            else:
+                chunk = self.chunks.by_label(text)
+                if chunk is None:
+                    raise CmaError(errno.ENOENT, f"no chunk labelled {text!r}")
+                return chunk
+        chunk = self.chunks.get(key)
+        if chunk is None:
+            inside = self.chunks.holding(key)
+            hint = f" (it is inside chunk {inside.name})" if inside else ""
+            raise CmaError(errno.ENOENT, f"no chunk starts at {fmt_addr(key)}{hint}")
+        return chunk
+
+    @_locked
+    def free(self, key: int | str, *, uid: int | None = None) -> Chunk:
+        """Free a chunk by start or label.  ENOENT (and a warning) if there is none;
+        EPERM when ``uid`` is given, not root, and not the chunk's owner."""
+        try:
+            chunk = self.find(key)
+        except CmaError as e:
+            log.warning("free: %s", e.why)
+            raise
+        if uid is not None and uid != 0 and uid != chunk.uid:
+            raise CmaError(errno.EPERM, f"free {chunk.name}: owned by uid {chunk.uid}, "
+                                        f"not {uid}")
+        for listener in self.listeners:
+            listener.on_free(chunk)
+        self._forget(chunk)
+        chunk.region.freed += 1
+        if chunk.region.users == 0 and chunk.region.allocator is not None:
+            chunk.region.allocator.cleanup()
+        log.debug("free %s", chunk)
+        return chunk
+
+    # -- queries -------------------------------------------------------
+
+    @_locked
+    def info(self, dev: str, type: str | None = None) -> Info:
+        names = self._map.lookup(dev, type)
+        regions = [self._regions[n] for n in names if n in self._regions]
+        if not regions:
+            raise CmaError(errno.ENOENT, f"map sends {dev} to {','.join(names)}, none of "
+                                         "which exists")
+        return Info(min(r.start for r in regions), max(r.end for r in regions),
+                    sum(r.size for r in regions), sum(r.free for r in regions), len(regions))
+
+    @_locked
+    def stats(self) -> RegionStats:
+        """The per-region counters summed; largest_free is the largest over regions."""
+        all_stats = [r.stats() for r in self._regions.values()]
+        largest = max((s.largest_free for s in all_stats), default=0)
+        free = sum(r.free for r in self._regions.values())
+        total = {k: sum(getattr(s, k) for s in all_stats)
+                 for k in ("alloc_ok", "alloc_fail", "freed", "bytes_allocated", "peak_used",
+                           "moved", "compactions")}
+        return RegionStats(largest_free=largest, fragmentation=fragmentation(free, largest),
+                           **total)
+
+    def data(self, chunk: Chunk) -> memoryview:
+        """The chunk's bytes, zero-copy."""
+        if self.arena is None:
+            raise CmaError(errno.ENODEV, "this Cma does bookkeeping only: no arena")
+        return self.arena.view(chunk.start - self.base, chunk.size)
+
+    def chunks_of(self, region: Region) -> Iterable[Chunk]:
+        return self.chunks.in_range(region.start, region.end)
+
+    @_locked
+    def _check(self) -> None:
+        """Assert every invariant of the core; the property tests call it."""
+        prev_end = 0
+        for chunk in self.chunks:
+            assert chunk.start >= prev_end, f"{chunk} overlaps its predecessor"
+            assert chunk.region.start <= chunk.start and chunk.end <= chunk.region.end
+            prev_end = chunk.end
+        for region in self._regions.values():
+            chunks = list(self.chunks_of(region))
+            assert region.users == len(chunks)
+            assert region.used == sum(c.size for c in chunks)
+            if region.allocator is not None:
+                region.allocator._check()
+                assert region.allocator.free_bytes == region.free
+                for start, size in region.allocator.holes():
+                    assert self.chunks.holding(start) is None
+                    assert self.chunks.holding(start + size - 1) is None

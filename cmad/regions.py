@@ -1,0 +1,263 @@
+"""Regions: the ``cma=`` grammar, placement in the arena, and the Region record.
+
+    regions-attr ::= [ regions [ ';' ] ]
+    regions      ::= region [ ';' regions ]
+    region       ::= REG-NAME '=' size [ '@' start ] [ '/' alignment ]
+                     [ ':' ALLOC-NAME [ '(' params ')' ] ]
+
+Regions with ``@start`` are placed first, then the others in the order
+written, each at the lowest free arena address that fits.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from dataclasses import dataclass, field
+
+from .allocator import PAGE_SIZE, Allocator
+from .errors import CmaError, einval
+from .memparse import fmt_addr, human, is_power_of_two, memparse
+
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
+KINDS = ("exclusive", "sticky")
+
+_REGION = re.compile(
+    r"(?P<name>[^=]*)=(?P<size>[^@/:]*)(?:@(?P<start>[^/:]*))?"
+    r"(?:/(?P<align>[^:]*))?(?::(?P<alloc>.*))?"
+)
+_ALLOC = re.compile(r"(?P<name>[^()]*)(?:\((?P<params>[^()]*)\))?")
+
+
+def check_name(name: str, what: str) -> str:
+    if not NAME.fullmatch(name):
+        raise einval(f"{what} {name!r}: names use only [A-Za-z0-9_.-] and are not empty")
+    return name
+
+
+def page_align(size: int) -> int:
+    return (size + PAGE_SIZE - 1) & -PAGE_SIZE
+
+
+def align_up(addr: int, alignment: int) -> int:
+    return (addr + alignment - 1) & -alignment
+
+
+def parse_alignment(text: str | int | None, what: str = "alignment") -> int:
+    """0 or nothing means the page size; powers of two below it round up to it."""
+    value = memparse(text, what) if isinstance(text, str) else (text or 0)
+    if value < 0:
+        raise einval(f"{what} {value} is negative")
+    if value == 0:
+        return PAGE_SIZE
+    if not is_power_of_two(value):
+        raise einval(f"{what} {value:#x} is not a power of two")
+    return max(value, PAGE_SIZE)
+
+
+@dataclass(frozen=True)
+class AllocSpec:
+    """``ALLOC-NAME [ '(' params ')' ]`` with the core's own word ``sticky`` taken out."""
+
+    name: str | None = None  # None: the default allocator
+    params: dict[str, int] = field(default_factory=dict)
+    kind: str = "exclusive"
+
+
+def parse_alloc_spec(text: str, what: str = "allocator") -> AllocSpec:
+    m = _ALLOC.fullmatch(text.strip())
+    if m is None:
+        raise einval(f"{what} {text!r}: expected NAME or NAME(params)")
+    name, params, kind = m["name"].strip(), {}, "exclusive"
+    if name:
+        check_name(name, what)
+    elif m["params"] is not None:
+        raise einval(f"{what} {text!r}: parameters without an allocator name")
+    for item in filter(None, (p.strip() for p in (m["params"] or "").split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq:
+            if key not in KINDS:
+                raise einval(f"{what} {text!r}: parameter {key!r} needs a value")
+            kind = key
+            continue
+        check_name(key, f"{what} parameter")
+        if key in params:
+            raise einval(f"{what} {text!r}: parameter {key!r} given twice")
+        params[key] = memparse(value.strip(), f"{what} parameter {key}")
+    return AllocSpec(name or None, params, kind)
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    name: str
+    size: int
+    start: int | None
+    alignment: int
+    alloc: AllocSpec
+
+
+def parse_regions(text: str) -> list[RegionSpec]:
+    """Parse a regions attribute; EINVAL names the offending region."""
+    specs: list[RegionSpec] = []
+    seen: set[str] = set()
+    parts = text.strip().split(";")
+    if parts and parts[-1].strip() == "":
+        parts.pop()  # the optional trailing ';' (or an empty attribute)
+    for part in parts:
+        spec = _parse_region(part.strip())
+        if spec.name in seen:
+            raise einval(f"region {spec.name!r} is defined twice")
+        seen.add(spec.name)
+        specs.append(spec)
+    return specs
+
+
+def _parse_region(text: str) -> RegionSpec:
+    m = _REGION.fullmatch(text)
+    if m is None:
+        raise einval(f"region {text!r}: expected NAME=SIZE[@START][/ALIGN][:ALLOC[(PARAMS)]]")
+    name = check_name(m["name"], "region name")
+    size = memparse(m["size"], f"region {name}: size")
+    if size == 0:
+        raise einval(f"region {name}: size is 0")
+    start = memparse(m["start"], f"region {name}: start") if m["start"] is not None else None
+    alignment = parse_alignment("0" if m["align"] is None else m["align"],
+                                f"region {name}: alignment")
+    alloc = parse_alloc_spec(m["alloc"], f"region {name}: allocator") if m["alloc"] is not None \
+        else AllocSpec()
+    return RegionSpec(name, page_align(size), start, alignment, alloc)
+
+
+def layout(specs: list[RegionSpec], base: int, arena_size: int | None,
+           granules: dict[str, int]) -> dict[str, int]:
+    """Place regions: ``@start`` ones first, then the rest lowest-fit in order written.
+
+    ``granules`` gives each region's allocator granule (auto placement honours
+    it).  Returns name -> start.  EINVAL for a start outside the arena,
+    EADDRINUSE for overlap, ENOMEM when the regions do not fit the arena.
+    """
+    limit = base + arena_size if arena_size is not None else None
+    placed: list[tuple[int, int, str]] = []  # (start, end, name), kept sorted
+
+    def claim(name: str, start: int, size: int) -> None:
+        for s, e, other in placed:
+            if start < e and s < start + size:
+                raise CmaError(errno.EADDRINUSE,
+                               f"region {name} [{start:#x}, {start + size:#x}) overlaps "
+                               f"region {other} [{s:#x}, {e:#x})")
+        if limit is not None and start + size > limit:
+            raise CmaError(errno.ENOMEM,
+                           f"region {name} ({human(size)} at {start:#x}) does not fit in the "
+                           f"arena of {human(arena_size)} at {base:#x}")
+        placed.append((start, start + size, name))
+        placed.sort()
+
+    starts: dict[str, int] = {}
+    for spec in specs:
+        if spec.start is None:
+            continue
+        start = align_up(spec.start, spec.alignment)
+        if start < base:
+            raise einval(f"region {spec.name}: start {spec.start:#x} is below the arena "
+                         f"base {base:#x}")
+        if limit is not None and start >= limit:
+            raise einval(f"region {spec.name}: start {spec.start:#x} is past the arena end "
+                         f"{limit:#x}")
+        claim(spec.name, start, spec.size)
+        starts[spec.name] = start
+    for spec in specs:
+        if spec.start is not None:
+            continue
+        alignment = max(spec.alignment, granules.get(spec.name, PAGE_SIZE))
+        start = align_up(base, alignment)
+        for s, e, _ in placed:
+            if start + spec.size <= s:
+                break
+            start = max(start, align_up(e, alignment))
+        claim(spec.name, start, spec.size)
+        starts[spec.name] = start
+    return starts
+
+
+@dataclass(frozen=True)
+class RegionStats:
+    """A frozen snapshot of a region's counters, as trio's ``statistics()``."""
+
+    alloc_ok: int
+    alloc_fail: int
+    freed: int
+    bytes_allocated: int
+    largest_free: int
+    fragmentation: float
+    peak_used: int
+    moved: int
+    compactions: int
+
+
+def fragmentation(free: int, largest_free: int) -> float:
+    return 0.0 if free == 0 else 1.0 - largest_free / free
+
+
+class Region:
+    """A named, contiguous range of the arena with its own allocator."""
+
+    def __init__(self, spec: RegionSpec, start: int):
+        self.name = spec.name
+        self.start = start
+        self.size = spec.size
+        self.kind = spec.alloc.kind
+        self.wanted: AllocSpec = spec.alloc  # what the alloc attribute asked for
+        self.allocator: Allocator | None = None
+        self.users = 0
+        self.used = 0
+        self.alloc_ok = self.alloc_fail = self.freed = 0
+        self.peak_used = self.moved = self.compactions = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    @property
+    def free(self) -> int:
+        return self.size - self.used
+
+    @property
+    def alloc_text(self) -> str:
+        """The ``alloc`` attribute: name, "-" if unnamed, "[name]" if pending, "" if default."""
+        if self.allocator is not None:
+            return self.allocator.name or "-"
+        return f"[{self.wanted.name}]" if self.wanted.name else ""
+
+    def attach(self, cls: type[Allocator], params: dict[str, int]) -> None:
+        """Put a new allocator in charge; EBUSY while chunks live, EINVAL on bad params."""
+        if self.users:
+            raise CmaError(errno.EBUSY, f"region {self.name} has {self.users} chunks; "
+                                        "its allocator can change only when it has none")
+        allocator = cls(self.start, self.size, **params)
+        self.detach()
+        self.allocator = allocator
+
+    def detach(self) -> None:
+        if self.users:
+            raise CmaError(errno.EBUSY, f"region {self.name} has {self.users} chunks")
+        if self.allocator is not None:
+            self.allocator.cleanup()
+            self.allocator = None
+
+    def largest_free(self) -> int:
+        return self.allocator.largest_free() if self.allocator is not None else 0
+
+    def stats(self) -> RegionStats:
+        largest = self.largest_free()
+        return RegionStats(self.alloc_ok, self.alloc_fail, self.freed, self.used, largest,
+                           fragmentation(self.free, largest), self.peak_used, self.moved,
+                           self.compactions)
+
+    def describe(self) -> str:
+        """For log lines: name, free bytes and largest hole."""
+        return (f"{self.name} (free {human(self.free)}, largest hole "
+                f"{human(self.largest_free())})")
+
+    def __repr__(self) -> str:
+        return f"<Region {self.name} {fmt_addr(self.start)}+{self.size:#x} {self.alloc_text}>"

@@ -1,0 +1,453 @@
+"""The nodes of a sysfs-like tree: directories, attributes, symlinks, streams
+and byte files.
+
+A tree is built from plain objects and knows nothing of FUSE: the
+`Filesystem` (ops.py) serves any tree. Design points:
+
+- Every node gets a unique inode number when it is created (a module
+  counter; numbers are never reused, so a stale kernel reference can never
+  reach a newer node). The root takes `pyfuse3.ROOT_INODE` when it is handed
+  to the Filesystem.
+- A `Dir` keeps a dict name -> node for lookups and a `SortedDict`
+  seq -> name for listings: each child gets a monotonically increasing
+  sequence number, which is also the readdir resume token, so a listing
+  resumes in O(log n) and survives concurrent additions and removals
+  (nothing is listed twice or skipped).
+- A `LazyDir` creates its children on first use, so 100,000 directories do
+  not each hold their attribute nodes until someone looks inside.
+- File nodes produce a per-open handle (`_open`); the handle holds the
+  `Caller`, because pyfuse3 gives read/write/release no request context.
+- Node code reports errors by raising OSError (any subclass, with an
+  optional `.why`); the Filesystem turns them into errnos at its boundary.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import itertools
+import os
+import stat
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import pyfuse3
+from sortedcontainers import SortedDict
+
+__all__ = [
+    "Attr", "Bytes", "Caller", "Dir", "LazyDir", "Node", "Stream", "Symlink",
+    "ATTR_SIZE", "MAX_STORE",
+]
+
+#: st_size of every attribute, as sysfs shows it.
+ATTR_SIZE = 4096
+#: Largest write an attribute accepts (sysfs truncates at PAGE_SIZE; we refuse).
+MAX_STORE = 4096
+
+_inode_numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
+
+# Set by serve() while a FUSE session is running: cache invalidations are
+# sent to the kernel only then (tier-2 tests run the Filesystem unmounted).
+_session_live = False
+
+
+def _set_session_live(live: bool) -> None:
+    global _session_live
+    _session_live = live
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who opened a file: taken from the request context at `open`."""
+    uid: int
+    gid: int
+    pid: int
+
+
+async def _maybe_await(value: Any) -> Any:
+    """Callbacks may be plain functions or coroutines; await the latter."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class Node:
+    """Base of all nodes: permission bits, owner, place in the tree."""
+
+    kind = 0                # S_IFDIR / S_IFREG / S_IFLNK, set by subclasses
+
+    def __init__(self, mode: int, uid: int = 0, gid: int = 0):
+        if mode & ~0o7777:
+            raise ValueError(f"mode {mode:#o} has bits beyond the permission bits")
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.name: Optional[str] = None
+        self.parent: Optional[Dir] = None
+        self.inode: int = next(_inode_numbers)
+        self.mtime_ns = time.time_ns()
+        self._gone_path: Optional[str] = None   # path it had when removed
+
+    def path(self) -> str:
+        """The node's path from the mount root ("/" for the root), for logs.
+
+        A removed node keeps the path it had when it was removed.
+        """
+        parts = []
+        node = self
+        while node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        prefix = node._gone_path or ""     # "" for the root
+        if not parts:
+            return prefix or "/"
+        return prefix + "/" + "/".join(reversed(parts))
+
+    def size(self) -> int:
+        """st_size."""
+        return 0
+
+    def readable(self) -> bool:
+        """Whether an open for reading may succeed at all (mode aside)."""
+        return False
+
+    def writable(self) -> bool:
+        """Whether an open for writing may succeed at all (mode aside)."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path()} ino={self.inode} mode={self.mode:o}>"
+
+
+class Dir(Node):
+    """A directory: children by name, listed in insertion order."""
+
+    kind = stat.S_IFDIR
+
+    # Resume tokens 1 and 2 are "." and "..": children start at 3.
+    _FIRST_SEQ = 3
+
+    def __init__(self, mode: int = 0o755, uid: int = 0, gid: int = 0):
+        super().__init__(mode, uid, gid)
+        self._children: dict[str, Node] = {}
+        self._seq_of: dict[str, int] = {}
+        self._order: SortedDict = SortedDict()      # seq -> name
+        self._next_seq = self._FIRST_SEQ
+        self._subdirs = 0
+
+    # Subclasses (LazyDir) fill themselves in here.
+    def _ensure(self) -> None:
+        pass
+
+    def add(self, name: str, node: Node) -> Node:
+        """Add *node* as *name*; returns it. O(log n).
+
+        ValueError if the name is taken or invalid, or the node is already
+        in a tree.
+        """
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            raise ValueError(f"invalid name {name!r}")
+        if node.parent is not None or node is self:
+            raise ValueError(f"{node!r} is already in a tree")
+        if name in self._children:
+            raise ValueError(f"{self.path()} already has an entry {name!r}")
+        seq = self._next_seq
+        self._next_seq += 1
+        self._children[name] = node
+        self._seq_of[name] = seq
+        self._order[seq] = name
+        if isinstance(node, Dir):
+            self._subdirs += 1
+        node.name = name
+        node.parent = self
+        node._gone_path = None
+        return node
+
+    def remove(self, name: str) -> Node:
+        """Remove the entry *name* (KeyError if none) and return its node.
+
+        Tells the kernel to drop its cached dentry when a session runs. The
+        node keeps working for handles still open on it. O(log n).
+        """
+        self._ensure()
+        node = self._children.pop(name)
+        del self._order[self._seq_of.pop(name)]
+        if isinstance(node, Dir):
+            self._subdirs -= 1
+        node._gone_path = node.path()
+        node.parent = None
+        if _session_live:
+            pyfuse3.invalidate_entry_async(self.inode, os.fsencode(name),
+                                           ignore_enoent=True)
+        return node
+
+    def get(self, name: str, default: Optional[Node] = None) -> Optional[Node]:
+        self._ensure()
+        return self._children.get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        self._ensure()
+        return name in self._children
+
+    def __len__(self) -> int:
+        self._ensure()
+        return len(self._children)
+
+    def names(self) -> list[str]:
+        """Child names in listing order."""
+        self._ensure()
+        return list(self._order.values())
+
+    def _entries_after(self, start_id: int):
+        """(seq, name, node) of the children listed after token *start_id*."""
+        self._ensure()
+        order = self._order
+        children = self._children
+        for seq in order.irange(minimum=start_id, inclusive=(False, True)):
+            name = order[seq]
+            yield seq, name, children[name]
+
+    def nlink(self) -> int:
+        return 2 + self._subdirs
+
+
+class LazyDir(Dir):
+    """A Dir whose ``populate(dir)`` is called once, on first use (lookup,
+    readdir, get, names, len, `in`, remove), to create its children.
+
+    Adding to it does not populate it. If populate raises, the dir stays as
+    populate left it and is not populated again.
+    """
+
+    def __init__(self, populate: Callable[["LazyDir"], None], mode: int = 0o755,
+                 uid: int = 0, gid: int = 0):
+        super().__init__(mode, uid, gid)
+        self._populate: Optional[Callable[[LazyDir], None]] = populate
+
+    @property
+    def populated(self) -> bool:
+        return self._populate is None
+
+    def _ensure(self) -> None:
+        populate = self._populate
+        if populate is not None:
+            self._populate = None
+            populate(self)
+
+
+class Symlink(Node):
+    """A symbolic link; *target* is a str or a zero-argument callable
+    returning one (e.g. ``../regions/00000000400000``)."""
+
+    kind = stat.S_IFLNK
+
+    def __init__(self, target: Union[str, Callable[[], str]], uid: int = 0, gid: int = 0):
+        super().__init__(0o777, uid, gid)
+        self.target = target
+
+    def resolve(self) -> str:
+        target = self.target
+        return target() if callable(target) else target
+
+
+class File(Node):
+    """Base of regular files: each open makes a handle (see `_open`)."""
+
+    kind = stat.S_IFREG
+
+    async def _open(self, caller: Caller, flags: int) -> "_Handle":
+        raise NotImplementedError
+
+
+class _Handle:
+    """One open file: what read/write/release need, including the caller."""
+
+    __slots__ = ("node", "caller")
+
+    def __init__(self, node: File, caller: Caller):
+        self.node = node
+        self.caller = caller
+
+    async def read(self, off: int, size: int):
+        raise OSError(errno.EBADF, "not open for reading")
+
+    async def write(self, off: int, data: bytes) -> int:
+        raise OSError(errno.EBADF, "not open for writing")
+
+    async def release(self) -> None:
+        pass
+
+
+class Attr(File):
+    """A sysfs attribute.
+
+    ``show() -> str``: called at the first read of each open handle (and
+    again when that handle reads from offset 0, as sysfs re-shows after a
+    seek to 0); a newline is appended if missing.
+    ``store(text, caller)``: called once per write() with the whole buffer
+    decoded as UTF-8, one trailing newline stripped; a write of more than
+    4096 bytes, a NUL byte or bad UTF-8 is refused with EINVAL.
+    Either callback may be a coroutine function.
+    """
+
+    def __init__(self, show: Optional[Callable[[], str]] = None,
+                 store: Optional[Callable[[str, Caller], None]] = None,
+                 mode: Optional[int] = None, uid: int = 0, gid: int = 0):
+        if show is None and store is None:
+            raise ValueError("an attribute needs show, store or both")
+        if mode is None:
+            mode = 0o644 if (show and store) else 0o444 if show else 0o200
+        super().__init__(mode, uid, gid)
+        self.show = show
+        self.store = store
+
+    def size(self) -> int:
+        return ATTR_SIZE
+
+    def readable(self) -> bool:
+        return self.show is not None
+
+    def writable(self) -> bool:
+        return self.store is not None
+
+    async def _open(self, caller: Caller, flags: int) -> "_AttrHandle":
+        return _AttrHandle(self, caller)
+
+    async def render(self) -> bytes:
+        """show()'s output as the bytes a read returns (newline-terminated)."""
+        text = await _maybe_await(self.show())
+        if not isinstance(text, str):
+            raise TypeError(f"show() of {self.path()} returned {type(text).__name__}, not str")
+        if not text.endswith("\n"):
+            text += "\n"
+        return text.encode()
+
+    async def parse_and_store(self, data: bytes, caller: Caller) -> None:
+        if len(data) > MAX_STORE:
+            raise OSError(errno.EINVAL, f"write of {len(data)} bytes, more than {MAX_STORE}")
+        if b"\0" in data:
+            raise OSError(errno.EINVAL, "NUL byte in write")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise OSError(errno.EINVAL, f"not UTF-8: {e.reason} at byte {e.start}") from None
+        if text.endswith("\n"):
+            text = text[:-1]
+        await _maybe_await(self.store(text, caller))
+
+
+class _AttrHandle(_Handle):
+    __slots__ = ("snapshot",)
+
+    def __init__(self, node: Attr, caller: Caller):
+        super().__init__(node, caller)
+        self.snapshot: Optional[bytes] = None
+
+    async def read(self, off: int, size: int) -> bytes:
+        if self.snapshot is None or off == 0:
+            self.snapshot = await self.node.render()
+        return self.snapshot[off:off + size]
+
+    async def write(self, off: int, data: bytes) -> int:
+        await self.node.parse_and_store(data, self.caller)
+        return len(data)
+
+
+class Stream(File):
+    """A transaction file: ``open(caller) -> handle``, whose ``write(data)``,
+    ``read(size) -> bytes`` (b"" when nothing is pending) and ``release()``
+    serve that open file. Served with direct_io, so a read right after a
+    write on the same descriptor sees the answer without a seek. The
+    handle's methods may be coroutine functions.
+    """
+
+    def __init__(self, open: Callable[[Caller], Any], mode: int = 0o660,
+                 uid: int = 0, gid: int = 0):
+        super().__init__(mode, uid, gid)
+        self.open = open
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    async def _open(self, caller: Caller, flags: int) -> "_StreamHandle":
+        inner = await _maybe_await(self.open(caller))
+        return _StreamHandle(self, caller, inner)
+
+
+class _StreamHandle(_Handle):
+    __slots__ = ("inner",)
+
+    def __init__(self, node: Stream, caller: Caller, inner: Any):
+        super().__init__(node, caller)
+        self.inner = inner
+
+    async def read(self, off: int, size: int) -> bytes:
+        return await _maybe_await(self.inner.read(size))
+
+    async def write(self, off: int, data: bytes) -> int:
+        await _maybe_await(self.inner.write(data))
+        return len(data)
+
+    async def release(self) -> None:
+        await _maybe_await(self.inner.release())
+
+
+class Bytes(File):
+    """A byte file over ``buffer()``, a writable memoryview (e.g. a slice of
+    an mmap), fetched at each request. st_size is its length. Like a block
+    device: reads at or past the end return b"", a write past the end fails
+    with ENOSPC, a write straddling the end is cut short. direct_io, so it
+    stays coherent with other mappings of the same memory.
+    """
+
+    def __init__(self, buffer: Callable[[], memoryview], mode: int = 0o600,
+                 uid: int = 0, gid: int = 0):
+        super().__init__(mode, uid, gid)
+        self.buffer = buffer
+
+    def size(self) -> int:
+        return len(self.buffer())
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    async def _open(self, caller: Caller, flags: int) -> "_BytesHandle":
+        return _BytesHandle(self, caller)
+
+    def read_at(self, off: int, size: int):
+        view = self.buffer()
+        end = min(len(view), off + size)
+        if off >= end:
+            return b""
+        # A memoryview slice: pyfuse3 replies straight from the buffer
+        # protocol, so the bytes are copied once, by the kernel.
+        return view[off:end]
+
+    def write_at(self, off: int, data: bytes) -> int:
+        view = self.buffer()
+        n = len(view)
+        if off >= n:
+            raise OSError(errno.ENOSPC, f"write at {off}, at or past the end ({n})")
+        end = min(n, off + len(data))
+        if end - off == len(data):
+            view[off:end] = data
+        else:
+            view[off:end] = memoryview(data)[:end - off]
+        return end - off
+
+
+class _BytesHandle(_Handle):
+    __slots__ = ()
+
+    async def read(self, off: int, size: int):
+        return self.node.read_at(off, size)
+
+    async def write(self, off: int, data: bytes) -> int:
+        return self.node.write_at(off, data)

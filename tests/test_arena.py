@@ -1,0 +1,96 @@
+"""Arena backing: hugetlb when pages are reserved, a clean fallback when not."""
+
+import errno
+import logging
+import os
+
+import pytest
+
+from cmad import Arena, CmaError
+from cmad.arena import hugepage_size
+
+M = 1 << 20
+NR = "/proc/sys/vm/nr_hugepages"
+
+
+def free_hugepages() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+    return 0
+
+
+@pytest.fixture
+def hugepages():
+    """Reserve a few hugepages for one test and restore the old count after."""
+    try:
+        with open(NR) as f:
+            old = int(f.read())
+        with open(NR, "w") as f:
+            f.write(str(old + 4))
+    except OSError as e:
+        pytest.skip(f"cannot reserve hugepages through {NR}: {e.strerror}")
+    try:
+        if free_hugepages() < 4:
+            pytest.skip("the kernel refused to reserve 4 hugepages (memory too fragmented)")
+        yield
+    finally:
+        with open(NR, "w") as f:
+            f.write(str(old))
+
+
+def test_fallback_without_hugepages_says_why(caplog):
+    if free_hugepages():
+        pytest.skip("hugepages are free on this machine; the fallback is not reachable")
+    caplog.set_level(logging.INFO)
+    arena = Arena(4 * M)
+    assert arena.backing in ("thp", "shm")
+    assert "hugetlb:" in arena.why and "free hugepages" in caplog.text
+    arena.view(0, 4)[:] = b"abcd"
+    assert bytes(arena.view(0, 4)) == b"abcd"
+    arena.close()
+
+
+def test_hugetlb_when_pages_are_reserved(hugepages):
+    arena = Arena(3 * M)  # rounded up to whole hugepages
+    assert arena.backing == "hugetlb" and arena.why == "first choice"
+    assert arena.size % hugepage_size() == 0 and arena.size >= 3 * M
+    arena.view(arena.size - 1, 1)[:] = b"z"
+    assert bytes(arena.view(arena.size - 1, 1)) == b"z"
+    arena.close()
+
+
+def test_hugetlb_demanded_without_pages_is_enomem():
+    if free_hugepages():
+        pytest.skip("hugepages are free on this machine")
+    with pytest.raises(CmaError, match="no backing worked") as e:
+        Arena(4 * M, backing="hugetlb")
+    assert e.value.errno == errno.ENOMEM
+
+
+def test_named_file_outlives_the_arena(tmp_path):
+    path = "/dev/shm/cmad-test-arena-%d" % os.getpid()
+    try:
+        a = Arena(2 * M, path=path, backing="shm")
+        a.view(M, 5)[:] = b"hello"
+        a.close()
+        b = Arena(2 * M, path=path)
+        assert b.existed and b.path == path
+        assert bytes(b.view(M, 5)) == b"hello"
+        b.close(unlink=True)
+        assert not os.path.exists(path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def test_bad_arguments():
+    with pytest.raises(CmaError):
+        Arena(M, backing="magic")
+    with pytest.raises(CmaError):
+        Arena(0)
+    arena = Arena(M)
+    with pytest.raises(CmaError):
+        arena.view(M - 4096, 8192)
+    arena.close()

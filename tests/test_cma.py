@@ -1,0 +1,315 @@
+"""The Cma facade in process: placement, errnos, stats, map, allocator switching."""
+
+import errno
+import logging
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from cmad import Arena, Cma, CmaError
+from cmad.allocator import Allocator, register
+
+M = 1 << 20
+DEFAULT = "video=32M:bf;common=16M:buddy;dma=8M:bitmap"
+MAP = "camera,video=video;*=common"
+
+
+def raises(err, fn, *args, match=None, **kwargs):
+    with pytest.raises(CmaError, match=match) as e:
+        fn(*args, **kwargs)
+    assert e.value.errno == err, e.value
+    return e.value
+
+
+@pytest.fixture
+def cma():
+    return Cma(DEFAULT, MAP)
+
+
+def test_default_layout_lowest_fit_in_order(cma):
+    assert [(r.name, r.start, r.size, r.alloc_text) for r in cma.regions] == [
+        ("video", 0x40000000, 32 * M, "bf"), ("common", 0x42000000, 16 * M, "buddy"),
+        ("dma", 0x43000000, 8 * M, "bitmap")]
+    assert cma.arena_size == 56 * M
+    assert cma.allocators == ["bf", "buddy", "bitmap"]
+
+
+def test_fixed_start_placed_first_then_lowest_fit():
+    cma = Cma("a=4M;b=8M@0x40200000;c=1M/1M")
+    got = {r.name: r.start for r in cma.regions}
+    assert got == {"b": 0x40200000, "a": 0x40a00000, "c": 0x40000000}
+
+
+def test_start_rounded_up_to_alignment():
+    cma = Cma("a=1M@0x40001000/1M")
+    assert cma.region("a").start == 0x40100000
+
+
+def test_layout_errors():
+    raises(errno.EADDRINUSE, Cma, "a=4M@0x40000000;b=4M@0x40100000", match="overlaps region a")
+    raises(errno.EINVAL, Cma, "a=4M@0x1000", match="below the arena base")
+    raises(errno.EINVAL, Cma, "a=4M@0x80000000", arena_size=16 * M, match="past the arena")
+    raises(errno.ENOMEM, Cma, "a=8M;b=9M", arena_size=16 * M, match="does not fit")
+    raises(errno.EINVAL, Cma, "a=4M:nope", match="unknown allocator 'nope'")
+    raises(errno.EINVAL, Cma, "a=4M:bf(x=1)", match="unknown parameter 'x'")
+    raises(errno.EINVAL, Cma, "a=4M", base=0x1001)
+
+
+def test_bitmap_region_is_placed_block_aligned():
+    cma = Cma("a=4K;b=64K:bitmap(order_per_bit=4)")
+    assert cma.region("b").start % (64 << 10) == 0
+    raises(errno.EINVAL, Cma, "b=64K@0x40001000:bitmap(order_per_bit=4)")
+
+
+def test_alloc_through_map_and_alignment(cma):
+    c = cma.alloc("camera", 6 * M, alignment=M, label="frame0")
+    assert c.region.name == "video" and c.start % M == 0 and c.size == 6 * M
+    assert (c.dev, c.type, c.label) == ("camera", "common", "frame0")
+    assert cma.alloc("net", 5 * M).region.name == "common"
+    assert cma.region("common").free == 11 * M  # buddy gives back the tail
+    cma._check()
+
+
+def test_alloc_from_named_regions(cma):
+    c = cma.alloc_from("video,common", 4096)
+    assert c.region.name == "video" and c.dev == "-"
+    raises(errno.ENOENT, cma.alloc_from, "nope", 4096, match="no region named 'nope'")
+
+
+@pytest.mark.parametrize("size, alignment", [(0, 0), (-1, 0), (4096, 3000), (4096, 6 * M),
+                                             (1 << 64, 0)])
+def test_bad_requests_are_einval(cma, size, alignment):
+    raises(errno.EINVAL, cma.alloc, "camera", size, alignment)
+    assert len(cma.chunks) == 0
+
+
+def test_enomem_names_regions_free_and_largest_hole(cma, caplog):
+    caplog.set_level(logging.INFO)
+    cma.set_map("x=video,common")
+    a = cma.alloc("x", 16 * M)
+    cma.alloc("x", 16 * M)
+    cma.free(a.start)
+    e = raises(errno.ENOMEM, cma.alloc, "x", 17 * M)
+    assert "video (free 16.0 MiB, largest hole 16.0 MiB)" in e.why
+    assert "common (free 16.0 MiB" in e.why and e.why in caplog.text
+    assert cma.region("video").alloc_fail == 1 and cma.region("common").alloc_fail == 1
+
+
+def test_alloc_fail_charged_to_regions_that_could_not_serve(cma):
+    cma.set_map("x=dma,common")
+    cma.alloc_from("dma", 8 * M)
+    cma.alloc("x", M)
+    assert cma.region("dma").alloc_fail == 1 and cma.region("common").alloc_ok == 1
+
+
+def test_map_errors(cma):
+    raises(errno.ENOENT, Cma(DEFAULT, "foo=video").alloc, "bar", 4096, match="no rule")
+    raises(errno.ENOENT, Cma(DEFAULT, "*=gone,lost").alloc, "bar", 4096, match="none of")
+    assert Cma(DEFAULT, "*=gone,dma").alloc("bar", 4096).region.name == "dma"
+
+
+def test_set_map_validates_before_replacing(cma):
+    raises(errno.EINVAL, cma.set_map, "camera=video;f*x=r")
+    assert cma.map == MAP
+    cma.set_map("*=dma;")
+    assert cma.map == "*=dma"
+
+
+def test_free_errors_and_warning(cma, caplog):
+    c = cma.alloc("camera", 2 * M)
+    raises(errno.ENOENT, cma.free, c.start + 4096, match="inside chunk")
+    assert "WARNING" in caplog.text and "no chunk starts at" in caplog.text
+    raises(errno.ENOENT, cma.free, "nolabel")
+    raises(errno.EPERM, cma.free, c.start, uid=1000)
+    assert len(cma.chunks) == 1
+    assert cma.free(f"{c.start:016x}", uid=0) is c
+    assert len(cma.chunks) == 0
+
+
+@pytest.mark.parametrize("form", ["{:016x}", "{:#x}", "{:d}"])
+def test_free_accepts_every_address_form(cma, form):
+    c = cma.alloc("camera", M)
+    cma.free(form.format(c.start))
+    assert c.start not in cma.chunks
+
+
+def test_labels(cma):
+    cma.alloc("camera", M, label="frame0")
+    raises(errno.EEXIST, cma.alloc, "camera", M, label="frame0")
+    for bad in ["0abc", "", "a/b", "../x", "deadbeefdeadbeef", "x" * 65, "é"]:
+        raises(errno.EINVAL, cma.alloc, "camera", M, label=bad)
+    assert len(cma.chunks) == 1
+    assert cma.free("frame0").label == "frame0"
+
+
+def test_limits_edquot():
+    cma = Cma(DEFAULT, MAP, limits={1000: 4 * M})
+    cma.alloc("camera", 3 * M, uid=1000)
+    raises(errno.EDQUOT, cma.alloc, "camera", 2 * M, uid=1000)
+    cma.alloc("camera", 2 * M, uid=1001)
+    assert cma.held(1000) == 3 * M
+
+
+def test_bound_keeps_chunk_inside_one_window(cma):
+    cma.alloc("camera", 12 << 10)
+    c = cma.alloc("camera", 24 << 10, bound=2 * M)
+    assert c.start // (2 * M) == (c.end - 1) // (2 * M)
+    raises(errno.EINVAL, cma.alloc, "camera", 4 * M, bound=2 * M)
+    raises(errno.EINVAL, cma.alloc, "camera", 4096, bound=3 * M)
+
+
+def test_info(cma):
+    cma.set_map("camera=video,common;*=dma")
+    cma.alloc("camera", M)
+    i = cma.info("camera")
+    assert (i.lower_bound, i.upper_bound, i.total_size, i.free_size, i.count) == (
+        0x40000000, 0x43000000, 48 * M, 47 * M, 2)
+    raises(errno.ENOENT, Cma(DEFAULT, "x=video").info, "y")
+
+
+def test_stats(cma):
+    a = cma.alloc("camera", 8 * M)
+    cma.alloc("camera", 8 * M)
+    cma.free(a.start)
+    s = cma.region("video").stats()
+    assert (s.alloc_ok, s.freed, s.bytes_allocated, s.peak_used) == (2, 1, 8 * M, 16 * M)
+    assert s.largest_free == 16 * M and s.fragmentation == pytest.approx(1 - 16 / 24)
+    total = cma.stats()
+    assert total.alloc_ok == 2 and total.largest_free == 16 * M
+
+
+def test_allocator_switch_rules(cma):
+    c = cma.alloc("camera", M)
+    raises(errno.EBUSY, cma.set_allocator, "video", "buddy")
+    cma.free(c.start)
+    cma.set_allocator("video", "buddy")
+    assert cma.region("video").alloc_text == "buddy"
+    raises(errno.EINVAL, cma.set_allocator, "video", "bitmap(order_per_bit=x)")
+    raises(errno.EINVAL, cma.set_allocator, "video", "bf(sticky)")
+    assert cma.region("video").alloc_text == "buddy"
+    cma.set_allocator("video", "")
+    assert cma.region("video").alloc_text == "bf"  # empty: the default, attached at once
+    cma.set_allocator("video", "later")
+    assert cma.region("video").alloc_text == "[later]"
+    cma.set_map("*=video")
+    raises(errno.ENOMEM, cma.alloc, "x", M, match="no allocator")
+    raises(errno.ENOENT, cma.set_allocator, "nope", "bf")
+
+
+def test_pending_allocator_attaches_when_registered(cma):
+    cma.set_allocator("dma", "later")
+
+    class Later(Allocator):
+        name = "later"
+
+    # Registered only in this Cma, never globally: a stand-in bump allocator.
+    class Bump(Later):
+        def __init__(self, start, size):
+            super().__init__(start, size)
+            self.next = start
+
+        def alloc(self, size, alignment):
+            start = -(-self.next // alignment) * alignment
+            if start + size > self.start + self.size:
+                return None
+            self.next = start + size
+            self.free_bytes -= size
+            return start, size
+
+        def free(self, start, size):
+            self.free_bytes += size
+
+        def largest_free(self):
+            return self.start + self.size - self.next
+
+    cma.register_allocator(Bump)
+    assert cma.region("dma").alloc_text == "later"
+    assert cma.alloc_from("dma", 4096).start == cma.region("dma").start
+    assert "later" in cma.allocators
+    assert register  # the global registry stays untouched by this test
+
+
+def test_threads_share_one_core():
+    cma = Cma("r=256M:bf", "*=r")
+    errors = []
+
+    def worker(n):
+        try:
+            for i in range(300):
+                c = cma.alloc(f"t{n}", 4096 * (1 + i % 7))
+                cma.free(c.start)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(cma.chunks) == 0
+    assert cma.region("r").stats().alloc_ok == 1200
+    cma._check()
+
+
+def test_listener_veto_undoes_the_allocation(cma):
+    class Veto:
+        def on_alloc(self, chunk):
+            raise CmaError(errno.EIO, "journal full")
+
+        def on_free(self, chunk):
+            pass
+
+    cma.listeners.append(Veto())
+    raises(errno.EIO, cma.alloc, "camera", M)
+    assert len(cma.chunks) == 0 and cma.region("video").free == 32 * M
+    cma._check()
+
+
+def test_data_needs_an_arena(cma):
+    c = cma.alloc("camera", M)
+    raises(errno.ENODEV, cma.data, c)
+
+
+def test_data_is_a_zero_copy_view_of_the_arena():
+    arena = Arena(8 * M)
+    cma = Cma("r=8M", "*=r", arena=arena)
+    c = cma.alloc("x", M, alignment=M)
+    view = cma.data(c)
+    view[:5] = b"hello"
+    assert bytes(arena.view(c.start - cma.base, 5)) == b"hello"
+    assert len(view) == M
+    arena.close()
+
+
+def test_arena_smaller_than_regions_is_enomem():
+    arena = Arena(4 * M)
+    raises(errno.ENOMEM, Cma, "r=8M", arena=arena, match="does not fit")
+    arena.close()
+
+
+ops = st.lists(st.tuples(st.sampled_from(["alloc", "free"]),
+                         st.integers(1, 2 * 1024 * 1024), st.sampled_from([0, 4096, 65536, M]),
+                         st.integers(0, 1000)), max_size=60)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops)
+def test_facade_invariants_under_random_traffic(sequence):
+    cma = Cma(DEFAULT, "cam*=video,dma;*=common,dma")
+    live = []
+    for op, size, alignment, pick in sequence:
+        if op == "alloc" or not live:
+            try:
+                live.append(cma.alloc("cam" if pick % 2 else "net", size, alignment))
+                assert live[-1].start % max(alignment, 4096) == 0
+            except CmaError as e:
+                assert e.errno == errno.ENOMEM
+        else:
+            cma.free(live.pop(pick % len(live)).start)
+        cma._check()
+    for c in live:
+        cma.free(c.start)
+    cma._check()
+    for r in cma.regions:
+        assert r.free == r.size and r.largest_free() > 0
