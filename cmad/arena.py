@@ -77,7 +77,7 @@ class Arena:
     """``size`` bytes of shared memory mapped into the daemon, zero-copy by memoryview."""
 
     def __init__(self, size: int, *, path: str | None = None, backing: str = "auto",
-                 populate: bool = True):
+                 populate: bool = True, hugetlb_memfd: bool = False):
         if backing not in BACKINGS:
             raise CmaError(errno.EINVAL, f"backing {backing!r}: expected one of {BACKINGS}")
         if size <= 0:
@@ -92,7 +92,7 @@ class Arena:
         for kind in (("hugetlb", "thp", "shm") if backing == "auto" else (backing,)):
             self.size = size
             try:
-                self._open(kind, path, populate)
+                self._open(kind, path, populate, hugetlb_memfd)
             except OSError as e:
                 failures.append(f"{kind}: {e.strerror or e}")
                 self._close_fd()
@@ -106,13 +106,15 @@ class Arena:
         raise CmaError(errno.ENOMEM, f"arena of {human(size)}: no backing worked: "
                                      + "; ".join(failures))
 
-    def _open(self, kind: str, path: str | None, populate: bool) -> None:
+    def _open(self, kind: str, path: str | None, populate: bool, hugetlb_memfd: bool) -> None:
         if kind == "hugetlb":
             self.size = -(-self.size // hugepage_size()) * hugepage_size()
             if path is None and _hugepages_free() * hugepage_size() < self.size:
                 raise OSError(errno.ENOMEM, f"{_hugepages_free()} free hugepages of "
                                             f"{human(hugepage_size())}, need "
                                             f"{self.size // hugepage_size()}")
+            if path is not None and hugetlb_memfd and fs_type(os.path.dirname(path)) != "hugetlbfs":
+                path = None  # not persistent: hugepages by memfd beat a named tmpfs file
             if path is None:
                 self.fd = os.memfd_create("cmad-arena", os.MFD_HUGETLB | os.MFD_CLOEXEC)
             elif fs_type(os.path.dirname(path) or ".") != "hugetlbfs":
@@ -133,8 +135,8 @@ class Arena:
         self.mm = mmap.mmap(self.fd, self.size, flags=flags)
         if kind == "thp":
             self.mm.madvise(mmap.MADV_HUGEPAGE)
-        if path is None:
-            self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+        self.named = path is not None
+        self.path = path if path is not None else f"/proc/{os.getpid()}/fd/{self.fd}"
 
     def view(self, offset: int, size: int) -> memoryview:
         """The bytes [offset, offset + size) of the arena, zero-copy."""

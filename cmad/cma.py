@@ -78,10 +78,9 @@ class Cma:
         self.base = base
         self.arena_size = arena_size if arena_size is not None else (
             max((starts[s.name] + s.size for s in specs), default=base) - base)
-        if arena is not None and arena.size < self.arena_size:
-            raise CmaError(errno.ENOMEM, f"arena of {human(arena.size)} is smaller than the "
-                                         f"{human(self.arena_size)} the regions need")
-        self.arena = arena
+        self.arena: Arena | None = None
+        if arena is not None:
+            self.attach_arena(arena)
         self._regions: dict[str, Region] = {}
         for spec in specs:
             region = Region(spec, starts[spec.name])
@@ -92,6 +91,13 @@ class Cma:
         self.limits: dict[int, int] = dict(limits or {})
         self._held: dict[int, int] = {}
         self.listeners: list[Listener] = []
+
+    def attach_arena(self, arena: Arena) -> None:
+        """Put memory behind the bookkeeping; ENOMEM if the arena is too small."""
+        if arena.size < self.arena_size:
+            raise CmaError(errno.ENOMEM, f"arena of {human(arena.size)} is smaller than the "
+                                         f"{human(self.arena_size)} the regions need")
+        self.arena = arena
 
     # -- introspection -------------------------------------------------
 
