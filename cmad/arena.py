@@ -109,12 +109,12 @@ class Arena:
     def _open(self, kind: str, path: str | None, populate: bool, hugetlb_memfd: bool) -> None:
         if kind == "hugetlb":
             self.size = -(-self.size // hugepage_size()) * hugepage_size()
+            if path is not None and hugetlb_memfd and fs_type(os.path.dirname(path)) != "hugetlbfs":
+                path = None  # not persistent: hugepages by memfd beat a named tmpfs file
             if path is None and _hugepages_free() * hugepage_size() < self.size:
                 raise OSError(errno.ENOMEM, f"{_hugepages_free()} free hugepages of "
                                             f"{human(hugepage_size())}, need "
                                             f"{self.size // hugepage_size()}")
-            if path is not None and hugetlb_memfd and fs_type(os.path.dirname(path)) != "hugetlbfs":
-                path = None  # not persistent: hugepages by memfd beat a named tmpfs file
             if path is None:
                 self.fd = os.memfd_create("cmad-arena", os.MFD_HUGETLB | os.MFD_CLOEXEC)
             elif fs_type(os.path.dirname(path) or ".") != "hugetlbfs":

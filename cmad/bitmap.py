@@ -12,33 +12,40 @@ search runs in C: ``bytearray.find`` of a run of zero bytes, retried from
 the next aligned index when the run it finds starts misaligned.
 
 A scan from block 0 would make every allocation cost O(used blocks), which
-is what makes mainline CMA slow when the region is busy.  Two kinds of
-lower bound let the scan start later without changing its result:
+is what makes mainline CMA slow when the region is busy.  Hints let the
+scan start later without changing its result:
 
 - ``_lowest``: every block below it is used.
-- ``_hints``: for a recent request shape ``(count, align)``, no aligned run
-  of ``count`` free blocks starts below the hint.  An allocation of that
-  shape raises it past the chunk it took (or to the end on failure: a
-  repeated failing request costs O(1)); a free lowers it to the first
-  block where a run made possible by the free could start.  The table
-  keeps the ``MAX_HINTS`` most recently added shapes.
+- ``_hints``: per recent request shape ``(count, align)``, a pair
+  ``[above, windows]``: every block where such a request fits and that is
+  below ``above`` lies in one of the ``windows`` (a heap of
+  ``(first, last)`` block ranges).  An allocation searches the windows in
+  order, each a short scan, then from ``above``, and raises ``above`` past
+  what it took (to the end on failure: a repeated failing request costs
+  O(1)).  A free adds to each shape the window where a run it made
+  possible could start.  Without windows a free would have to lower
+  ``above``, and the next search would rescan everything above that.
+  The table keeps the ``MAX_HINTS`` most recently added shapes.
 
-Costs, N blocks, H hints: alloc O(N) worst case in C, O(distance to the
-first fit past the hint) usually; free O(size + H); reserve O(size);
-holes and largest_free O(N).
+Costs, N blocks, H shapes, W windows: alloc O(N) worst case in C, usually
+O(count + log W) plus the distance from ``above`` to the next fit, which
+only moves up; free O(size + H log W); reserve O(size); holes and
+largest_free O(N).
 """
 
 from __future__ import annotations
 
 import errno
 import re
+from heapq import heappop, heappush, heapreplace
 from typing import Iterator
 
 from .allocator import PAGE_SHIFT, Allocator, register
 from .errors import CmaError
 
 MAX_ORDER_PER_BIT = 20
-MAX_HINTS = 64
+MAX_HINTS = 32  # request shapes tracked
+MAX_WINDOWS = 256  # pending freed windows per shape
 
 _FREE = 0
 _USED = 1
@@ -87,38 +94,57 @@ class Bitmap(Allocator):
         self._hints: dict[tuple[int, int], int] = {}
         self._widest = 0  # the largest count in _hints, ever: bounds free's scans
 
+    def _search(self, count: int, align: int, at: int, stop: int) -> int:
+        """First block >= at where an aligned run of count free blocks fits before stop, or -1."""
+        bmap = self._map
+        want = bytes(count)
+        if align == 1:
+            return bmap.find(want, at, stop)
+        mask = align - 1
+        first = self._first
+        at = _aligned_up(first, at, mask)
+        while True:
+            found = bmap.find(want, at, stop)
+            if found <= at:  # aligned, or -1
+                return found
+            at = _aligned_up(first, found, mask)
+            if at == found:
+                return found
+
     def alloc(self, size: int, alignment: int) -> tuple[int, int] | None:
-        """Lowest aligned run of free blocks.  O(N) worst case, in C."""
+        """Lowest aligned run of free blocks.  Amortised O(count + hints), O(N) worst case."""
         shift = self._shift
         count = (size + (1 << shift) - 1) >> shift
         align = alignment >> shift or 1
         key = (count, align)
-        bmap = self._map
+        hint = self._hints.get(key)
+        if hint is None:
+            hint = self._new_hint(key)
         lowest = self._lowest
-        at = self._hints.get(key, lowest)
-        if at < lowest:
-            at = lowest
-        want = bytes(count)
-        if align == 1:
-            at = bmap.find(want, at)
-        else:
-            mask = align - 1
-            first = self._first
-            at = _aligned_up(first, at, mask)
-            while True:
-                found = bmap.find(want, at)
-                if found <= at:  # aligned, or -1
-                    at = found
-                    break
-                at = _aligned_up(first, found, mask)
-                if at == found:
-                    break
+        search = self._search
+        windows = hint[1]
+        at = -1
+        while windows:
+            bound, last = windows[0]
+            at = search(count, align, bound if bound > lowest else lowest, last + count)
+            if 0 <= at < hint[0]:
+                if at + count <= last:
+                    heapreplace(windows, (at + count, last))
+                else:
+                    heappop(windows)
+                break
+            heappop(windows)
+            at = -1
         if at < 0:
-            self._remember(key, len(bmap))
-            return None
+            above = hint[0]
+            at = search(count, align, above if above > lowest else lowest, len(self._map))
+            if at < 0:
+                hint[0] = len(self._map)
+                return None
+            hint[0] = at + count
         end = at + count
+        bmap = self._map
         bmap[at:end] = b"\x01" * count
-        self._remember(key, end)
         if at == lowest:
             lowest = bmap.find(_FREE, end)
             self._lowest = lowest if lowest >= 0 else len(bmap)
@@ -126,18 +152,18 @@ class Bitmap(Allocator):
         self.free_bytes -= size
         return self.start + (at << shift), size
 
-    def _remember(self, key: tuple[int, int], hint: int) -> None:
-        """No run of shape key starts below hint (the search proved it)."""
+    def _new_hint(self, key: tuple[int, int]) -> list:
+        """Start tracking a request shape: nothing known yet above _lowest."""
         hints = self._hints
-        if key not in hints:
-            if len(hints) >= MAX_HINTS:
-                del hints[next(iter(hints))]
-            if key[0] > self._widest:
-                self._widest = key[0]
-        hints[key] = hint
+        if len(hints) >= MAX_HINTS:
+            del hints[next(iter(hints))]
+        if key[0] > self._widest:
+            self._widest = key[0]
+        hint = hints[key] = [self._lowest, []]
+        return hint
 
     def free(self, start: int, size: int) -> None:
-        """Clear the chunk's blocks.  O(size / block + hints)."""
+        """Clear the chunk's blocks.  O(size / block + hints * log windows)."""
         shift = self._shift
         at = (start - self.start) >> shift
         count = size >> shift
@@ -146,34 +172,37 @@ class Bitmap(Allocator):
         if at < self._lowest:
             self._lowest = at
         self.free_bytes += size
-        self._lower_hints(at, end)
+        if self._hints:
+            self._add_windows(at, end)
 
-    def _lower_hints(self, at: int, end: int) -> None:
-        """Blocks [at, end) became free: lower the hints a new run may beat.
+    def _add_windows(self, at: int, end: int) -> None:
+        """Blocks [at, end) became free: tell each hint where new runs may start.
 
         A run of c blocks that was not free before overlaps [at, end), so it
-        starts at or after max(left, at - c + 1), where left is the start of
-        the free run now holding [at, end), and it needs c free blocks up to
-        right, the run's end.  Both scans look at most _widest blocks away:
-        beyond that no hinted run can reach.
+        starts in [max(left, at - c + 1), end - 1], where left is the start
+        of the free run now holding [at, end); and it needs c free blocks
+        before right, that run's end.  Both scans look at most _widest
+        blocks away: no hinted run reaches further.
         """
         widest = self._widest
-        if not widest:
-            return
         bmap = self._map
         edge = at - widest if at > widest else 0
         left = bmap.rfind(_USED, edge, at) + 1 or edge
         right = bmap.find(_USED, end, end + widest)
         if right < 0:
             right = len(bmap) + widest  # far enough for any hinted run
-        hints = self._hints
-        for key, hint in hints.items():
-            count = key[0]
+        last = end - 1
+        for (count, _), hint in self._hints.items():
             bound = at - count + 1
             if bound < left:
                 bound = left
-            if hint > bound and right - bound >= count:
-                hints[key] = bound  # same keys: safe while iterating
+            if bound < hint[0] and right - bound >= count:
+                windows = hint[1]
+                if len(windows) < MAX_WINDOWS:
+                    heappush(windows, (bound, last))
+                else:  # too many: rescan from the lowest instead
+                    hint[0] = min(bound, windows[0][0])
+                    windows.clear()
 
     def reserve(self, start: int, size: int) -> bool:
         """Claim exactly [start, start + size) if whole blocks, all free.  O(size)."""
@@ -214,10 +243,19 @@ class Bitmap(Allocator):
         assert bmap.find(_FREE, 0, self._lowest) < 0, f"free block below _lowest {self._lowest}"
         assert len(self._hints) <= MAX_HINTS
         runs = [(m.start(), m.end()) for m in _FREE_RUN.finditer(bmap)]
-        for (count, align), hint in self._hints.items():
+        for (count, align), (above, windows) in self._hints.items():
             assert 0 < count <= self._widest and align >= 1 and align & (align - 1) == 0
+            assert 0 <= above <= len(bmap) and len(windows) <= MAX_WINDOWS
+            # Every fit below `above` must start inside a window.
+            covered = bytearray(len(bmap))
+            for bound, last in windows:
+                assert 0 <= bound <= last < len(bmap), (bound, last)
+                covered[bound : last + 1] = b"\x01" * (last + 1 - bound)
             for a, b in runs:
                 at = _aligned_up(self._first, a, align - 1)
-                if at >= hint:
-                    break
-                assert at + count > b, f"hint {hint} for {(count, align)} skips a fit at block {at}"
+                stop = min(b - count, above - 1)
+                if at > stop:
+                    continue
+                assert _FREE not in covered[at : stop + 1 : align], (
+                    f"{(count, align)}: a fit in [{at}, {stop}] is below {above} and in no window"
+                )

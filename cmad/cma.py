@@ -19,7 +19,7 @@ from .chunks import Chunk, ChunkIndex, check_label
 from .errors import CmaError, einval
 from .map import DEFAULT_TYPE, Map
 from .memparse import U64_MAX, fmt_addr, human, is_power_of_two
-from .regions import (Region, RegionStats, fragmentation, layout, page_align,
+from .regions import (Region, RegionStats, fragmentation, layout,
                       parse_alignment, parse_alloc_spec, parse_regions)
 
 log = logging.getLogger(__name__)
@@ -197,23 +197,26 @@ class Cma:
     def _alloc(self, regions: list[Region], size: int, alignment: int, dev: str, type: str,
                *, label: str | None = None, movable: bool = False, transient: bool = False,
                bound: int | None = None, uid: int = 0, pid: int = 0) -> Chunk:
-        request = f"{dev}/{type} {size:#x}/{alignment:#x}"
+        def request() -> str:
+            return f"alloc {dev}/{type} {size:#x}/{alignment:#x}"
+
         if not isinstance(size, int) or size <= 0 or size > U64_MAX:
-            raise einval(f"alloc {request}: size must be between 1 and 2^64-1")
-        size = page_align(size)
-        alignment = parse_alignment(alignment, f"alloc {request}: alignment")
+            raise einval(f"{request()}: size must be between 1 and 2^64-1")
+        alignment = (PAGE_SIZE if alignment == 0 or alignment == PAGE_SIZE
+                     else parse_alignment(alignment, f"{request()}: alignment"))
+        size = (size + PAGE_SIZE - 1) & -PAGE_SIZE
         if bound is not None:
             if not is_power_of_two(bound) or bound < PAGE_SIZE or size > bound:
-                raise einval(f"alloc {request}: bound {bound:#x} must be a power of two "
+                raise einval(f"{request()}: bound {bound:#x} must be a power of two "
                              "no smaller than the page size or the chunk")
             alignment = max(alignment, _next_pow2(size))
         if label is not None:
             check_label(label)
             if self.chunks.by_label(label) is not None:
-                raise CmaError(errno.EEXIST, f"alloc {request}: label {label!r} is taken")
-        limit = self.limits.get(uid)
+                raise CmaError(errno.EEXIST, f"{request()}: label {label!r} is taken")
+        limit = self.limits.get(uid) if self.limits else None
         if limit is not None and self.held(uid) + size > limit:
-            raise CmaError(errno.EDQUOT, f"alloc {request}: uid {uid} holds "
+            raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
                                          f"{human(self.held(uid))} of its {human(limit)} limit")
         for region in regions:
             allocator = region.allocator
@@ -227,7 +230,7 @@ class Cma:
             return chunk
         tried = ", ".join(r.describe() if r.allocator else f"{r.name} (no allocator: "
                           f"{r.alloc_text})" for r in regions)
-        why = f"alloc {request}: no room; tried {tried}"
+        why = f"{request()}: no room; tried {tried}"
         log.info("%s", why)
         raise CmaError(errno.ENOMEM, why)
 
@@ -246,7 +249,6 @@ class Cma:
             raise
         region.alloc_ok += 1
         region.peak_used = max(region.peak_used, region.used)
-        log.debug("alloc %s/%s -> %s", chunk.dev, chunk.type, chunk)
 
     def _forget(self, chunk: Chunk) -> None:
         self.chunks.remove(chunk)
@@ -304,7 +306,6 @@ class Cma:
         chunk.region.freed += 1
         if chunk.region.users == 0 and chunk.region.allocator is not None:
             chunk.region.allocator.cleanup()
-        log.debug("free %s", chunk)
         return chunk
 
     # -- queries -------------------------------------------------------

@@ -90,12 +90,18 @@ class Map:
             parts.pop()
         self.rules = tuple(_parse_rule(p) for p in parts)
         self.text = ";".join(r.text for r in self.rules)
+        self._cache: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def lookup(self, dev: str, type: str | None = None) -> tuple[str, ...]:
         """The regions of the first matching rule, in order; ENOENT if none matches."""
         type = type or DEFAULT_TYPE
+        hit = self._cache.get((dev, type))
+        if hit is not None:
+            return hit
         for rule in self.rules:
             if rule.matches(dev, type):
+                if len(self._cache) < 4096:
+                    self._cache[dev, type] = rule.regions
                 return rule.regions
         raise CmaError(errno.ENOENT, f"map: no rule matches device {dev!r} type {type!r}")
 

@@ -35,6 +35,8 @@ from typing import Any, Callable, Optional, Union
 import pyfuse3
 from sortedcontainers import SortedDict
 
+from .notify import invalidator
+
 __all__ = [
     "Attr", "Bytes", "Caller", "Dir", "LazyDir", "Node", "Stream", "Symlink",
     "ATTR_SIZE", "MAX_STORE",
@@ -46,16 +48,6 @@ ATTR_SIZE = 4096
 MAX_STORE = 4096
 
 _inode_numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
-
-# Set by serve() while a FUSE session is running: cache invalidations are
-# sent to the kernel only then (tier-2 tests run the Filesystem unmounted).
-_session_live = False
-
-
-def _set_session_live(live: bool) -> None:
-    global _session_live
-    _session_live = live
-
 
 @dataclass(frozen=True)
 class Caller:
@@ -167,8 +159,10 @@ class Dir(Node):
     def remove(self, name: str) -> Node:
         """Remove the entry *name* (KeyError if none) and return its node.
 
-        Tells the kernel to drop its cached dentry when a session runs. The
-        node keeps working for handles still open on it. O(log n).
+        Tells the kernel to drop its cached entry when a session runs (a
+        write() whose store removed entries is answered once that is done,
+        see notify.py). The node keeps working for handles still open on
+        it. O(log n).
         """
         self._ensure()
         node = self._children.pop(name)
@@ -177,9 +171,8 @@ class Dir(Node):
             self._subdirs -= 1
         node._gone_path = node.path()
         node.parent = None
-        if _session_live:
-            pyfuse3.invalidate_entry_async(self.inode, os.fsencode(name),
-                                           ignore_enoent=True)
+        # A no-op unless a session runs (tier-2 tests run unmounted).
+        invalidator.entry(self.inode, os.fsencode(name))
         return node
 
     def get(self, name: str, default: Optional[Node] = None) -> Optional[Node]:
@@ -428,7 +421,7 @@ class Bytes(File):
             return b""
         # A memoryview slice: pyfuse3 replies straight from the buffer
         # protocol, so the bytes are copied once, by the kernel.
-        return view[off:end]
+        return bytes(view[off:end])
 
     def write_at(self, off: int, data: bytes) -> int:
         view = self.buffer()

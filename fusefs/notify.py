@@ -1,0 +1,108 @@
+"""Telling the kernel to drop cached directory entries.
+
+`pyfuse3.invalidate_entry` blocks until no request touching the parent
+directory is in flight, and such a request may be waiting for our own
+event loop, so it must not run in the loop's thread. pyfuse3's
+`invalidate_entry_async` moves it to a thread but never says when it is
+done. This module does the same with one difference that matters to
+clients: a write() whose store removed entries is answered only once the
+kernel has dropped them (`settle`), so ``echo x > free; ls chunks/x``
+fails at once even though entries are cached for minutes.
+
+A request handler may wait in `settle` only if it is not itself a request
+the invalidation waits for (a lookup, readdir... in the same directory):
+the Filesystem does it in `write` only, and with a time limit.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import threading
+from typing import Optional
+
+import pyfuse3
+import trio
+
+log = logging.getLogger("fusefs")
+
+
+class Invalidator:
+    """A thread sending entry invalidations to the kernel, in order."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._token: Optional[trio.lowlevel.TrioToken] = None
+        self._queued = 0            # invalidations queued so far
+        self._done = 0              # ... and sent (only the thread writes it)
+        self._wakeup: Optional[trio.Event] = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._thread = threading.Thread(target=self._loop, args=(token,),
+                                        name="fusefs-invalidate", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("invalidation thread still blocked at shutdown")
+        self._thread = None
+        self._token = None
+
+    def entry(self, parent_inode: int, name: bytes) -> None:
+        """Queue: drop the kernel's cached entry *name* of *parent_inode*."""
+        if self._thread is None:
+            return
+        self._queued += 1
+        self._queue.put((parent_inode, name, self._queued))
+
+    async def settle(self, timeout: float = 1.0) -> bool:
+        """Wait until every invalidation queued so far is sent (True), or
+        *timeout* passes (False)."""
+        target = self._queued
+        if self._done >= target:
+            return True
+        with trio.move_on_after(timeout):
+            while self._done < target:
+                self._wakeup = trio.Event()
+                if self._done >= target:        # the thread was quicker
+                    break
+                await self._wakeup.wait()
+        return self._done >= target
+
+    def _poke(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _loop(self, token: trio.lowlevel.TrioToken) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            parent_inode, name, number = item
+            try:
+                pyfuse3.invalidate_entry(parent_inode, name)
+            except OSError as e:
+                if e.errno != errno.ENOENT:     # ENOENT: the kernel never had it
+                    log.warning("invalidating %r in inode %d: %s", name, parent_inode, e)
+            except Exception:
+                log.exception("invalidating %r in inode %d", name, parent_inode)
+            self._done = number
+            try:
+                token.run_sync_soon(self._poke)
+            except trio.RunFinishedError:
+                pass
+
+
+#: The process's invalidator (pyfuse3 has one session per process).
+invalidator = Invalidator()

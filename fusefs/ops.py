@@ -1,0 +1,367 @@
+"""The pyfuse3 operations serving a tree of `nodes`.
+
+This module holds only FUSE operations: the tree is passed in. Two rules
+shape it:
+
+- One boundary (`_boundary`) wraps every handler. pyfuse3 ends its main
+  loop, and with it the daemon, on any exception other than FUSEError, so
+  FUSEError passes, an OSError (the tree's way to refuse; it may carry a
+  `.why`) becomes its errno with one log line naming the operation, the node
+  and the reason, and anything else becomes EIO with a logged traceback.
+- The kernel's view of inodes is tracked exactly: a node enters the inode
+  table when a reply hands it to the kernel (lookup, readdirplus entry) and
+  leaves it when `forget` brings its lookup count to zero. Every lookup is a
+  dict access; nothing scans the tree.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+from typing import Callable
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from .nodes import Caller, Dir, File, Node, Symlink, _Handle
+from .notify import invalidator
+
+__all__ = ["Filesystem", "describe_error"]
+
+log = logging.getLogger("fusefs")
+
+# Refusals that say something about who asked: worth a warning.
+_WARN_ERRNOS = frozenset({errno.EPERM, errno.EACCES})
+
+
+def describe_error(e: OSError) -> str:
+    """'EINVAL: why' for a log line."""
+    name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else "?"
+    return f"{name}: {getattr(e, 'why', None) or e.strerror or e}"
+
+
+def _boundary(op: str, target: str = "inode") -> Callable:
+    """Wrap a handler: errors become FUSEError, never anything else.
+
+    *target* says how the handler's first arguments name the node for the
+    log line: "inode", "fh" (open file), "entry" (parent inode, name) or
+    "none".
+    """
+    def decorate(fn):
+        @functools.wraps(fn)
+        async def handler(self: "Filesystem", *args):
+            # An open file is looked up first: release drops it before
+            # an error from the handle's release() reaches us.
+            opened = self._handles.get(args[0]) if target == "fh" else None
+            try:
+                return await fn(self, *args)
+            except FUSEError:
+                raise
+            except OSError as e:
+                code = e.errno if e.errno else errno.EIO
+                level = logging.WARNING if code in _WARN_ERRNOS else logging.INFO
+                log.log(level, "%s %s: %s", op, self._where(target, args, opened),
+                        describe_error(e))
+                raise FUSEError(code) from None
+            except Exception:
+                log.exception("%s %s: unexpected error, answering EIO",
+                              op, self._where(target, args, opened))
+                raise FUSEError(errno.EIO) from None
+        return handler
+    return decorate
+
+
+class Filesystem(pyfuse3.Operations):
+    """Serves the tree under *root* (a Dir, which becomes the mount root).
+
+    Entries and attributes may be cached by the kernel for *entry_timeout*
+    and *attr_timeout* seconds: `Dir.remove` invalidates the cached entry,
+    and nodes are never changed in place except through their callbacks, so
+    long timeouts are safe and keep `ls -l` of big directories cheap.
+    """
+
+    supports_dot_lookup = True          # lookup answers "." and ".."
+    enable_writeback_cache = False
+    enable_acl = False
+
+    # Indirection so tests can run readdir without a kernel request.
+    readdir_reply = staticmethod(pyfuse3.readdir_reply)
+
+    def __init__(self, root: Dir, *, entry_timeout: float = 300.0,
+                 attr_timeout: float = 300.0):
+        super().__init__()
+        if not isinstance(root, Dir):
+            raise TypeError(f"root must be a Dir, not {type(root).__name__}")
+        if root.parent is not None:
+            raise ValueError("root must not be inside another tree")
+        root.inode = pyfuse3.ROOT_INODE
+        self.root = root
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self._inodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
+        self._lookups: dict[int, int] = {pyfuse3.ROOT_INODE: 1}
+        self._handles: dict[int, _Handle] = {}
+        self._fh_numbers = itertools.count(1)
+        self.init_hooks: list[Callable[[], None]] = []   # run at FUSE INIT
+
+    # ---- bookkeeping ----------------------------------------------------
+
+    def known(self, inode: int) -> bool:
+        """Whether the kernel currently holds a reference to *inode*."""
+        return inode in self._inodes
+
+    def lookup_count(self, inode: int) -> int:
+        return self._lookups.get(inode, 0)
+
+    def open_handles(self) -> int:
+        return len(self._handles)
+
+    def _remember(self, node: Node) -> None:
+        """The kernel got a reference to *node* (one more lookup)."""
+        inode = node.inode
+        self._inodes[inode] = node
+        self._lookups[inode] = self._lookups.get(inode, 0) + 1
+
+    def _node(self, inode: int) -> Node:
+        try:
+            return self._inodes[inode]
+        except KeyError:
+            # The kernel never names an inode it has forgotten.
+            raise FUSEError(errno.ENOENT) from None
+
+    def _dir(self, inode: int) -> Dir:
+        node = self._node(inode)
+        if not isinstance(node, Dir):
+            raise FUSEError(errno.ENOTDIR)
+        return node
+
+    def _handle(self, fh: int) -> _Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise FUSEError(errno.EBADF) from None
+
+    def _where(self, target: str, args: tuple, opened=None) -> str:
+        """The node a failed request was about, for the log line."""
+        try:
+            if target == "inode":
+                node = self._inodes.get(args[0])
+                return node.path() if node else f"<inode {args[0]}>"
+            if target == "fh":
+                handle = opened or self._handles.get(args[0])
+                return handle.node.path() if handle else f"<fh {args[0]}>"
+            if target == "entry":
+                parent = self._inodes.get(args[0])
+                base = parent.path().rstrip("/") if parent else f"<inode {args[0]}>"
+                return f"{base}/{os.fsdecode(args[1])}"
+        except Exception:       # a log line must never fail a request
+            pass
+        return "/"
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.inode
+        e.generation = 0
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = node.kind | node.mode
+        e.st_nlink = node.nlink() if isinstance(node, Dir) else 1
+        e.st_uid = node.uid
+        e.st_gid = node.gid
+        size = node.size()
+        e.st_size = size
+        e.st_blksize = 4096
+        e.st_blocks = (size + 511) // 512
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = node.mtime_ns
+        return e
+
+    # ---- life cycle -----------------------------------------------------
+
+    def init(self) -> None:
+        # Called (synchronously, inside the trio loop) once the kernel's
+        # INIT request is answered: the mount is live. Must not raise.
+        for hook in self.init_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("init hook %r failed", hook)
+
+    # ---- names ----------------------------------------------------------
+
+    @_boundary("lookup", "entry")
+    async def lookup(self, parent_inode, name, ctx):
+        parent = self._dir(parent_inode)
+        if name == b".":
+            node = parent
+        elif name == b"..":
+            node = parent.parent or parent
+        else:
+            node = parent.get(os.fsdecode(name))
+            if node is None:
+                raise FUSEError(errno.ENOENT)   # not cached, not logged
+        entry = self._entry(node)
+        self._remember(node)
+        return entry
+
+    @_boundary("forget", "none")
+    async def forget(self, inode_list):
+        lookups = self._lookups
+        for inode, n in inode_list:
+            if inode == pyfuse3.ROOT_INODE:
+                continue
+            left = lookups.get(inode, 0) - n
+            if left > 0:
+                lookups[inode] = left
+            else:
+                lookups.pop(inode, None)
+                self._inodes.pop(inode, None)
+
+    @_boundary("getattr")
+    async def getattr(self, inode, ctx):
+        return self._entry(self._node(inode))
+
+    @_boundary("setattr")
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self._node(inode)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            # Modes and owners carry the policy; they are the daemon's.
+            raise OSError(errno.EPERM, "chmod/chown are not supported")
+        if fields.update_size and isinstance(node, Dir):
+            raise FUSEError(errno.EISDIR)
+        # A size change is accepted and truncates nothing, as in sysfs: this
+        # is what O_TRUNC (the shell's ">") and dd's ftruncate send.
+        # Time updates (touch) are ignored likewise.
+        return self._entry(node)
+
+    @_boundary("readlink")
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        if not isinstance(node, Symlink):
+            raise FUSEError(errno.EINVAL)
+        return os.fsencode(node.resolve())
+
+    # The tree is the daemon's: nothing is created, linked or removed by
+    # clients. The errnos are the ones the VFS gives for a sysfs directory.
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise FUSEError(errno.EACCES)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise FUSEError(errno.EPERM)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise FUSEError(errno.EPERM)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise FUSEError(errno.EPERM)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise FUSEError(errno.EPERM)
+
+    async def unlink(self, parent_inode, name, ctx):
+        raise FUSEError(errno.EPERM)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise FUSEError(errno.EPERM)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new,
+                     name_new, flags, ctx):
+        raise FUSEError(errno.EPERM)
+
+    # ---- directories ----------------------------------------------------
+
+    @_boundary("opendir")
+    async def opendir(self, inode, ctx):
+        self._dir(inode)
+        # The kernel holds the inode while the directory is open, so the
+        # inode number is a sound handle.
+        return inode
+
+    @_boundary("readdir")
+    async def readdir(self, fh, start_id, token):
+        # Resume tokens: 1 after ".", 2 after "..", then each child's
+        # sequence number (see Dir). Stop as soon as the reply is full.
+        d = self._dir(fh)
+        reply = self.readdir_reply
+        if start_id < 1 and not reply(token, b".", self._entry(d), 1):
+            return
+        if start_id < 2 and not reply(token, b"..", self._entry(d.parent or d), 2):
+            return
+        for seq, name, node in d._entries_after(max(start_id, 2)):
+            if not reply(token, os.fsencode(name), self._entry(node), seq):
+                break
+            # readdirplus: the kernel counts every entry it accepted as a
+            # lookup ("." and ".." excepted).
+            self._remember(node)
+
+    @_boundary("releasedir")
+    async def releasedir(self, fh):
+        pass
+
+    # ---- files ----------------------------------------------------------
+
+    @_boundary("open")
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if not isinstance(node, File):
+            raise FUSEError(errno.EISDIR if isinstance(node, Dir) else errno.EINVAL)
+        access = flags & os.O_ACCMODE
+        # default_permissions lets root through any mode bits, so a
+        # read-only file must be refused here (sysfs does the same).
+        if access in (os.O_WRONLY, os.O_RDWR) and not (node.writable() and node.mode & 0o222):
+            raise OSError(errno.EACCES, "read-only file opened for writing")
+        if access in (os.O_RDONLY, os.O_RDWR) and not (node.readable() and node.mode & 0o444):
+            raise OSError(errno.EACCES, "write-only file opened for reading")
+        handle = await node._open(Caller(ctx.uid, ctx.gid, ctx.pid), flags)
+        fh = next(self._fh_numbers)
+        self._handles[fh] = handle
+        # direct_io: every read and write reaches the tree at the offset the
+        # caller used, with no page cache in between (streams answer a
+        # read right after a write; attribute sizes stay 4096; byte files
+        # stay coherent with other mappings).
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    @_boundary("read", "fh")
+    async def read(self, fh, off, size):
+        return await self._handle(fh).read(off, size)
+
+    @_boundary("write", "fh")
+    async def write(self, fh, off, buf):
+        try:
+            return await self._handle(fh).write(off, buf)
+        finally:
+            # Entries the store removed are gone from the kernel's cache
+            # before the writer learns the outcome (see notify.py).
+            await invalidator.settle()
+
+    @_boundary("flush", "fh")
+    async def flush(self, fh):
+        pass
+
+    @_boundary("fsync", "fh")
+    async def fsync(self, fh, datasync):
+        pass
+
+    @_boundary("release", "fh")
+    async def release(self, fh):
+        handle = self._handles.get(fh)
+        try:
+            if handle is not None:
+                await handle.release()
+        finally:
+            self._handles.pop(fh, None)
+
+    # ---- the filesystem -------------------------------------------------
+
+    @_boundary("statfs", "none")
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = 4096
+        s.f_frsize = 4096
+        s.f_blocks = s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self._inodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
