@@ -36,7 +36,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) bench/core.py
+	taskset -c 1 $(PY) bench/core.py
+	$(PY) bench/fs.py
 
 lint: $(STAMP)
 	$(PY) -m compileall -q cmad fusefs tests bench

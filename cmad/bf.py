@@ -28,11 +28,13 @@ largest_free O(log n).
 
 from __future__ import annotations
 
+import errno
 from typing import Iterator
 
 from sortedcontainers import SortedList
 
 from .allocator import PAGE_SIZE, Allocator, register
+from .errors import CmaError
 
 _SHIFT = 64
 _LOW = (1 << _SHIFT) - 1
@@ -116,7 +118,13 @@ class BestFit(Allocator):
         return at, size
 
     def free(self, start: int, size: int) -> None:
-        """Give back [start, start + size), merged with both neighbours.  O(log n)."""
+        """Give back [start, start + size), merged with both neighbours.  O(log n).
+
+        The core only frees what alloc or reserve gave; only the bounds are
+        checked here, and _check catches a double free.
+        """
+        if start < self.start or start + size > self.start + self.size or size <= 0:
+            raise CmaError(errno.EINVAL, f"bf: free of {start:#x}+{size:#x} outside the region")
         self._starts = None
         by_size = self._by_size
         by_start = self._by_start

@@ -163,9 +163,18 @@ class Bitmap(Allocator):
         return hint
 
     def free(self, start: int, size: int) -> None:
-        """Clear the chunk's blocks.  O(size / block + hints * log windows)."""
+        """Clear the chunk's blocks.  O(size / block + hints * log windows).
+
+        The core only frees what alloc or reserve gave; only the bounds and
+        the granule are checked here, and _check catches a double free.
+        """
+        offset = start - self.start
+        if offset < 0 or offset + size > self.size or size <= 0 or (offset | size) & (self.block - 1):
+            raise CmaError(
+                errno.EINVAL, f"bitmap: free of {start:#x}+{size:#x} outside the region or not whole blocks"
+            )
         shift = self._shift
-        at = (start - self.start) >> shift
+        at = offset >> shift
         count = size >> shift
         end = at + count
         self._map[at:end] = bytes(count)
@@ -186,7 +195,7 @@ class Bitmap(Allocator):
         """
         widest = self._widest
         bmap = self._map
-        edge = at - widest if at > widest else 0
+        edge = at - 1 if at > 1 else 0
         left = bmap.rfind(_USED, edge, at) + 1 or edge
         right = bmap.find(_USED, end, end + widest)
         if right < 0:

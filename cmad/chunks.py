@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import itertools
 import re
 import time
 from typing import Iterator
@@ -26,20 +25,17 @@ def check_label(label: str) -> str:
     return label
 
 
-_ids = itertools.count(1)
-
-
 class Chunk:
     """One allocation.  ``id`` is its identity: it survives a move, ``start`` does not."""
 
     __slots__ = ("id", "start", "size", "region", "dev", "type", "uid", "pid", "label",
                  "created", "movable", "transient", "bound", "__weakref__")
 
-    def __init__(self, start: int, size: int, region: Region, dev: str, type: str, *,
-                 uid: int = 0, pid: int = 0, label: str | None = None,
+    def __init__(self, id: int, start: int, size: int, region: Region, dev: str, type: str,
+                 *, uid: int = 0, pid: int = 0, label: str | None = None,
                  movable: bool = False, transient: bool = False, bound: int | None = None,
-                 created: float | None = None, id: int | None = None):
-        self.id = next(_ids) if id is None else id
+                 created: float | None = None):
+        self.id = id
         self.start = start
         self.size = size
         self.region = region

@@ -88,6 +88,7 @@ class Cma:
             self._regions[spec.name] = region
         self._map = Map(map)
         self.chunks = ChunkIndex()
+        self._next_id = 1
         self.limits: dict[int, int] = dict(limits or {})
         self._held: dict[int, int] = {}
         self.listeners: list[Listener] = []
@@ -224,8 +225,9 @@ class Cma:
             if got is None:
                 region.alloc_fail += 1
                 continue
-            chunk = Chunk(got[0], got[1], region, dev, type, uid=uid, pid=pid, label=label,
-                          movable=movable, transient=transient, bound=bound)
+            chunk = Chunk(self._next_id, got[0], got[1], region, dev, type, uid=uid, pid=pid,
+                          label=label, movable=movable, transient=transient, bound=bound)
+            self._next_id += 1
             self._commit(chunk)
             return chunk
         tried = ", ".join(r.describe() if r.allocator else f"{r.name} (no allocator: "
@@ -234,21 +236,59 @@ class Cma:
         log.info("%s", why)
         raise CmaError(errno.ENOMEM, why)
 
-    def _commit(self, chunk: Chunk) -> None:
-        """Index a freshly allocated chunk and tell the listeners; undo all if one vetoes."""
+    @_locked
+    def restore(self, id: int, start: int, size: int, region: str, dev: str, type: str,
+                **fields) -> Chunk:
+        """Put back a chunk recorded before a restart, at exactly its old place.
+
+        Listeners are not told (the journal already has it).  ENOENT if the
+        region is gone, EADDRINUSE if the range is not free or not inside it.
+        """
+        r = self._regions.get(region)
+        if r is None or r.allocator is None:
+            raise CmaError(errno.ENOENT, f"chunk {fmt_addr(start)}: region {region!r} is "
+                                         "gone or has no allocator")
+        if start < r.start or start + size > r.end:
+            raise CmaError(errno.EADDRINUSE, f"chunk {fmt_addr(start)}+{size:#x} is not inside "
+                                             f"region {region} [{fmt_addr(r.start)}, "
+                                             f"{fmt_addr(r.end)})")
+        if fields.get("label") is not None and self.chunks.by_label(fields["label"]):
+            raise CmaError(errno.EEXIST, f"chunk {fmt_addr(start)}: label {fields['label']!r} "
+                                         "is taken")
+        if not r.allocator.reserve(start, size):
+            raise CmaError(errno.EADDRINUSE, f"chunk {fmt_addr(start)}+{size:#x} overlaps "
+                                             f"another chunk or is not free in region {region}")
+        chunk = Chunk(id, start, size, r, dev, type, **fields)
+        self._next_id = max(self._next_id, id + 1)
+        self._index(chunk)
+        r.alloc_ok += 1
+        r.peak_used = max(r.peak_used, r.used)
+        return chunk
+
+    def _index(self, chunk: Chunk) -> None:
         self.chunks.add(chunk)
         region = chunk.region
         region.users += 1
         region.used += chunk.size
         self._held[chunk.uid] = self._held.get(chunk.uid, 0) + chunk.size
+
+    def _commit(self, chunk: Chunk) -> None:
+        """Index a freshly allocated chunk and tell the listeners; undo all if one vetoes."""
+        self._index(chunk)
+        told = []
         try:
             for listener in self.listeners:
                 listener.on_alloc(chunk)
+                told.append(listener)
         except BaseException:
+            for listener in reversed(told):
+                listener.on_free(chunk)
             self._forget(chunk)
             raise
+        region = chunk.region
         region.alloc_ok += 1
-        region.peak_used = max(region.peak_used, region.used)
+        if region.used > region.peak_used:
+            region.peak_used = region.used
 
     def _forget(self, chunk: Chunk) -> None:
         self.chunks.remove(chunk)

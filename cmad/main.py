@@ -6,6 +6,7 @@ import argparse
 import grp
 import logging
 import os
+import sqlite3
 import sys
 
 from . import __version__
@@ -13,6 +14,7 @@ from .arena import Arena, hugetlbfs_mounts
 from .cma import Cma
 from .config import Config, ConfigError, load
 from .errors import CmaError
+from .journal import Journal, recover
 
 log = logging.getLogger("cmad")
 
@@ -57,17 +59,38 @@ def arena_path(config: Config) -> str:
     return os.path.join(mounts[0] if mounts else "/dev/shm", name)
 
 
-def build(config: Config) -> Cma:
-    """The core with its arena, from a configuration."""
+def build(config: Config) -> tuple[Cma, Journal | None]:
+    """The core with its arena and, with a state directory, its recovered journal."""
     cma = Cma(config.regions, config.map, base=config.base, arena_size=config.arena_size,
               limits=config.limits)
-    path = arena_path(config)
-    if config.state_dir is None and os.path.exists(path):
+    journal = Journal(config.state_dir) if config.state_dir else None
+    path = config.arena_file or (journal and journal.get("arena_file")) or arena_path(config)
+    if journal is None and os.path.exists(path):
         os.unlink(path)  # a non-persistent daemon starts with a fresh arena
+    survived = os.path.exists(path)
     arena = Arena(cma.arena_size, path=path, backing=config.backing,
-                  hugetlb_memfd=config.state_dir is None)
-    cma.attach_arena(arena)
-    return cma
+                  hugetlb_memfd=journal is None)
+    try:
+        cma.attach_arena(arena)
+        if journal is not None:
+            recover(cma, journal, arena_survived=survived)
+            journal.set(arena_file=arena.path, regions=config.regions, base=cma.base,
+                        arena_size=arena.size)
+            cma.listeners.append(journal)
+    except BaseException:
+        arena.close()  # never unlink here: the bytes may be all that is left
+        raise
+    return cma, journal
+
+
+def stop(cma: Cma, journal: Journal | None) -> None:
+    """Keep the arena file only while a journal says chunks live in it."""
+    keep = journal is not None and len(cma.chunks) > 0
+    cma.arena.close(unlink=not keep)
+    if journal is not None:
+        journal.close()
+    log.info("stopped with %d chunks%s", len(cma.chunks),
+             f"; arena kept at {cma.arena.path}" if keep else "")
 
 
 def serve_tree(cma: Cma, config: Config) -> None:
@@ -86,18 +109,23 @@ def serve_tree(cma: Cma, config: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(stream=sys.stderr, format="cmad: %(levelname)s %(message)s",
                         level=logging.INFO)
+    if argv and argv[0] in ("check", "reset"):
+        from . import offline
+        return offline.main(argv)
+    args = parse_args(argv)
+    journal = None
     try:
         config = load(args.config, {k: getattr(args, k) for k in FLAGS})
         logging.getLogger().setLevel(config.log_level.upper())
-        cma = build(config)
+        cma, journal = build(config)
     except ConfigError as e:
         log.error("%s", e)
         return 2
-    except CmaError as e:
-        log.error("configuration: %s", e.why)
+    except (CmaError, sqlite3.Error) as e:
+        log.error("configuration: %s", getattr(e, "why", e))
         return 2
     try:
         serve_tree(cma, config)
@@ -105,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", getattr(e, "why", None) or e)
         return 1
     finally:
-        cma.arena.close(unlink=config.state_dir is None)
-    log.info("stopped")
+        stop(cma, journal)
     return 0
 
 

@@ -101,8 +101,10 @@ class Filesystem(pyfuse3.Operations):
         self.root = root
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
+        # inode -> node for the nodes the kernel holds; each node counts
+        # its own lookups (node.kernel_refs), which Dir.remove also reads.
         self._inodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
-        self._lookups: dict[int, int] = {pyfuse3.ROOT_INODE: 1}
+        root.kernel_refs = 1
         self._handles: dict[int, _Handle] = {}
         self._fh_numbers = itertools.count(1)
         self.init_hooks: list[Callable[[], None]] = []   # run at FUSE INIT
@@ -114,16 +116,16 @@ class Filesystem(pyfuse3.Operations):
         return inode in self._inodes
 
     def lookup_count(self, inode: int) -> int:
-        return self._lookups.get(inode, 0)
+        node = self._inodes.get(inode)
+        return node.kernel_refs if node is not None else 0
 
     def open_handles(self) -> int:
         return len(self._handles)
 
     def _remember(self, node: Node) -> None:
         """The kernel got a reference to *node* (one more lookup)."""
-        inode = node.inode
-        self._inodes[inode] = node
-        self._lookups[inode] = self._lookups.get(inode, 0) + 1
+        self._inodes[node.inode] = node
+        node.kernel_refs += 1
 
     def _node(self, inode: int) -> Node:
         try:
@@ -208,16 +210,15 @@ class Filesystem(pyfuse3.Operations):
 
     @_boundary("forget", "none")
     async def forget(self, inode_list):
-        lookups = self._lookups
+        inodes = self._inodes
         for inode, n in inode_list:
-            if inode == pyfuse3.ROOT_INODE:
+            node = inodes.get(inode)
+            if node is None or inode == pyfuse3.ROOT_INODE:
                 continue
-            left = lookups.get(inode, 0) - n
-            if left > 0:
-                lookups[inode] = left
-            else:
-                lookups.pop(inode, None)
-                self._inodes.pop(inode, None)
+            node.kernel_refs -= n
+            if node.kernel_refs <= 0:
+                node.kernel_refs = 0
+                del inodes[inode]
 
     @_boundary("getattr")
     async def getattr(self, inode, ctx):

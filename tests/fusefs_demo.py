@@ -11,6 +11,7 @@ Tree:
     link        -> rw        (fixed target)
     dynlink     -> whatever rw holds (callable target)
     echo        stream: each write is answered with the upper-cased line
+    echo_released  ro: how many echo handles were released
     bytes       4 MiB Bytes file over an anonymous mmap
     big         a --big MiB Bytes file (only with --big)
     lazy/       LazyDir with a, b; populations counts its populate calls
@@ -45,8 +46,9 @@ class DemoError(OSError):
 
 
 class EchoHandle:
-    def __init__(self, caller):
+    def __init__(self, caller, released):
         self.caller = caller
+        self.released = released
         self.pending = bytearray()
 
     def write(self, data):
@@ -60,11 +62,12 @@ class EchoHandle:
         return out
 
     def release(self):
-        pass
+        self.released()
 
 
 def build(many=20000, big_mib=0):
-    state = {"rw": "hello", "wo": "", "caller": "", "populations": 0}
+    state = {"rw": "hello", "wo": "", "caller": "", "populations": 0,
+             "released": 0}
     root = Dir()
 
     def store_rw(text, caller):
@@ -81,7 +84,11 @@ def build(many=20000, big_mib=0):
     root.add("caller", Attr(lambda: state["caller"]))
     root.add("link", Symlink("rw"))
     root.add("dynlink", Symlink(lambda: state["rw"]))
-    root.add("echo", Stream(EchoHandle, mode=0o666))
+    def echo_released():
+        state["released"] += 1
+
+    root.add("echo", Stream(lambda caller: EchoHandle(caller, echo_released), mode=0o666))
+    root.add("echo_released", Attr(lambda: str(state["released"])))
 
     small = mmap.mmap(-1, 4 << 20)
     root.add("bytes", Bytes(lambda: memoryview(small), mode=0o666))
@@ -145,7 +152,11 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
-    fusefs.check_mountpoint(args.mountpoint)
+    try:
+        fusefs.check_mountpoint(args.mountpoint)
+    except OSError as e:
+        logging.error("cannot mount: %s", e.strerror)
+        return 1
     fs = fusefs.Filesystem(build(args.many, args.big))
     fusefs.serve(fs, args.mountpoint, fsname="fusefs-demo",
                  on_ready=lambda: logging.getLogger("demo").info(

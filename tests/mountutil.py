@@ -160,6 +160,9 @@ def mounted(argv, mountpoint, env=None, timeout=30):
     """
     mountpoint = os.fspath(mountpoint)
     os.makedirs(mountpoint, exist_ok=True)
+    if is_mounted(mountpoint):
+        # wait_for_mount could not tell the new mount from the old one.
+        raise MountError(f"{mountpoint} is already mounted")
     full_env = dict(os.environ)
     if env:
         full_env.update(env)

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 import fusefs
-from mountutil import daemon_stderr, fuse, is_mounted, mounted, require_fuse  # noqa: F401
+from mountutil import (MountError, daemon_stderr, fuse, is_mounted, mounted,  # noqa: F401
+                       require_fuse)
 
 pytestmark = pytest.mark.usefixtures("fuse")
 
@@ -228,6 +229,22 @@ def test_check_mountpoint_refuses_a_live_mount(mnt):
     assert info.value.errno == errno.EBUSY
     assert str(mnt) in str(info.value) and "fusefs-demo" in str(info.value)
     assert os.path.ismount(mnt)                                  # untouched
+
+
+def test_second_daemon_refuses_a_live_mount(mnt):
+    r = subprocess.run(demo_argv(mnt, "--many", "1"), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert f"{mnt} is already a live mount point (fusefs-demo type fuse)" in r.stderr
+    assert (mnt / "ro").read_text() == "read only\n"           # still ours
+
+
+def test_mounted_fails_fast_with_the_daemons_stderr(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(MountError, match="exited with 3 before mounting(.|\n)*no luck today"):
+        with mounted([sys.executable, "-c", "import sys; sys.stderr.write('no luck today'); sys.exit(3)"],
+                     tmp_path / "mnt"):
+            pass
+    assert time.monotonic() - t0 < 10
 
 
 def test_sigterm_unmounts_cleanly(tmp_path):

@@ -547,3 +547,18 @@ async def test_paths_for_logs(tree):
     assert root.path() == "/"
     assert root.get("sub").get("leaf").path() == "/sub/leaf"
     assert Attr(lambda: "").path() == "/"       # never added: no parent
+
+
+# ---- mountutil's FUSE gate (no mount needed) ---------------------------------------
+
+def test_require_fuse_skips_or_fails(monkeypatch):
+    import mountutil
+    monkeypatch.setattr(mountutil, "fuse_available", lambda: (False, "no /dev/fuse here"))
+    monkeypatch.delenv("CMAD_REQUIRE_FUSE", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no /dev/fuse here"):
+        mountutil.require_fuse()
+    monkeypatch.setenv("CMAD_REQUIRE_FUSE", "1")
+    with pytest.raises(pytest.fail.Exception, match="CMAD_REQUIRE_FUSE=1.*no /dev/fuse here"):
+        mountutil.require_fuse()
+    monkeypatch.setattr(mountutil, "fuse_available", lambda: (True, ""))
+    mountutil.require_fuse()                   # available: nothing happens

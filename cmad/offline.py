@@ -1,0 +1,89 @@
+"""``cmad check`` and ``cmad reset``: a state directory, with no daemon running."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sqlite3
+import sys
+
+from .cma import Cma
+from .errors import CmaError
+from .journal import JOURNAL, Journal
+from .memparse import human
+
+log = logging.getLogger("cmad")
+
+
+def check(state_dir: str) -> list[str]:
+    """Every problem found in a state directory (none: it is consistent)."""
+    if not os.path.exists(os.path.join(state_dir, JOURNAL)):
+        return [f"{state_dir}: no journal ({JOURNAL})"]
+    journal = Journal(state_dir, readonly=True)
+    try:
+        integrity = journal.db.execute("PRAGMA integrity_check").fetchone()[0]
+        if integrity != "ok":
+            return [f"journal integrity: {integrity}"]
+        regions, base = journal.get("regions"), journal.get("base")
+        if regions is None or base is None:
+            return ["journal has no recorded configuration (never started?)"]
+        cma = Cma(regions, "", base=int(base))
+        problems = []
+        for record in journal.records():
+            fields = {k: v for k, v in record.items()
+                      if k not in ("id", "start", "size", "region", "dev", "type")}
+            try:
+                cma.restore(record["id"], record["start"], record["size"], record["region"],
+                            record["dev"], record["type"], **fields)
+            except CmaError as e:
+                problems.append(e.why)
+        try:
+            cma._check()
+        except AssertionError as e:
+            problems.append(f"free space does not add up: {e}")
+        arena = journal.get("arena_file")
+        if len(cma.chunks) and (arena is None or not os.path.exists(arena)):
+            problems.append(f"arena file {arena} is gone: {len(cma.chunks)} chunks lost their "
+                            "bytes")
+        if not problems:
+            used = sum(r.used for r in cma.regions)
+            print(f"ok: {len(cma.chunks)} chunks, {human(used)} in {len(cma.regions)} regions, "
+                  f"arena {arena}")
+        return problems
+    except sqlite3.OperationalError as e:
+        return [f"journal: {e} (is a daemon running on this state directory?)"]
+    finally:
+        journal.close()
+
+
+def reset(state_dir: str) -> None:
+    """Forget everything: the arena file and the journal."""
+    path = os.path.join(state_dir, JOURNAL)
+    if os.path.exists(path):
+        journal = Journal(state_dir, readonly=True)
+        arena = journal.get("arena_file")
+        journal.close()
+        if arena and os.path.exists(arena):
+            os.unlink(arena)
+            print(f"removed arena {arena}")
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.unlink(path + suffix)
+    print(f"reset {state_dir}")
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"cmad {argv[0]}")
+    p.add_argument("--state-dir", required=True)
+    args = p.parse_args(argv[1:])
+    if argv[0] == "reset":
+        reset(args.state_dir)
+        return 0
+    try:
+        problems = check(args.state_dir)
+    except (sqlite3.Error, CmaError) as e:
+        problems = [str(e)]
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if problems else 0

@@ -1,0 +1,304 @@
+"""The best-fit allocator: unit tests, then a rule-based property test with _check()."""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from sortedcontainers import SortedDict
+
+from cmad.allocator import PAGE_SIZE, _registry, registry
+from cmad.bf import BestFit
+from cmad.errors import CmaError
+
+K = 1 << 10
+M = 1 << 20
+P = PAGE_SIZE
+BASE = 0x40000000
+
+
+def complement(start: int, size: int, chunks) -> list[tuple[int, int]]:
+    """Free ranges of [start, start + size) around sorted (start, size) chunks, merged."""
+    out, pos = [], start
+    for c, n in chunks:
+        if c > pos:
+            out.append((pos, c - pos))
+        pos = c + n
+    if pos < start + size:
+        out.append((pos, start + size - pos))
+    return out
+
+
+def align_up(x: int, alignment: int) -> int:
+    return (x + alignment - 1) & -alignment
+
+
+def best_fit(holes, size: int, alignment: int) -> int | None:
+    """The model: smallest hole that fits at the alignment, lowest address on ties."""
+    fits = [(n, s) for s, n in holes if align_up(s, alignment) + size <= s + n]
+    return align_up(min(fits)[1], alignment) if fits else None
+
+
+def with_holes(pattern: str, start: int = BASE) -> tuple[BestFit, list[tuple[int, int]]]:
+    """A region laid out by pattern, one page per character: '.' free, '#' used."""
+    a = BestFit(start, len(pattern) * P)
+    for i, c in enumerate(pattern):
+        if c == "#":
+            assert a.reserve(start + i * P, P)
+    a._check()
+    return a, list(a.holes())
+
+
+# -- unit tests ---------------------------------------------------------------
+
+def test_registered_first_without_params():
+    assert _registry["bf"] is BestFit
+    assert next(iter(registry())) == "bf"  # the default allocator
+    assert BestFit.params == ()
+    with pytest.raises(CmaError, match="unknown parameter 'order_per_bit'") as e:
+        BestFit(BASE, 16 * M, order_per_bit=1)
+    assert e.value.errno == errno.EINVAL
+
+
+def test_fresh_region_is_one_hole():
+    a = BestFit(BASE, 64 * M)
+    a._check()
+    assert list(a.holes()) == [(BASE, 64 * M)]
+    assert a.largest_free() == 64 * M and a.free_bytes == 64 * M
+
+
+def test_empty_region():
+    a = BestFit(BASE, 0)
+    a._check()
+    assert list(a.holes()) == [] and a.largest_free() == 0
+    assert a.alloc(P, P) is None
+
+
+def test_picks_the_smallest_hole_that_fits_lowest_address_on_ties():
+    #                      5 free   3 free  8 free    3 free  1
+    a, holes = with_holes(".....#...#........#...#.")
+    assert a.alloc(3 * P, P) == (BASE + 6 * P, 3 * P)  # first of the two 3-page holes
+    assert a.alloc(3 * P, P) == (BASE + 19 * P, 3 * P)  # then the other one
+    assert a.alloc(4 * P, P) == (BASE, 4 * P)  # 5-page hole, not the 8-page one
+    assert a.alloc(P, P) == (BASE + 4 * P, P)  # the 1-page remnant, lowest address
+    assert a.alloc(P, P) == (BASE + 23 * P, P)
+    assert a.alloc(8 * P, P) == (BASE + 10 * P, 8 * P)
+    assert a.alloc(P, P) is None and a.free_bytes == 0 and a.largest_free() == 0
+    a._check()
+
+
+def test_alignment_skips_smaller_misaligned_holes():
+    # Holes of 2 pages at page 1, 3 pages at page 4 and 8 pages at page 8.
+    a, _ = with_holes("#..#...#" + "." * 8)
+    # 2 pages at 8 KiB alignment: the 2-page hole starts at an odd page, so
+    # it cannot hold them; the 3-page hole can, from page 4.
+    assert a.alloc(2 * P, 8 * K) == (BASE + 4 * P, 2 * P)
+    # The 3-page hole is split: its tail page stays free.
+    assert (BASE + 6 * P, P) in list(a.holes())
+    a._check()
+
+
+def test_aligned_alloc_splits_into_head_and_tail():
+    a = BestFit(BASE + 0x3000, 4 * M)
+    got = a.alloc(64 * K, M)
+    assert got == (BASE + M, 64 * K)
+    assert list(a.holes()) == [(BASE + 0x3000, M - 0x3000), (BASE + M + 64 * K, 3 * M + 0x3000 - 64 * K)]
+    assert a.free_bytes == 4 * M - 64 * K
+    a._check()
+    a.free(*got)
+    assert list(a.holes()) == [(BASE + 0x3000, 4 * M)]
+    a._check()
+
+
+def test_alignment_larger_than_any_fit_fails():
+    a = BestFit(BASE + 0x3000, M - 0x4000)  # holds no 1 MiB-aligned address
+    assert a.alloc(P, M) is None
+    assert a.alloc(P, 512 * K) == (BASE + 512 * K, P)
+    a._check()
+
+
+def test_split_and_complete_merge():
+    a = BestFit(BASE, 16 * P)
+    x, y, z = (a.alloc(4 * P, P) for _ in range(3))
+    assert [x[0], y[0], z[0]] == [BASE, BASE + 4 * P, BASE + 8 * P]
+    assert list(a.holes()) == [(BASE + 12 * P, 4 * P)]
+    a.free(*y)
+    assert list(a.holes()) == [(BASE + 4 * P, 4 * P), (BASE + 12 * P, 4 * P)]
+    a._check()
+    a.free(*x)  # merges with its right neighbour
+    assert list(a.holes()) == [(BASE, 8 * P), (BASE + 12 * P, 4 * P)]
+    a._check()
+    a.free(*z)  # merges with both
+    assert list(a.holes()) == [(BASE, 16 * P)]
+    assert a.largest_free() == 16 * P and a.free_bytes == 16 * P
+    a._check()
+
+
+def test_exact_fit_removes_the_hole():
+    a, _ = with_holes("#...#.")
+    assert a.alloc(3 * P, P) == (BASE + P, 3 * P)
+    assert list(a.holes()) == [(BASE + 5 * P, P)]
+    a._check()
+
+
+def test_reserve_claims_exact_ranges_and_refuses_overlap():
+    a = BestFit(BASE, 16 * M)
+    assert a.reserve(BASE + 3 * M + 0x5000, 5 * M)
+    assert a.free_bytes == 11 * M
+    assert list(a.holes()) == [(BASE, 3 * M + 0x5000), (BASE + 8 * M + 0x5000, 8 * M - 0x5000)]
+    a._check()
+    before = list(a.holes())
+    for start, size in [(BASE + 3 * M, 0x6000), (BASE + 8 * M + 0x4000, 0x2000),
+                        (BASE + 4 * M, P), (BASE, 16 * M),
+                        (BASE - P, 2 * P), (BASE + 16 * M - P, 2 * P), (BASE + 16 * M, P)]:
+        assert not a.reserve(start, size)
+        assert list(a.holes()) == before and a.free_bytes == 11 * M
+        a._check()
+    # Adjacent ranges are fine; an allocated chunk cannot be reserved.
+    assert a.reserve(BASE + 3 * M + 0x4000, P)
+    chunk = a.alloc(M, P)
+    assert not a.reserve(chunk[0], P)
+    a._check()
+    a.free(*chunk)
+    a.free(BASE + 3 * M + 0x4000, P)
+    a.free(BASE + 3 * M + 0x5000, 5 * M)
+    a._check()
+    assert list(a.holes()) == [(BASE, 16 * M)]
+
+
+def test_reserve_interleaved_with_alloc_and_free():
+    """The start index reserve keeps is dropped by alloc and free, rebuilt after."""
+    rng = random.Random(5)
+    a = BestFit(BASE, 4 * M)
+    live = SortedDict()
+    for _ in range(2000):
+        op = rng.random()
+        if op < 0.4:
+            got = a.alloc(rng.randint(1, 8) * P, P << rng.randint(0, 4))
+            if got:
+                live[got[0]] = got[1]
+        elif op < 0.7 and live:
+            a.free(*live.popitem(rng.randrange(len(live))))
+        else:
+            start, size = BASE + rng.randrange(1024) * P, rng.randint(1, 4) * P
+            free = any(s <= start and start + size <= s + n for s, n in a.holes())
+            assert a.reserve(start, size) == (free and start + size <= BASE + 4 * M)
+            if free:
+                live[start] = size
+        a._check()
+        assert list(a.holes()) == complement(BASE, 4 * M, live.items())
+
+
+def test_free_outside_region_is_einval():
+    a = BestFit(BASE, 16 * M)
+    for start, size in [(BASE - P, P), (BASE + 16 * M, P), (BASE + 16 * M - P, 2 * P)]:
+        with pytest.raises(CmaError) as e:
+            a.free(start, size)
+        assert e.value.errno == errno.EINVAL
+    a._check()
+
+
+def test_check_catches_a_double_free():
+    a = BestFit(BASE, 16 * P)
+    x = a.alloc(2 * P, P)
+    a.alloc(P, P)
+    a.free(*x)
+    a.free(*x)
+    with pytest.raises(AssertionError):
+        a._check()
+
+
+def test_many_pages_merge_back_to_one_hole():
+    a = BestFit(BASE + 0x3000, 4 * M)
+    pages = [a.alloc(P, P) for _ in range(4 * M // P)]
+    assert a.alloc(P, P) is None and a.free_bytes == 0
+    random.Random(7).shuffle(pages)
+    for p in pages:
+        a.free(*p)
+    a._check()
+    assert list(a.holes()) == [(BASE + 0x3000, 4 * M)]
+
+
+# -- property test ------------------------------------------------------------
+
+class BestFitMachine(RuleBasedStateMachine):
+    """Random alloc/free/reserve against a model of the live chunks."""
+
+    @initialize(
+        start=st.one_of(st.just(BASE), st.integers(0, 1 << 14).map(lambda p: BASE + p * P)),
+        pages=st.one_of(st.integers(1, 256), st.integers(1, 64 * M // P)),
+    )
+    def setup(self, start, pages):
+        self.start, self.size = start, pages * P
+        self.a = BestFit(start, self.size)
+        self.chunks = SortedDict()  # start -> size
+
+    def _holes(self):
+        return complement(self.start, self.size, self.chunks.items())
+
+    @rule(pages=st.integers(1, 64), align_shift=st.integers(0, 8))
+    def alloc(self, pages, align_shift):
+        size, align = pages * P, P << align_shift
+        expect = best_fit(self._holes(), size, align)
+        got = self.a.alloc(size, align)
+        if expect is None:
+            assert got is None
+            return
+        assert got == (expect, size)
+        assert expect % align == 0
+        assert self.start <= expect and expect + size <= self.start + self.size
+        self.chunks[expect] = size
+
+    @rule(data=st.data())
+    def free(self, data):
+        if not self.chunks:
+            return
+        i = data.draw(st.integers(0, len(self.chunks) - 1))
+        self.a.free(*self.chunks.popitem(i))
+
+    @rule(data=st.data(), pages=st.integers(1, 64))
+    def reserve(self, data, pages):
+        region_pages = self.size // P
+        pages = min(pages, region_pages)
+        offset = data.draw(st.integers(0, region_pages - pages))
+        start, size = self.start + offset * P, pages * P
+        expect = any(s <= start and start + size <= s + n for s, n in self._holes())
+        assert self.a.reserve(start, size) == expect
+        if expect:
+            self.chunks[start] = size
+
+    @rule()
+    def largest_free_is_honest(self):
+        lf = self.a.largest_free()
+        assert lf == max((n for _, n in self._holes()), default=0)
+        if lf:
+            got = self.a.alloc(lf, P)
+            assert got is not None
+            self.a.free(*got)
+        assert self.a.alloc(lf + P, P) is None
+
+    @invariant()
+    def consistent(self):
+        self.a._check()
+        assert self.a.free_bytes + sum(self.chunks.values()) == self.size
+        assert list(self.a.holes()) == self._holes()
+
+    def teardown(self):
+        if not hasattr(self, "a"):
+            return
+        for start, size in list(self.chunks.items()):
+            self.a.free(start, size)
+        self.a._check()
+        assert list(self.a.holes()) == [(self.start, self.size)]
+        assert self.a.free_bytes == self.size
+
+
+BestFitMachine.TestCase.settings = settings(
+    max_examples=200, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+)
+TestBestFitMachine = BestFitMachine.TestCase

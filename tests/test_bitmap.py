@@ -1,0 +1,333 @@
+"""The bitmap allocator: unit tests, then a rule-based property test with _check()."""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from sortedcontainers import SortedDict
+
+import cmad.bitmap
+from cmad.allocator import PAGE_SIZE, _registry
+from cmad.bitmap import Bitmap
+from cmad.errors import CmaError
+
+K = 1 << 10
+M = 1 << 20
+P = PAGE_SIZE
+BASE = 0x40000000
+
+
+def complement(start: int, size: int, chunks) -> list[tuple[int, int]]:
+    """Free ranges of [start, start + size) around sorted (start, size) chunks, merged."""
+    out, pos = [], start
+    for c, n in chunks:
+        if c > pos:
+            out.append((pos, c - pos))
+        pos = c + n
+    if pos < start + size:
+        out.append((pos, start + size - pos))
+    return out
+
+
+def align_up(x: int, alignment: int) -> int:
+    return (x + alignment - 1) & -alignment
+
+
+def first_fit(holes, size: int, alignment: int) -> int | None:
+    """The model: the lowest aligned address where size fits in a hole."""
+    for s, n in holes:
+        at = align_up(s, alignment)
+        if at + size <= s + n:
+            return at
+    return None
+
+
+class Model:
+    """An allocator and the chunks it gave out, checked against first fit."""
+
+    def __init__(self, start: int, size: int, order: int = 0):
+        self.a = Bitmap(start, size, order_per_bit=order)
+        self.start, self.size, self.block = start, size, P << order
+        self.chunks = SortedDict()
+
+    def holes(self):
+        return complement(self.start, self.size, self.chunks.items())
+
+    def alloc(self, size: int, alignment: int):
+        rounded = align_up(size, self.block)
+        expect = first_fit(self.holes(), rounded, max(alignment, self.block))
+        got = self.a.alloc(size, alignment)
+        assert got == (None if expect is None else (expect, rounded)), (size, alignment)
+        if got:
+            self.chunks[got[0]] = got[1]
+        return got
+
+    def free_at(self, i: int):
+        self.a.free(*self.chunks.popitem(i))
+
+    def check(self):
+        self.a._check()
+        assert self.a.free_bytes + sum(self.chunks.values()) == self.size
+        assert list(self.a.holes()) == self.holes()
+
+
+# -- unit tests ---------------------------------------------------------------
+
+def test_registered_with_order_per_bit():
+    assert _registry["bitmap"] is Bitmap
+    assert Bitmap.params == ("order_per_bit",)
+    assert Bitmap(BASE, 16 * M).block == P
+    assert Bitmap(BASE, 16 * M, order_per_bit=3).block == 8 * P
+
+
+def test_unknown_parameter_is_einval():
+    with pytest.raises(CmaError, match="unknown parameter 'order'") as e:
+        Bitmap(BASE, 16 * M, order=1)
+    assert e.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("order", [-1, 21, 1.5, True, None, "x", "2M"])
+def test_bad_order_per_bit_is_einval(order):
+    with pytest.raises(CmaError, match="order_per_bit") as e:
+        Bitmap(BASE, 16 * M, order_per_bit=order)
+    assert e.value.errno == errno.EINVAL
+
+
+def test_order_per_bit_bounds_and_text():
+    assert Bitmap(BASE, 16 * M, order_per_bit=0).block == P
+    assert Bitmap(0, 4 * 1 << 32, order_per_bit=20).block == 4 << 30
+    assert Bitmap(BASE, 16 * M, order_per_bit="2").block == 16 * K
+
+
+@pytest.mark.parametrize("start, size", [(BASE + 0x3000, 16 * M), (BASE, 16 * M + 0x3000)])
+def test_region_not_block_aligned_is_einval(start, size):
+    with pytest.raises(CmaError) as e:
+        Bitmap(start, size, order_per_bit=2)
+    assert e.value.errno == errno.EINVAL
+    assert f"{start:#x}" in e.value.why and f"{size:#x}" in e.value.why and "0x4000" in e.value.why
+
+
+def test_page_granular_region_may_start_anywhere_on_a_page():
+    a = Bitmap(BASE + 0x3000, 16 * M)
+    assert a.alloc(P, P) == (BASE + 0x3000, P)
+    assert a.alloc(P, 64 * K) == (BASE + 64 * K, P)
+    a._check()
+
+
+def test_fresh_region_is_one_hole():
+    a = Bitmap(BASE, 64 * M, order_per_bit=4)
+    a._check()
+    assert list(a.holes()) == [(BASE, 64 * M)]
+    assert a.largest_free() == 64 * M and a.free_bytes == 64 * M
+
+
+def test_sizes_round_up_to_whole_blocks():
+    a = Bitmap(BASE, 16 * M, order_per_bit=2)  # 16 KiB blocks
+    assert a.alloc(P, P) == (BASE, 16 * K)
+    assert a.alloc(20 * K, P) == (BASE + 16 * K, 32 * K)
+    assert a.alloc(16 * K, P) == (BASE + 48 * K, 16 * K)
+    assert a.free_bytes == 16 * M - 64 * K
+    a._check()
+    a.free(BASE + 16 * K, 32 * K)
+    assert list(a.holes()) == [(BASE + 16 * K, 32 * K), (BASE + 64 * K, 16 * M - 64 * K)]
+    a._check()
+
+
+def test_first_fit_takes_the_lowest_hole_not_the_best():
+    m = Model(BASE, 64 * P)
+    chunks = [m.alloc(P * n, P) for n in (5, 1, 2, 1, 8, 1)]
+    m.free_at(4)  # the 8-page chunk
+    m.free_at(0)  # the 5-page chunk
+    m.free_at(1)  # the 2-page chunk, now at index 1
+    assert m.alloc(2 * P, P) == (BASE, 2 * P)  # not the exact 2-page hole
+    assert m.alloc(2 * P, P) == (BASE + 2 * P, 2 * P)
+    assert m.alloc(2 * P, P) == (BASE + 6 * P, 2 * P)
+    m.check()
+    assert chunks[1] == (BASE + 5 * P, P)
+
+
+def test_alignment_is_of_bus_addresses_and_at_least_a_block():
+    m = Model(BASE + 0x4000, 4 * M, order=2)  # block-aligned, not 1 MiB-aligned
+    assert m.alloc(P, P) == (BASE + 0x4000, 16 * K)
+    assert m.alloc(P, 8 * K) == (BASE + 0x8000, 16 * K)  # below a block: block alignment
+    assert m.alloc(P, 64 * K) == (BASE + 64 * K, 16 * K)
+    assert m.alloc(P, M) == (BASE + M, 16 * K)
+    assert m.alloc(P, 4 * M) == (BASE + 4 * M, 16 * K)
+    assert m.alloc(P, 8 * M) is None
+    m.check()
+
+
+def test_a_free_below_the_hints_is_found():
+    m = Model(BASE, 256 * P)
+    for _ in range(200):
+        m.alloc(P, P)
+    m.alloc(2 * P, P)
+    m.alloc(2 * P, 8 * K)
+    assert m.alloc(200 * P, P) is None  # remembered as impossible
+    # Two adjacent single pages make a new 2-page run far below the hints.
+    m.free_at(10)
+    m.free_at(10)
+    assert m.alloc(2 * P, P) == (BASE + 10 * P, 2 * P)
+    m.free_at(2)  # pages 2 and 3: an 8 KiB-aligned pair
+    m.free_at(2)
+    assert m.alloc(2 * P, 8 * K) == (BASE + 2 * P, 2 * P)
+    m.check()
+    for i in range(120, 100, -1):
+        m.free_at(i)
+    m.check()
+    assert m.alloc(20 * P, P) is not None
+    m.check()
+
+
+@pytest.mark.parametrize("hints, windows", [(2, 2), (32, 256)])
+def test_random_shapes_against_first_fit(monkeypatch, hints, windows):
+    """Many request shapes: the hint table evicts and its windows overflow."""
+    monkeypatch.setattr(cmad.bitmap, "MAX_HINTS", hints)
+    monkeypatch.setattr(cmad.bitmap, "MAX_WINDOWS", windows)
+    rng = random.Random(hints)
+    m = Model(BASE + 0x2000, 8 * M, order=1)
+    for step in range(3000):
+        if rng.random() < 0.55:
+            m.alloc(rng.choice((1, 1, 2, 3, 5, 8, 13, 40)) * P, P << rng.choice((0, 0, 0, 1, 3, 6)))
+        elif m.chunks:
+            m.free_at(rng.randrange(len(m.chunks)))
+        if step % 50 == 0:
+            m.check()
+    m.check()
+
+
+def test_reserve_claims_whole_free_blocks_only():
+    a = Bitmap(BASE, 16 * M, order_per_bit=2)
+    assert a.reserve(BASE + 3 * M, 5 * M)
+    assert a.free_bytes == 11 * M
+    assert list(a.holes()) == [(BASE, 3 * M), (BASE + 8 * M, 8 * M)]
+    a._check()
+    before = list(a.holes())
+    for start, size in [(BASE + 3 * M - 16 * K, 32 * K), (BASE + 8 * M - 16 * K, 16 * K),
+                        (BASE + 4 * M, 16 * K), (BASE, 16 * M),
+                        (BASE - 16 * K, 32 * K), (BASE + 16 * M - 16 * K, 32 * K),
+                        (BASE + P, 16 * K), (BASE, P), (BASE, 0)]:
+        assert not a.reserve(start, size), (hex(start), size)
+        assert list(a.holes()) == before and a.free_bytes == 11 * M
+        a._check()
+    assert a.reserve(BASE + 3 * M - 16 * K, 16 * K)  # adjacent is fine
+    chunk = a.alloc(P, P)
+    assert chunk == (BASE, 16 * K)
+    assert not a.reserve(BASE, 16 * K)
+    a._check()
+    for c in [chunk, (BASE + 3 * M - 16 * K, 16 * K), (BASE + 3 * M, 5 * M)]:
+        a.free(*c)
+    a._check()
+    assert list(a.holes()) == [(BASE, 16 * M)]
+
+
+def test_free_outside_region_or_not_whole_blocks_is_einval():
+    a = Bitmap(BASE, 16 * M, order_per_bit=1)
+    for start, size in [(BASE - 8 * K, 8 * K), (BASE + 16 * M, 8 * K), (BASE + P, 8 * K), (BASE, P)]:
+        with pytest.raises(CmaError) as e:
+            a.free(start, size)
+        assert e.value.errno == errno.EINVAL
+    a._check()
+
+
+def test_check_catches_a_double_free():
+    a = Bitmap(BASE, 16 * P)
+    x = a.alloc(2 * P, P)
+    a.free(*x)
+    a.free(*x)
+    with pytest.raises(AssertionError):
+        a._check()
+
+
+def test_full_region_then_empty_again():
+    a = Bitmap(BASE, 4 * M, order_per_bit=1)
+    chunks = [a.alloc(P, P) for _ in range(4 * M // (8 * K))]
+    assert None not in chunks and a.free_bytes == 0 and a.largest_free() == 0
+    assert a.alloc(P, P) is None
+    a._check()
+    random.Random(3).shuffle(chunks)
+    for c in chunks:
+        a.free(*c)
+    a._check()
+    assert list(a.holes()) == [(BASE, 4 * M)]
+
+
+# -- property test ------------------------------------------------------------
+
+class BitmapMachine(RuleBasedStateMachine):
+    """Random alloc/free/reserve against a first-fit model of the live chunks."""
+
+    @initialize(
+        order=st.integers(0, 3),
+        blocks_in=st.integers(0, 1 << 12),
+        pages=st.one_of(st.integers(1, 256), st.integers(1, 64 * M // P)),
+    )
+    def setup(self, order, blocks_in, pages):
+        block = P << order
+        start = BASE + blocks_in * block
+        size = max(block, pages * P // block * block)
+        self.m = Model(start, size, order)
+
+    @rule(pages=st.integers(1, 64), align_shift=st.integers(0, 8))
+    def alloc(self, pages, align_shift):
+        m = self.m
+        got = m.alloc(pages * P, P << align_shift)
+        if got:
+            start, size = got
+            assert start % (P << align_shift) == 0 and start % m.block == 0
+            assert m.start <= start and start + size <= m.start + m.size
+
+    @rule(data=st.data())
+    def free(self, data):
+        if self.m.chunks:
+            self.m.free_at(data.draw(st.integers(0, len(self.m.chunks) - 1)))
+
+    @rule(data=st.data(), blocks=st.integers(1, 16))
+    def reserve(self, data, blocks):
+        m = self.m
+        region_blocks = m.size // m.block
+        blocks = min(blocks, region_blocks)
+        offset = data.draw(st.integers(0, region_blocks - blocks))
+        start, size = m.start + offset * m.block, blocks * m.block
+        expect = any(s <= start and start + size <= s + n for s, n in m.holes())
+        assert m.a.reserve(start, size) == expect
+        if expect:
+            m.chunks[start] = size
+
+    @rule()
+    def largest_free_is_honest(self):
+        m = self.m
+        lf = m.a.largest_free()
+        assert lf == max((n for _, n in m.holes()), default=0)
+        if lf:
+            got = m.a.alloc(lf, P)
+            assert got is not None
+            m.a.free(*got)
+        assert m.a.alloc(lf + m.block, P) is None
+
+    @invariant()
+    def consistent(self):
+        if hasattr(self, "m"):
+            self.m.check()
+
+    def teardown(self):
+        if not hasattr(self, "m"):
+            return
+        m = self.m
+        while m.chunks:
+            m.free_at(0)
+        m.check()
+        assert list(m.a.holes()) == [(m.start, m.size)]
+        assert m.a.free_bytes == m.size
+
+
+BitmapMachine.TestCase.settings = settings(
+    max_examples=200, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+)
+TestBitmapMachine = BitmapMachine.TestCase
