@@ -78,7 +78,8 @@ class Allocator:
 
 Factory = Callable[..., Allocator]
 
-# Registration order matters: the first registered allocator is the default.
+# The built-in allocators in registration order: the first is the default.
+BUILTIN = ("bf", "buddy", "bitmap")
 _registry: dict[str, type[Allocator]] = {}
 
 
@@ -88,6 +89,9 @@ def register(cls: type[Allocator]) -> type[Allocator]:
 
 
 def registry() -> dict[str, type[Allocator]]:
-    from . import bf, buddy, bitmap  # noqa: F401  (registers in this order)
+    """Registered allocators, built-ins first in their fixed order (import order varies)."""
+    from . import bf, bitmap, buddy  # noqa: F401  (each module registers its class)
 
-    return _registry
+    ordered = {name: _registry[name] for name in BUILTIN}
+    ordered.update(_registry)
+    return ordered

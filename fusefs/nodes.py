@@ -38,7 +38,7 @@ from sortedcontainers import SortedDict
 from .notify import invalidator
 
 __all__ = [
-    "Attr", "Bytes", "Caller", "Dir", "LazyDir", "Node", "Stream", "Symlink",
+    "Attr", "Bytes", "Caller", "Dir", "File", "LazyDir", "Node", "Stream", "Symlink",
     "ATTR_SIZE", "MAX_STORE",
 ]
 
@@ -48,6 +48,7 @@ ATTR_SIZE = 4096
 MAX_STORE = 4096
 
 _inode_numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -383,7 +384,14 @@ class _StreamHandle(_Handle):
         self.inner = inner
 
     async def read(self, off: int, size: int) -> bytes:
-        return await _maybe_await(self.inner.read(size))
+        out = await _maybe_await(self.inner.read(size))
+        # pyfuse3 would die on a non-buffer, and the kernel refuses a reply
+        # longer than the request: check here, inside the error boundary.
+        if not isinstance(out, (bytes, bytearray, memoryview)):
+            raise TypeError(f"stream read() returned {type(out).__name__}, not bytes")
+        if len(out) > size:
+            raise ValueError(f"stream read() returned {len(out)} bytes for a read of {size}")
+        return out
 
     async def write(self, off: int, data: bytes) -> int:
         await _maybe_await(self.inner.write(data))

@@ -183,8 +183,9 @@ class Filesystem(pyfuse3.Operations):
     # ---- life cycle -----------------------------------------------------
 
     def init(self) -> None:
-        # Called (synchronously, inside the trio loop) once the kernel's
-        # INIT request is answered: the mount is live. Must not raise.
+        # Called synchronously, inside the trio loop, while the kernel's
+        # INIT request is answered; hooks that wake tasks run after the
+        # reply is sent, when the mount is live. Must not raise.
         for hook in self.init_hooks:
             try:
                 hook()
@@ -208,17 +209,21 @@ class Filesystem(pyfuse3.Operations):
         self._remember(node)
         return entry
 
-    @_boundary("forget", "none")
     async def forget(self, inode_list):
-        inodes = self._inodes
-        for inode, n in inode_list:
-            node = inodes.get(inode)
-            if node is None or inode == pyfuse3.ROOT_INODE:
-                continue
-            node.kernel_refs -= n
-            if node.kernel_refs <= 0:
-                node.kernel_refs = 0
-                del inodes[inode]
+        # No reply goes back, so pyfuse3 catches nothing here, not even
+        # FUSEError: whatever happens must stay in this method.
+        try:
+            inodes = self._inodes
+            for inode, n in inode_list:
+                node = inodes.get(inode)
+                if node is None or inode == pyfuse3.ROOT_INODE:
+                    continue
+                node.kernel_refs -= n
+                if node.kernel_refs <= 0:
+                    node.kernel_refs = 0
+                    del inodes[inode]
+        except Exception:
+            log.exception("forget %r failed", inode_list[:10])
 
     @_boundary("getattr")
     async def getattr(self, inode, ctx):

@@ -57,7 +57,11 @@ def serve(fs: Filesystem, mountpoint: str, *, options: Iterable[str] = (),
     opts = mount_options(fsname, options)
     tasks = list(tasks)
     log.debug("mounting %s on %s with %s", fsname, mountpoint, ",".join(sorted(opts)))
-    pyfuse3.init(fs, mountpoint, opts)
+    try:
+        pyfuse3.init(fs, mountpoint, opts)
+    except RuntimeError as e:
+        # libfuse has printed its reason (bad mount point...) on stderr.
+        raise OSError(errno.EIO, f"cannot mount on {mountpoint}: {e}", mountpoint) from e
     try:
         trio.run(_run, fs, on_ready, tasks)
     finally:
@@ -89,11 +93,18 @@ async def _call_when_ready(ready: trio.Event, on_ready: Callable[[], None]) -> N
 
 
 async def _terminate_on_signals() -> None:
+    # Keeps receiving until the loop ends (this task is then cancelled), so
+    # a second signal during shutdown cannot kill us before the unmount.
+    terminated = False
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("%s received, unmounting", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if terminated:
+                log.info("%s received, already unmounting", name)
+                continue
+            log.info("%s received, unmounting", name)
+            terminated = True
             pyfuse3.terminate()
-            return
 
 
 def check_mountpoint(path: str) -> None:

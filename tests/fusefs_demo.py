@@ -16,6 +16,7 @@ Tree:
     big         a --big MiB Bytes file (only with --big)
     lazy/       LazyDir with a, b; populations counts its populate calls
     populations ro
+    ticks       ro: counted by a task serve() runs beside the FUSE loop
     many/       N attrs (--many, default 20000) named e00000...
     dyn/        entries added/removed through ctl
     ctl         w: "add NAME" / "rm NAME" in dyn/
@@ -32,6 +33,8 @@ import logging
 import mmap
 import os
 import sys
+
+import trio
 
 import fusefs
 from fusefs import Attr, Bytes, Dir, LazyDir, Stream, Symlink
@@ -65,9 +68,9 @@ class EchoHandle:
         self.released()
 
 
-def build(many=20000, big_mib=0):
-    state = {"rw": "hello", "wo": "", "caller": "", "populations": 0,
-             "released": 0}
+def build(many=20000, big_mib=0, state=None):
+    state = {} if state is None else state
+    state.update(rw="hello", wo="", caller="", populations=0, released=0, ticks=0)
     root = Dir()
 
     def store_rw(text, caller):
@@ -102,6 +105,7 @@ def build(many=20000, big_mib=0):
         d.add("b", Attr(lambda: "b"))
     root.add("lazy", LazyDir(populate))
     root.add("populations", Attr(lambda: str(state["populations"])))
+    root.add("ticks", Attr(lambda: str(state["ticks"])))
 
     many_dir = root.add("many", Dir())
     for i in range(many):
@@ -157,8 +161,15 @@ def main(argv=None):
     except OSError as e:
         logging.error("cannot mount: %s", e.strerror)
         return 1
-    fs = fusefs.Filesystem(build(args.many, args.big))
-    fusefs.serve(fs, args.mountpoint, fsname="fusefs-demo",
+    state = {}
+    fs = fusefs.Filesystem(build(args.many, args.big, state))
+
+    async def tick():
+        while True:
+            state["ticks"] += 1
+            await trio.sleep(0.02)
+
+    fusefs.serve(fs, args.mountpoint, fsname="fusefs-demo", tasks=[tick],
                  on_ready=lambda: logging.getLogger("demo").info(
                      "ready on %s (pid %d)", args.mountpoint, os.getpid()))
     return 0

@@ -198,6 +198,12 @@ def test_listing_20000_entries(mnt):
     assert time.monotonic() - t0 < 10
 
 
+def test_tasks_run_beside_the_fuse_loop(mnt):
+    first = int((mnt / "ticks").read_text())
+    time.sleep(0.1)
+    assert int((mnt / "ticks").read_text()) > first
+
+
 def test_lazy_dir_populates_on_first_look(mnt):
     assert (mnt / "populations").read_text() == "0\n"
     assert os.path.isdir(mnt / "lazy")

@@ -253,6 +253,24 @@ async def test_removed_node_lives_until_forgotten(tree):
     assert not fs.known(leaf)
 
 
+async def test_remove_invalidates_only_what_the_kernel_holds(tree, monkeypatch):
+    from fusefs.notify import invalidator
+    sent = []
+    monkeypatch.setattr(invalidator, "entry", lambda parent, name: sent.append((parent, name)))
+    fs = tree.fs
+    sub = await lookup(fs, "sub")
+    leaf = await lookup(fs, "sub/leaf")
+    tree.root.add("unseen", Attr(lambda: ""))
+    tree.root.remove("unseen")                  # never handed to the kernel
+    assert sent == []
+    tree.root.get("sub").remove("leaf")
+    assert sent == [(sub, b"leaf")]
+    await fs.forget([(sub, fs.lookup_count(sub))])   # forgotten: nothing cached
+    tree.root.remove("sub")
+    assert sent == [(sub, b"leaf")]
+    assert fs.known(leaf)                       # until the kernel forgets it
+
+
 # ---- Dir and LazyDir ------------------------------------------------------------
 
 async def test_dir_add_remove_rules():
@@ -505,7 +523,15 @@ async def test_other_exceptions_become_eio_with_traceback(caplog):
         def release(self):
             raise KeyError("release bug")
 
+    class Liar(Handle):
+        def read(self, size):
+            return "text" if size == 1 else b"x" * (size + 1)
+
+        def release(self):
+            pass
+
     root = Dir()
+    root.add("liar", Stream(lambda c: Liar()))
     root.add("crash", Attr(store=lambda t, c: 1 // 0))
     root.add("badshow", Attr(lambda: None))
     root.add("s", Stream(lambda c: Handle()))
@@ -521,14 +547,22 @@ async def test_other_exceptions_become_eio_with_traceback(caplog):
         fi = await fs.open(await lookup(fs, "s"), os.O_RDWR, ctx())
         assert await errno_of(fs.release(fi.fh)) == errno.EIO
         assert await errno_of(fs.readlink(await lookup(fs, "badlink"), ctx())) == errno.EIO
+        fi = await fs.open(await lookup(fs, "liar"), os.O_RDONLY, ctx())
+        assert await errno_of(fs.read(fi.fh, 0, 1)) == errno.EIO
+        assert await errno_of(fs.read(fi.fh, 0, 100)) == errno.EIO
+        await fs.release(fi.fh)
     assert fs.open_handles() == 0                     # a failed release still closes
     msgs = [r.getMessage() for r in caplog.records]
     assert msgs == ["write /crash: unexpected error, answering EIO",
                     "read /badshow: unexpected error, answering EIO",
                     "release /s: unexpected error, answering EIO",
-                    "readlink /badlink: unexpected error, answering EIO"]
+                    "readlink /badlink: unexpected error, answering EIO",
+                    "read /liar: unexpected error, answering EIO",
+                    "read /liar: unexpected error, answering EIO"]
     assert "ZeroDivisionError" in caplog.text and "Traceback" in caplog.text
     assert "returned NoneType, not str" in caplog.text
+    assert "returned str, not bytes" in caplog.text
+    assert "returned 101 bytes for a read of 100" in caplog.text
 
 
 async def test_unknown_handles_and_inodes(tree):
