@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
+import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
-from mountutil import mounted, require_fuse
+from mountutil import MountError, cleanup, daemon_stderr, mounted, require_fuse
+
+
+def ready(mnt: pathlib.Path) -> bool:
+    """Mounted by a live daemon (a stale mount answers ENOTCONN) and showing the tree."""
+    try:
+        os.statvfs(mnt)
+        return os.path.ismount(mnt) and (mnt / "allocators").exists()
+    except OSError:
+        return False
 
 
 class Daemons:
@@ -20,12 +33,33 @@ class Daemons:
         self.count = 0
         self.proc = None
 
+    def argv(self, mnt: pathlib.Path, args) -> list[str]:
+        return [sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt), *args]
+
     def __call__(self, *args: str, env: dict | None = None, mountpoint=None) -> pathlib.Path:
         self.count += 1
         mnt = pathlib.Path(mountpoint or self.tmp_path / f"mnt{self.count}")
-        argv = [sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt), *args]
-        self.proc = self.stack.enter_context(mounted(argv, mnt, env=env))
+        self.proc = self.stack.enter_context(mounted(self.argv(mnt, args), mnt, env=env))
         return mnt
+
+    def crash_and_restart(self, mnt: pathlib.Path, *args: str, timeout: float = 30) -> None:
+        """kill -9 the daemon (leaving a stale mount) and start a new one on ``mnt``."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        errfile = tempfile.NamedTemporaryFile(prefix="daemon-", suffix=".stderr",
+                                              delete=False)
+        proc = subprocess.Popen(self.argv(mnt, args), stdin=subprocess.DEVNULL,
+                                stdout=errfile, stderr=errfile)
+        proc.stderr_path = errfile.name
+        errfile.close()
+        self.stack.callback(cleanup, proc, os.fspath(mnt))
+        self.proc = proc
+        deadline = time.monotonic() + timeout
+        while not ready(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise MountError(f"restart on {mnt} failed: {daemon_stderr(proc)}")
+            time.sleep(0.02)
 
 
 @pytest.fixture

@@ -1,0 +1,110 @@
+"""Permissions for real users: two throwaway users, one in the cma group, one not."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+from daemonutil import daemon  # noqa: F401  (fixture)
+from test_daemon import alloc, read
+
+M = 1 << 20
+
+
+def run(cmd: list[str], check=True) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if check and r.returncode:
+        pytest.skip(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
+
+
+@pytest.fixture
+def users():
+    """A group and two users, deleted afterwards: (group, member, outsider)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create throwaway users")
+    tag = f"{os.getpid() % 100000}"
+    group, member, outsider = f"cmag{tag}", f"cmai{tag}", f"cmao{tag}"
+    run(["groupadd", group])
+    try:
+        run(["useradd", "-M", "-N", "-G", group, "-s", "/bin/sh", member])
+        run(["useradd", "-M", "-N", "-s", "/bin/sh", outsider])
+        yield group, member, outsider
+    finally:
+        run(["userdel", member], check=False)
+        run(["userdel", outsider], check=False)
+        run(["groupdel", group], check=False)
+
+
+def as_user(user: str, script: str) -> subprocess.CompletedProcess:
+    gid = subprocess.check_output(["id", "-g", user], text=True).strip()
+    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={gid}", "--init-groups",
+                           "sh", "-c", script], capture_output=True, text=True, timeout=30)
+
+
+def put(user: str, path, text: str) -> str:
+    """Write text with dd as user: '' on success, else dd's error message."""
+    r = as_user(user, f"printf %s '{text}' | dd of={path} conv=notrunc status=none")
+    return r.stderr.strip()
+
+
+@pytest.fixture
+def public_tmp():
+    path = pathlib.Path(tempfile.mkdtemp(prefix="cmad-perm-", dir="/tmp"))
+    path.chmod(0o755)  # other users must reach the mountpoint
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_modes_for_real_users(public_tmp, users, daemon):
+    group, member, outsider = users
+    mnt = daemon("--group", group, mountpoint=public_tmp / "mnt")
+    assert put(member, mnt / "alloc", "camera 1M label=mine") == ""
+    assert "Permission denied" in put(outsider, mnt / "alloc", "camera 1M label=theirs")
+    assert "Permission denied" in as_user(outsider, f"cat {mnt}/alloc").stderr
+    for root_only in ("map", "regions/video/alloc"):
+        assert "Permission denied" in put(member, mnt / root_only, "x=video")
+    assert read(mnt / "map").startswith("camera")  # unchanged
+    uid = int(subprocess.check_output(["id", "-u", member]))
+    data = os.stat(mnt / "chunks/mine/data")
+    assert (data.st_uid, data.st_mode & 0o777) == (uid, 0o600)
+    assert as_user(member, f"printf hi | dd of={mnt}/chunks/mine/data conv=notrunc "
+                           "status=none").returncode == 0
+    assert "Permission denied" in as_user(outsider, f"cat {mnt}/chunks/mine/data").stderr
+    assert (mnt / "chunks/mine/data").read_bytes()[:2] == b"hi"  # root reads anything
+    assert as_user(outsider, f"cat {mnt}/chunks/mine/size").stdout == f"{M}\n"
+    assert as_user(outsider, f"cat {mnt}/regions/video/free").returncode == 0
+    owner = read(mnt / "chunks/mine/owner").split()
+    assert owner[0] == str(uid)
+
+
+def test_freeing_another_users_chunk_is_eperm(public_tmp, users, daemon):
+    group, member, outsider = users
+    mnt = daemon("--group", group, mountpoint=public_tmp / "mnt")
+    alloc(mnt, "camera 1M label=roots")
+    assert "Operation not permitted" in put(member, mnt / "free", "roots")
+    assert (mnt / "chunks/roots").exists()
+    assert put(member, mnt / "alloc", "camera 1M label=mine") == ""
+    assert put(member, mnt / "free", "mine") == ""
+    assert subprocess.run(["sh", "-c", f"echo roots > {mnt}/free"]).returncode == 0
+
+
+def test_per_uid_limit_is_edquot(public_tmp, users, daemon):
+    group, member, outsider = users
+    uid = int(subprocess.check_output(["id", "-u", member]))
+    config = public_tmp / "cmad.toml"
+    config.write_text(f'group = "{group}"\n[limits]\n"{uid}" = "2M"\n')
+    mnt = daemon("--config", str(config), mountpoint=public_tmp / "mnt")
+    assert put(member, mnt / "alloc", "camera 1M") == ""
+    assert "Disk quota exceeded" in put(member, mnt / "alloc", "camera 2M")
+    assert put(member, mnt / "alloc", "camera 1M") == ""
+    alloc(mnt, "camera 8M")  # root has no limit
+
+
+def test_missing_group_means_root_only(public_tmp, daemon):
+    mnt = daemon("--group", "no-such-group-cmad", mountpoint=public_tmp / "mnt")
+    assert os.stat(mnt / "alloc").st_gid == 0
+    with open(daemon.proc.stderr_path) as f:
+        assert "group 'no-such-group-cmad' does not exist" in f.read()
