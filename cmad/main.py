@@ -8,8 +8,9 @@ import logging
 import os
 import sqlite3
 import sys
+from functools import partial
 
-from . import __version__
+from . import __version__, service
 from .arena import Arena, hugetlbfs_mounts
 from .cma import Cma
 from .config import Config, ConfigError, load
@@ -25,7 +26,10 @@ FLAGS = ("regions", "map", "mountpoint", "arena_size", "base", "backing", "arena
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="cmad", description="Userspace Contiguous Memory Allocator daemon: serves the "
-        "CMA patch's sysfs tree over FUSE, in the foreground, logging to stderr.")
+        "CMA patch's sysfs tree over FUSE, in the foreground, logging to stderr.",
+        epilog="Offline commands: 'cmad check --state-dir DIR' verifies a state directory, "
+        "'cmad reset --state-dir DIR' forgets it, 'cmad hugepages [--config FILE]' reserves "
+        "the hugepages the arena needs.")
     p.add_argument("--version", action="version", version=f"cmad {__version__}")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file; flags win")
     p.add_argument("--regions", help="regions, cma= grammar (default: %(default)s)")
@@ -85,6 +89,7 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
 
 def stop(cma: Cma, journal: Journal | None) -> None:
     """Keep the arena file only while a journal says chunks live in it."""
+    service.notify(STOPPING=1)
     keep = journal is not None and len(cma.chunks) > 0
     cma.arena.close(unlink=not keep)
     if journal is not None:
@@ -93,7 +98,47 @@ def stop(cma: Cma, journal: Journal | None) -> None:
              f"; arena kept at {cma.arena.path}" if keep else "")
 
 
-def serve_tree(cma: Cma, config: Config) -> None:
+def layout(config: Config) -> list[tuple]:
+    """What a configuration makes of the regions (EINVAL etc. if it is bad)."""
+    cma = Cma(config.regions, "", base=config.base, arena_size=config.arena_size)
+    return [(r.name, r.start, r.size, r.kind, r.wanted) for r in cma.regions]
+
+
+class Reloader:
+    """SIGHUP: re-read the configuration.  The map and limits take effect; a
+    changed region layout is refused (chunks are never dropped by a reload)."""
+
+    def __init__(self, cma: Cma, config: Config, args: argparse.Namespace):
+        self.cma, self.config, self.args = cma, config, args
+
+    def __call__(self) -> None:
+        try:
+            new = load(self.args.config, {k: getattr(self.args, k) for k in FLAGS})
+            changed_layout = layout(new) != layout(self.config)
+        except (ConfigError, CmaError) as e:
+            log.error("reload: %s; keeping the running configuration", getattr(e, "why", e))
+            return
+        if changed_layout:
+            log.error("reload: the region layout changed (%r); refused, the running regions "
+                      "stay: restart the daemon to apply it", new.regions)
+            new.regions, new.base, new.arena_size = (self.config.regions, self.config.base,
+                                                     self.config.arena_size)
+        for key in ("mountpoint", "backing", "arena_file", "state_dir", "group"):
+            if getattr(new, key) != getattr(self.config, key):
+                log.warning("reload: %s changed; it takes effect at the next start", key)
+                setattr(new, key, getattr(self.config, key))
+        try:
+            self.cma.set_map(new.map)
+        except CmaError as e:
+            log.error("reload: map: %s; keeping the running map", e.why)
+            new.map = self.cma.map
+        self.cma.limits = dict(new.limits)
+        logging.getLogger().setLevel(new.log_level.upper())
+        self.config = new
+        log.info("reload: map %r, limits %s", self.cma.map, self.cma.limits or "none")
+
+
+def serve_tree(cma: Cma, config: Config, args: argparse.Namespace) -> None:
     from fusefs import Filesystem, check_mountpoint, serve
 
     from .tree import Tree
@@ -103,16 +148,21 @@ def serve_tree(cma: Cma, config: Config) -> None:
     tree = Tree(cma, gid=group_id(config.group), extra_stats={
         "backing": arena.backing, "page_size": 4096, "arena_size": arena.size,
         "base": f"{cma.base:#x}", "arena_file": arena.path})
-    serve(Filesystem(tree.root), config.mountpoint, fsname="cmad",
-          on_ready=lambda: log.info("ready: %d regions mounted at %s", len(cma.regions),
-                                    config.mountpoint))
+
+    def ready() -> None:
+        log.info("ready: %s, mounted at %s", service.status(cma), config.mountpoint)
+        service.notify(READY=1, STATUS=service.status(cma))
+
+    serve(Filesystem(tree.root), config.mountpoint, fsname="cmad", on_ready=ready, tasks=[
+        partial(service.heartbeat, cma, service.watchdog_interval()),
+        partial(service.reload_on_sighup, Reloader(cma, config, args))])
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(stream=sys.stderr, format="cmad: %(levelname)s %(message)s",
                         level=logging.INFO)
-    if argv and argv[0] in ("check", "reset"):
+    if argv and argv[0] in ("check", "reset", "hugepages"):
         from . import offline
         return offline.main(argv)
     args = parse_args(argv)
@@ -128,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("configuration: %s", getattr(e, "why", e))
         return 2
     try:
-        serve_tree(cma, config)
+        serve_tree(cma, config, args)
     except OSError as e:
         log.error("%s", getattr(e, "why", None) or e)
         return 1

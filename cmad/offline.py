@@ -75,6 +75,9 @@ def reset(state_dir: str) -> None:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=f"cmad {argv[0]}")
+    if argv[0] == "hugepages":
+        p.add_argument("--config", help="the daemon's TOML configuration")
+        return hugepages(p.parse_args(argv[1:]).config)
     p.add_argument("--state-dir", required=True)
     args = p.parse_args(argv[1:])
     if argv[0] == "reset":
@@ -87,3 +90,37 @@ def main(argv: list[str]) -> int:
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def hugepages(config_path: str | None) -> int:
+    """Reserve the hugepages the configured arena needs (``cmad hugepages``).
+
+    Raises vm.nr_hugepages by what is missing from HugePages_Free; an arena
+    file that already exists holds its pages already.  Exit 1 if the kernel
+    reserved fewer than asked (memory too fragmented), 0 otherwise.
+    """
+    from .arena import hugepage_size
+    from .config import load
+    from .main import arena_path
+
+    config = load(config_path, {})
+    cma = Cma(config.regions, "", base=config.base, arena_size=config.arena_size)
+    page = hugepage_size()
+    need = -(-cma.arena_size // page)
+    if os.path.exists(arena_path(config)):
+        print(f"arena file {arena_path(config)} exists: its pages are reserved")
+        return 0
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    free = int(meminfo["HugePages_Free"].split()[0])
+    with open("/proc/sys/vm/nr_hugepages") as f:
+        total = int(f.read())
+    if free >= need:
+        print(f"{free} free hugepages of {human(page)}: enough for {need}")
+        return 0
+    with open("/proc/sys/vm/nr_hugepages", "w") as f:
+        f.write(str(total + need - free))
+    with open("/proc/sys/vm/nr_hugepages") as f:
+        got = int(f.read())
+    print(f"vm.nr_hugepages {total} -> {got} (wanted {total + need - free}) for an arena of "
+          f"{human(cma.arena_size)}")
+    return 0 if got >= total + need - free else 1
