@@ -40,6 +40,10 @@ class Allocator:
         """The smallest unit the allocator hands out; regions are placed aligned to it."""
         return PAGE_SIZE
 
+    def footprint(self, size: int, alignment: int) -> tuple[int, int]:
+        """The free window (size, alignment) a request needs: compaction opens one."""
+        return size, alignment
+
     def alloc(self, size: int, alignment: int) -> tuple[int, int] | None:
         """Return (start, size) of a new chunk, or None if no hole fits.
 

@@ -10,10 +10,12 @@ client can map a chunk through it and a restarted daemon finds its bytes.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import mmap
 import os
+from array import array
 
 from .errors import CmaError
 from .memparse import human
@@ -77,7 +79,7 @@ class Arena:
     """``size`` bytes of shared memory mapped into the daemon, zero-copy by memoryview."""
 
     def __init__(self, size: int, *, path: str | None = None, backing: str = "auto",
-                 populate: bool = True, hugetlb_memfd: bool = False):
+                 populate: bool = False, hugetlb_memfd: bool = False):
         if backing not in BACKINGS:
             raise CmaError(errno.EINVAL, f"backing {backing!r}: expected one of {BACKINGS}")
         if size <= 0:
@@ -129,20 +131,72 @@ class Arena:
                        else os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         if os.fstat(self.fd).st_size < self.size:
             os.ftruncate(self.fd, self.size)
-        if kind != "hugetlb":
-            os.posix_fallocate(self.fd, 0, self.size)  # ENOSPC now, not SIGBUS later
         flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
         self.mm = mmap.mmap(self.fd, self.size, flags=flags)
         if kind == "thp":
             self.mm.madvise(mmap.MADV_HUGEPAGE)
         self.named = path is not None
         self.path = path if path is not None else f"/proc/{os.getpid()}/fd/{self.fd}"
+        self.page = hugepage_size() if kind == "hugetlb" else mmap.PAGESIZE
 
     def view(self, offset: int, size: int) -> memoryview:
         """The bytes [offset, offset + size) of the arena, zero-copy."""
         if offset < 0 or offset + size > self.size:
             raise CmaError(errno.EINVAL, f"range {offset:#x}+{size:#x} is outside the arena")
         return memoryview(self.mm)[offset:offset + size]
+
+    def populate(self, offset: int, size: int) -> None:
+        """Back [offset, offset + size) with memory now: ENOMEM/ENOSPC here, not SIGBUS later."""
+        start, end = self._pages(offset, size, outward=True)
+        if end > start:
+            try:
+                os.posix_fallocate(self.fd, start, end - start)
+            except OSError as e:
+                raise CmaError(e.errno, f"arena: cannot back {end - start:#x} bytes at "
+                                        f"{start:#x}: {e.strerror}") from None
+
+    def release(self, offset: int, size: int) -> int:
+        """Give the whole pages inside [offset, offset + size) back to the system
+        (MADV_REMOVE punches a hole in the tmpfs/hugetlbfs file).  Returns bytes released."""
+        start, end = self._pages(offset, size, outward=False)
+        if end > start:
+            self.mm.madvise(mmap.MADV_REMOVE, start, end - start)
+        return max(end - start, 0)
+
+    def _pages(self, offset: int, size: int, outward: bool) -> tuple[int, int]:
+        page = self.page
+        if outward:
+            return offset // page * page, min(-(-(offset + size) // page) * page, self.size)
+        return -(-offset // page) * page, (offset + size) // page * page
+
+    def phys(self, offset: int, size: int) -> list[tuple[int, int]]:
+        """Physical segments (address, length) of the range, merged where contiguous.
+
+        Reads /proc/self/pagemap; EACCES where the kernel hides frame numbers
+        (they read as 0 without CAP_SYS_ADMIN), EFAULT for pages not present.
+        """
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+        self.view(offset, size)  # bounds check
+        self.mm[offset:offset + size:mmap.PAGESIZE]  # fault the pages into our page table
+        first, count = (base + offset) // mmap.PAGESIZE, -(-size // mmap.PAGESIZE)
+        entries = array("Q")
+        with open("/proc/self/pagemap", "rb") as f:
+            entries.frombytes(os.pread(f.fileno(), count * 8, first * 8))
+        segments: list[list[int]] = []
+        for i, entry in enumerate(entries):
+            if not entry >> 63:
+                raise CmaError(errno.EFAULT, f"arena page at {offset + i * 4096:#x} is not "
+                                             "present")
+            pfn = entry & ((1 << 55) - 1)
+            if pfn == 0:
+                raise CmaError(errno.EACCES, "the kernel hides physical frame numbers "
+                                             "(needs CAP_SYS_ADMIN)")
+            addr = pfn * mmap.PAGESIZE
+            if segments and segments[-1][0] + segments[-1][1] == addr:
+                segments[-1][1] += mmap.PAGESIZE
+            else:
+                segments.append([addr, mmap.PAGESIZE])
+        return [(a, n) for a, n in segments]
 
     def _close_fd(self) -> None:
         if self.fd >= 0:

@@ -7,45 +7,39 @@ aligned run of enough free blocks.  Alignment is of bus addresses; the
 region start is block-aligned, so block i is aligned to ``align`` blocks
 when ``(start_block + i) % align == 0``.
 
-The "bitmap" is a bytearray with one byte per block (0 free, 1 used) so the
-search runs in C: ``bytearray.find`` of a run of zero bytes, retried from
-the next aligned index when the run it finds starts misaligned.
+The "bitmap" is a bytearray with one byte per block (0 free, 1 used) so
+scans run in C (``bytearray.find`` of a run of zero bytes).  A scan from
+block 0, as mainline does, costs O(used blocks) per allocation once the
+region is busy.  So, like the block metadata of the kernel's percpu
+allocator (``contig_hint`` per bitmap block), the map is cut into
+superblocks of ``SUPER`` blocks, and a max-tree over them holds, per
+superblock, the longest free run that *starts* in it (measured up to
+``LIMIT`` blocks).  The first fit starts in the first superblock whose
+value is >= the request: the tree finds it in O(log N), and a short scan
+finds the run.  With an alignment, a superblock whose runs fit only when
+misaligned sends the search on to the next one.  Only the superblocks where
+the run around a changed range starts are updated; a superblock is
+rescanned only when its longest run shrank.  Requests over ``LIMIT`` blocks
+fall back to the plain scan from block 0.
 
-A scan from block 0 would make every allocation cost O(used blocks), which
-is what makes mainline CMA slow when the region is busy.  Hints let the
-scan start later without changing its result:
-
-- ``_lowest``: every block below it is used.
-- ``_hints``: per recent request shape ``(count, align)``, a pair
-  ``[above, windows]``: every block where such a request fits and that is
-  below ``above`` lies in one of the ``windows`` (a heap of
-  ``(first, last)`` block ranges).  An allocation searches the windows in
-  order, each a short scan, then from ``above``, and raises ``above`` past
-  what it took (to the end on failure: a repeated failing request costs
-  O(1)).  A free adds to each shape the window where a run it made
-  possible could start.  Without windows a free would have to lower
-  ``above``, and the next search would rescan everything above that.
-  The table keeps the ``MAX_HINTS`` most recently added shapes.
-
-Costs, N blocks, H shapes, W windows: alloc O(N) worst case in C, usually
-O(count + log W) plus the distance from ``above`` to the next fit, which
-only moves up; free O(size + H log W); reserve O(size); holes and
-largest_free O(N).
+Costs, N blocks, S = SUPER, L = LIMIT: alloc O(log N + S + L) (the scans
+in C), plus O(S) per superblock skipped for misalignment; free and reserve
+O(size + log N + S + L); largest_free O(1) unless a run reaches L; holes
+O(N).
 """
 
 from __future__ import annotations
 
 import errno
 import re
-from heapq import heappop, heappush, heapreplace
 from typing import Iterator
 
 from .allocator import PAGE_SHIFT, Allocator, register
 from .errors import CmaError
 
 MAX_ORDER_PER_BIT = 20
-MAX_HINTS = 32  # request shapes tracked
-MAX_WINDOWS = 256  # pending freed windows per shape
+SUPER = 512  # blocks per superblock
+LIMIT = 1 << 16  # free runs are measured up to this many blocks
 
 _FREE = 0
 _USED = 1
@@ -76,6 +70,8 @@ def _aligned_up(first: int, at: int, mask: int) -> int:
 class Bitmap(Allocator):
     name = "bitmap"
     params = ("order_per_bit",)
+    _super = SUPER  # class attributes so tests can shrink them (_limit >= _super)
+    _limit = LIMIT
 
     def __init__(self, start: int, size: int, **params: int):
         super().__init__(start, size, **params)
@@ -90,12 +86,137 @@ class Bitmap(Allocator):
             )
         self._first = start >> shift  # bus block number of block 0
         self._map = bytearray(size >> shift)
-        self._lowest = 0
-        self._hints: dict[tuple[int, int], int] = {}
-        self._widest = 0  # the largest count in _hints, ever: bounds free's scans
+        nsuper = -(-len(self._map) // self._super)
+        leaves = 1
+        while leaves < nsuper:
+            leaves <<= 1
+        self._leaves = leaves  # tree[leaves + k] is superblock k; tree[i] = max of its children
+        self._tree = [0] * (2 * leaves)
+        if self._map:
+            self._update(0, self._run(0))
+
+    # -- the summary tree ----------------------------------------------
+
+    def _update(self, k: int, value: int) -> None:
+        """Set superblock k's longest run and fix the maxima above it.  O(log N)."""
+        tree = self._tree
+        i = self._leaves + k
+        tree[i] = value
+        i >>= 1
+        while i:
+            left = tree[2 * i]
+            right = tree[2 * i + 1]
+            value = left if left > right else right
+            if tree[i] == value:
+                break
+            tree[i] = value
+            i >>= 1
+
+    def _next(self, k: int, count: int) -> int:
+        """The first superblock >= k with a run of count blocks starting in it, or -1."""
+        tree = self._tree
+        leaves = self._leaves
+        if k >= leaves:
+            return -1
+        i = leaves + k
+        if tree[i] >= count:
+            return k
+        while i > 1:  # climb until a right sibling holds one
+            if not i & 1 and tree[i + 1] >= count:
+                i += 1
+                break
+            i >>= 1
+        else:
+            return -1
+        while i < leaves:  # then take the leftmost leaf that does
+            i <<= 1
+            if tree[i] < count:
+                i += 1
+        return i - leaves
+
+    def _run(self, at: int) -> int:
+        """Length of the free run starting at block at, up to LIMIT.  O(L) in C."""
+        bmap = self._map
+        stop = at + self._limit
+        end = bmap.find(_USED, at, stop)
+        if end < 0:
+            end = stop if stop < len(bmap) else len(bmap)
+        return end - at
+
+    def _scan(self, k: int) -> int:
+        """Longest free run starting in superblock k, up to LIMIT.  O(S + L) in C.
+
+        Looks for a run longer than the longest so far, measures it, and
+        goes on after it: one pair of C scans per record, not per run.
+        """
+        bmap = self._map
+        lo = k * self._super
+        hi = min(lo + self._super, len(bmap))
+        if lo and bmap[lo - 1] == _FREE:  # the run going on at lo started before
+            lo = bmap.find(_USED, lo, hi)
+            if lo < 0:
+                return 0
+        best = 0
+        limit = self._limit
+        while best < limit:
+            # lo is used or starts a run, so a match starts a run, in [lo, hi).
+            at = bmap.find(bytes(best + 1), lo, hi + best)
+            if at < 0:
+                break
+            best = self._run(at)
+            lo = at + best
+        return best
+
+    def _take(self, at: int, end: int) -> None:
+        """Mark the free blocks [at, end) used and update the tree."""
+        bmap = self._map
+        edge = at - self._limit if at > self._limit else 0
+        left = bmap.rfind(_USED, edge, at) + 1 or edge
+        # The run [left, ...) around [at, end) is cut; if it began before
+        # edge its head stays LIMIT long and its superblock keeps its value.
+        known = left > edge or not edge
+        if known:
+            before = self._run(left)
+        bmap[at:end] = b"\x01" * (end - at)
+        tail = self._run(end) if end < len(bmap) and bmap[end] == _FREE else 0
+        tree = self._tree
+        leaves = self._leaves
+        home = -1
+        if known:
+            home = left // self._super
+            if tree[leaves + home] <= before:  # that was its longest run
+                keep = at - left
+                if end // self._super == home and tail > keep:
+                    keep = tail
+                if keep < before:  # and what is left of it is shorter (not capped)
+                    self._update(home, self._scan(home))
+        if tail:  # the tail is a new run
+            k = end // self._super
+            if k != home and tree[leaves + k] < tail:
+                self._update(k, tail)
+
+    def _give(self, at: int, end: int) -> None:
+        """The blocks [at, end) were just freed: update the tree."""
+        bmap = self._map
+        tree = self._tree
+        leaves = self._leaves
+        edge = at - self._limit if at > self._limit else 0
+        left = bmap.rfind(_USED, edge, at) + 1 or edge
+        known = left > edge or not edge  # else the run on the left is LIMIT long already
+        home = left // self._super if known else -1
+        if end < len(bmap) and bmap[end] == _FREE:  # the run on the right no longer starts at end
+            k = end // self._super
+            if k != home and tree[leaves + k] <= self._run(end):
+                self._update(k, self._scan(k))
+        if known:
+            length = self._run(left)
+            if tree[leaves + home] < length:
+                self._update(home, length)
+
+    # -- the interface -------------------------------------------------
 
     def _search(self, count: int, align: int, at: int, stop: int) -> int:
-        """First block >= at where an aligned run of count free blocks fits before stop, or -1."""
+        """First block >= at where an aligned run of count free blocks ends by stop, or -1."""
         bmap = self._map
         want = bytes(count)
         if align == 1:
@@ -112,58 +233,44 @@ class Bitmap(Allocator):
                 return found
 
     def alloc(self, size: int, alignment: int) -> tuple[int, int] | None:
-        """Lowest aligned run of free blocks.  Amortised O(count + hints), O(N) worst case."""
+        """Lowest aligned run of free blocks.  O(log N + S + L) unless misaligned."""
         shift = self._shift
         count = (size + (1 << shift) - 1) >> shift
         align = alignment >> shift or 1
-        key = (count, align)
-        hint = self._hints.get(key)
-        if hint is None:
-            hint = self._new_hint(key)
-        lowest = self._lowest
-        search = self._search
-        windows = hint[1]
-        at = -1
-        while windows:
-            bound, last = windows[0]
-            at = search(count, align, bound if bound > lowest else lowest, last + count)
-            if 0 <= at < hint[0]:
-                if at + count <= last:
-                    heapreplace(windows, (at + count, last))
-                else:
-                    heappop(windows)
-                break
-            heappop(windows)
-            at = -1
-        if at < 0:
-            above = hint[0]
-            at = search(count, align, above if above > lowest else lowest, len(self._map))
-            if at < 0:
-                hint[0] = len(self._map)
+        if count > self._limit:
+            at = self._search(count, align, 0, len(self._map))
+        else:
+            tree = self._tree
+            if tree[1] < count:
                 return None
-            hint[0] = at + count
-        end = at + count
-        bmap = self._map
-        bmap[at:end] = b"\x01" * count
-        if at == lowest:
-            lowest = bmap.find(_FREE, end)
-            self._lowest = lowest if lowest >= 0 else len(bmap)
+            leaves = self._leaves
+            i = 1
+            while i < leaves:  # the first superblock where a long enough run starts
+                i <<= 1
+                if tree[i] < count:
+                    i += 1
+            k = i - leaves
+            if align == 1:
+                at = self._map.find(bytes(count), k * self._super)
+            else:
+                while True:
+                    lo = k * self._super
+                    # A run starting in k is aligned within align blocks, if at all.
+                    at = self._search(count, align, lo, lo + self._super + align + count)
+                    if at >= 0:
+                        break
+                    k = self._next(k + 1, count)
+                    if k < 0:
+                        break
+        if at < 0:
+            return None
+        self._take(at, at + count)
         size = count << shift
         self.free_bytes -= size
         return self.start + (at << shift), size
 
-    def _new_hint(self, key: tuple[int, int]) -> list:
-        """Start tracking a request shape: nothing known yet above _lowest."""
-        hints = self._hints
-        if len(hints) >= MAX_HINTS:
-            del hints[next(iter(hints))]
-        if key[0] > self._widest:
-            self._widest = key[0]
-        hint = hints[key] = [self._lowest, []]
-        return hint
-
     def free(self, start: int, size: int) -> None:
-        """Clear the chunk's blocks.  O(size / block + hints * log windows).
+        """Clear the chunk's blocks.  O(size + log N + S + L).
 
         The core only frees what alloc or reserve gave; only the bounds and
         the granule are checked here, and _check catches a double free.
@@ -175,71 +282,37 @@ class Bitmap(Allocator):
             )
         shift = self._shift
         at = offset >> shift
-        count = size >> shift
-        end = at + count
-        self._map[at:end] = bytes(count)
-        if at < self._lowest:
-            self._lowest = at
+        end = at + (size >> shift)
+        self._map[at:end] = bytes(end - at)
+        self._give(at, end)
         self.free_bytes += size
-        if self._hints:
-            self._add_windows(at, end)
-
-    def _add_windows(self, at: int, end: int) -> None:
-        """Blocks [at, end) became free: tell each hint where new runs may start.
-
-        A run of c blocks that was not free before overlaps [at, end), so it
-        starts in [max(left, at - c + 1), end - 1], where left is the start
-        of the free run now holding [at, end); and it needs c free blocks
-        before right, that run's end.  Both scans look at most _widest
-        blocks away: no hinted run reaches further.
-        """
-        widest = self._widest
-        bmap = self._map
-        edge = at - 1 if at > 1 else 0
-        left = bmap.rfind(_USED, edge, at) + 1 or edge
-        right = bmap.find(_USED, end, end + widest)
-        if right < 0:
-            right = len(bmap) + widest  # far enough for any hinted run
-        last = end - 1
-        for (count, _), hint in self._hints.items():
-            bound = at - count + 1
-            if bound < left:
-                bound = left
-            if bound < hint[0] and right - bound >= count:
-                windows = hint[1]
-                if len(windows) < MAX_WINDOWS:
-                    heappush(windows, (bound, last))
-                else:  # too many: rescan from the lowest instead
-                    hint[0] = min(bound, windows[0][0])
-                    windows.clear()
 
     def reserve(self, start: int, size: int) -> bool:
-        """Claim exactly [start, start + size) if whole blocks, all free.  O(size)."""
+        """Claim exactly [start, start + size) if whole blocks, all free."""
         offset = start - self.start
         if size <= 0 or offset < 0 or offset % self.block or size % self.block or offset + size > self.size:
             return False
         shift = self._shift
         at = offset >> shift
         end = at + (size >> shift)
-        bmap = self._map
-        if bmap.find(_USED, at, end) >= 0:
+        if self._map.find(_USED, at, end) >= 0:
             return False
-        bmap[at:end] = b"\x01" * (end - at)
-        if at <= self._lowest < end:
-            lowest = bmap.find(_FREE, end)
-            self._lowest = lowest if lowest >= 0 else len(bmap)
+        self._take(at, end)
         self.free_bytes -= size
         return True
 
     def holes(self) -> Iterator[tuple[int, int]]:
         """Runs of free blocks in address order.  O(N)."""
         start, shift = self.start, self._shift
-        for run in _FREE_RUN.finditer(self._map, self._lowest):
+        for run in _FREE_RUN.finditer(self._map):
             yield start + (run.start() << shift), (run.end() - run.start()) << shift
 
     def largest_free(self) -> int:
-        """Longest run of free blocks: any request up to it fits.  O(N)."""
-        return max((size for _, size in self.holes()), default=0)
+        """Longest run of free blocks: any request up to it fits.  O(1) below LIMIT."""
+        longest = self._tree[1]
+        if longest >= self._limit:
+            longest = max((len(run) for run in _FREE_RUN.findall(self._map)), default=0)
+        return longest << self._shift
 
     def _check(self) -> None:
         bmap = self._map
@@ -248,23 +321,13 @@ class Bitmap(Allocator):
         used = bmap.count(_USED)
         assert used + bmap.count(_FREE) == len(bmap), "bytes other than 0 and 1 in the map"
         assert (len(bmap) - used) << shift == self.free_bytes, (used, self.free_bytes)
-        assert 0 <= self._lowest <= len(bmap)
-        assert bmap.find(_FREE, 0, self._lowest) < 0, f"free block below _lowest {self._lowest}"
-        assert len(self._hints) <= MAX_HINTS
-        runs = [(m.start(), m.end()) for m in _FREE_RUN.finditer(bmap)]
-        for (count, align), (above, windows) in self._hints.items():
-            assert 0 < count <= self._widest and align >= 1 and align & (align - 1) == 0
-            assert 0 <= above <= len(bmap) and len(windows) <= MAX_WINDOWS
-            # Every fit below `above` must start inside a window.
-            covered = bytearray(len(bmap))
-            for bound, last in windows:
-                assert 0 <= bound <= last < len(bmap), (bound, last)
-                covered[bound : last + 1] = b"\x01" * (last + 1 - bound)
-            for a, b in runs:
-                at = _aligned_up(self._first, a, align - 1)
-                stop = min(b - count, above - 1)
-                if at > stop:
-                    continue
-                assert _FREE not in covered[at : stop + 1 : align], (
-                    f"{(count, align)}: a fit in [{at}, {stop}] is below {above} and in no window"
-                )
+        tree = self._tree
+        leaves = self._leaves
+        assert leaves >= -(-len(bmap) // self._super) and len(tree) == 2 * leaves
+        longest = [0] * leaves
+        for run in _FREE_RUN.finditer(bmap):
+            k = run.start() // self._super
+            longest[k] = max(longest[k], min(run.end() - run.start(), self._limit))
+        assert tree[leaves:] == longest, "superblock maxima disagree with the map"
+        for i in range(1, leaves):
+            assert tree[i] == max(tree[2 * i], tree[2 * i + 1]), f"tree node {i}"

@@ -104,6 +104,11 @@ class Buddy(Allocator):
 
     # -- the interface ------------------------------------------------------
 
+    def footprint(self, size: int, alignment: int) -> tuple[int, int]:
+        """A whole naturally aligned block: the tail is given back only after the split."""
+        block = max(1 << (size - 1).bit_length(), alignment)
+        return block, block
+
     def alloc(self, size: int, alignment: int) -> tuple[int, int] | None:
         """Carve ``size`` bytes from the lowest block of the smallest order that fits.
 

@@ -29,12 +29,12 @@ class Chunk:
     """One allocation.  ``id`` is its identity: it survives a move, ``start`` does not."""
 
     __slots__ = ("id", "start", "size", "region", "dev", "type", "uid", "pid", "label",
-                 "created", "movable", "transient", "bound", "__weakref__")
+                 "created", "movable", "transient", "bound", "alignment", "__weakref__")
 
     def __init__(self, id: int, start: int, size: int, region: Region, dev: str, type: str,
                  *, uid: int = 0, pid: int = 0, label: str | None = None,
                  movable: bool = False, transient: bool = False, bound: int | None = None,
-                 created: float | None = None):
+                 created: float | None = None, alignment: int = 4096):
         self.id = id
         self.start = start
         self.size = size
@@ -48,6 +48,7 @@ class Chunk:
         self.movable = movable
         self.transient = transient
         self.bound = bound
+        self.alignment = alignment  # what a move must keep
 
     @property
     def end(self) -> int:

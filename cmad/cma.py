@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
+from . import compaction, faults
 from .allocator import PAGE_SIZE, Allocator, registry
 from .arena import Arena
 from .chunks import Chunk, ChunkIndex, check_label
@@ -43,6 +44,8 @@ class Listener(Protocol):
 
     def on_alloc(self, chunk: Chunk) -> None: ...
     def on_free(self, chunk: Chunk) -> None: ...
+    def on_move(self, chunk: Chunk, old_start: int) -> None:
+        """The chunk's start (or its movability) changed; old_start is where it was."""
 
 
 def _locked(method: Callable) -> Callable:
@@ -78,9 +81,6 @@ class Cma:
         self.base = base
         self.arena_size = arena_size if arena_size is not None else (
             max((starts[s.name] + s.size for s in specs), default=base) - base)
-        self.arena: Arena | None = None
-        if arena is not None:
-            self.attach_arena(arena)
         self._regions: dict[str, Region] = {}
         for spec in specs:
             region = Region(spec, starts[spec.name])
@@ -92,6 +92,9 @@ class Cma:
         self.limits: dict[int, int] = dict(limits or {})
         self._held: dict[int, int] = {}
         self.listeners: list[Listener] = []
+        self.arena: Arena | None = None
+        if arena is not None:
+            self.attach_arena(arena)
 
     def attach_arena(self, arena: Arena) -> None:
         """Put memory behind the bookkeeping; ENOMEM if the arena is too small."""
@@ -99,6 +102,19 @@ class Cma:
             raise CmaError(errno.ENOMEM, f"arena of {human(arena.size)} is smaller than the "
                                          f"{human(self.arena_size)} the regions need")
         self.arena = arena
+        for region in self._regions.values():
+            if region.kind == "exclusive":
+                arena.populate(region.start - self.base, region.size)
+            else:
+                self._settle_sticky(region)
+
+    def _settle_sticky(self, region: Region) -> None:
+        """A sticky region holds memory for its chunks only."""
+        for chunk in self.chunks_of(region):
+            self.arena.populate(chunk.start - self.base, chunk.size)
+        if region.allocator is not None:
+            for start, size in region.allocator.holes():
+                self.arena.release(start - self.base, size)
 
     # -- introspection -------------------------------------------------
 
@@ -219,22 +235,42 @@ class Cma:
         if limit is not None and self.held(uid) + size > limit:
             raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
                                          f"{human(self.held(uid))} of its {human(limit)} limit")
+        failed = []
         for region in regions:
             allocator = region.allocator
             got = allocator.alloc(size, alignment) if allocator and size <= region.free else None
-            if got is None:
-                region.alloc_fail += 1
-                continue
-            chunk = Chunk(self._next_id, got[0], got[1], region, dev, type, uid=uid, pid=pid,
-                          label=label, movable=movable, transient=transient, bound=bound)
-            self._next_id += 1
-            self._commit(chunk)
-            return chunk
+            if got is not None:
+                for other in failed:
+                    other.alloc_fail += 1
+                return self._new_chunk(got, region, dev, type, label=label, movable=movable,
+                                       transient=transient, bound=bound, uid=uid, pid=pid,
+                                       alignment=alignment)
+            failed.append(region)
+        for i, region in enumerate(failed):  # fragmentation: make room by moving chunks
+            if region.allocator and region.movable_users and region.free >= size and \
+                    compaction.make_room(self, region, size, alignment):
+                got = region.allocator.alloc(size, alignment)
+                if got is not None:
+                    for other in failed[:i]:
+                        other.alloc_fail += 1
+                    log.info("%s: served after compacting region %s", request(), region.name)
+                    return self._new_chunk(got, region, dev, type, label=label,
+                                           movable=movable, transient=transient, bound=bound,
+                                           uid=uid, pid=pid, alignment=alignment)
+        for region in failed:
+            region.alloc_fail += 1
         tried = ", ".join(r.describe() if r.allocator else f"{r.name} (no allocator: "
                           f"{r.alloc_text})" for r in regions)
         why = f"{request()}: no room; tried {tried}"
         log.info("%s", why)
         raise CmaError(errno.ENOMEM, why)
+
+    def _new_chunk(self, got: tuple[int, int], region: Region, dev: str, type: str,
+                   **fields) -> Chunk:
+        chunk = Chunk(self._next_id, got[0], got[1], region, dev, type, **fields)
+        self._next_id += 1
+        self._commit(chunk)
+        return chunk
 
     @_locked
     def restore(self, id: int, start: int, size: int, region: str, dev: str, type: str,
@@ -270,6 +306,7 @@ class Cma:
         region = chunk.region
         region.users += 1
         region.used += chunk.size
+        region.movable_users += chunk.movable
         self._held[chunk.uid] = self._held.get(chunk.uid, 0) + chunk.size
 
     def _commit(self, chunk: Chunk) -> None:
@@ -277,6 +314,8 @@ class Cma:
         self._index(chunk)
         told = []
         try:
+            if chunk.region.kind == "sticky" and self.arena is not None:
+                self.arena.populate(chunk.start - self.base, chunk.size)
             for listener in self.listeners:
                 listener.on_alloc(chunk)
                 told.append(listener)
@@ -294,13 +333,70 @@ class Cma:
         self.chunks.remove(chunk)
         region = chunk.region
         region.allocator.free(chunk.start, chunk.size)
+        if region.kind == "sticky" and self.arena is not None:
+            self.arena.release(chunk.start - self.base, chunk.size)
         region.users -= 1
         region.used -= chunk.size
+        region.movable_users -= chunk.movable
         held = self._held[chunk.uid] - chunk.size
         if held:
             self._held[chunk.uid] = held
         else:
             del self._held[chunk.uid]
+
+    # -- moves ---------------------------------------------------------
+
+    def _move_to(self, chunk: Chunk, new: int) -> None:
+        """Move a chunk to ``new``, already claimed from its region's allocator.
+
+        Copy, then commit (journal first), then let go of the old range.  A crash
+        before the commit finds the chunk at its old place with its old bytes.
+        """
+        region, old, size = chunk.region, chunk.start, chunk.size
+        assert new + size <= old or old + size <= new, "a move never overlaps itself"
+        if self.arena is not None:
+            if region.kind == "sticky":
+                self.arena.populate(new - self.base, size)
+            self.data(chunk, at=new)[:] = self.data(chunk)
+        faults.point("move-copied")
+        self.chunks.remove(chunk)
+        chunk.start = new
+        self.chunks.add(chunk)
+        try:
+            for listener in self.listeners:
+                listener.on_move(chunk, old)
+        except BaseException:
+            self.chunks.remove(chunk)
+            chunk.start = old
+            self.chunks.add(chunk)
+            region.allocator.free(new, size)
+            raise
+        region.allocator.free(old, size)
+        if region.kind == "sticky" and self.arena is not None:
+            self.arena.release(old - self.base, size)
+        region.moved += 1
+        log.info("moved chunk %s -> %s (%s)", fmt_addr(old), fmt_addr(new), human(size))
+
+    @_locked
+    def pin(self, chunk: Chunk) -> None:
+        """Make a movable chunk pinned for good (its mapping was handed out)."""
+        if not chunk.movable:
+            return
+        chunk.movable = False
+        chunk.region.movable_users -= 1
+        for listener in self.listeners:
+            listener.on_move(chunk, chunk.start)
+        log.info("chunk %s pinned: a zero-copy mapping of it was handed out", chunk.name)
+
+    @_locked
+    def compact(self, region_name: str) -> int:
+        """Slide the region's movable chunks down now; returns how many moved."""
+        region = self.region(region_name)
+        if region.allocator is None:
+            raise CmaError(errno.ENODEV, f"region {region.name} has no allocator")
+        moved = compaction.compact(self, region)
+        log.info("compacted region %s: %d chunks moved", region.name, moved)
+        return moved
 
     # -- free ----------------------------------------------------------
 
@@ -372,11 +468,17 @@ class Cma:
         return RegionStats(largest_free=largest, fragmentation=fragmentation(free, largest),
                            **total)
 
-    def data(self, chunk: Chunk) -> memoryview:
-        """The chunk's bytes, zero-copy."""
+    def data(self, chunk: Chunk, at: int | None = None) -> memoryview:
+        """The chunk's bytes (or the same size at ``at``), zero-copy."""
         if self.arena is None:
             raise CmaError(errno.ENODEV, "this Cma does bookkeeping only: no arena")
-        return self.arena.view(chunk.start - self.base, chunk.size)
+        return self.arena.view((chunk.start if at is None else at) - self.base, chunk.size)
+
+    def phys(self, chunk: Chunk) -> list[tuple[int, int]]:
+        """Physical segments (address, length) behind the chunk (root only)."""
+        if self.arena is None:
+            raise CmaError(errno.ENODEV, "this Cma does bookkeeping only: no arena")
+        return self.arena.phys(chunk.start - self.base, chunk.size)
 
     def chunks_of(self, region: Region) -> Iterable[Chunk]:
         return self.chunks.in_range(region.start, region.end)

@@ -31,16 +31,17 @@ CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY, start INTEGER NOT NULL UNIQUE, size INTEGER NOT NULL,
     region TEXT NOT NULL, dev TEXT NOT NULL, type TEXT NOT NULL,
     uid INTEGER NOT NULL, pid INTEGER NOT NULL, label TEXT UNIQUE, created REAL NOT NULL,
-    movable INTEGER NOT NULL, transient INTEGER NOT NULL, bound INTEGER);
+    movable INTEGER NOT NULL, transient INTEGER NOT NULL, bound INTEGER,
+    alignment INTEGER NOT NULL);
 """
 FIELDS = ("id", "start", "size", "region", "dev", "type", "uid", "pid", "label", "created",
-          "movable", "transient", "bound")
+          "movable", "transient", "bound", "alignment")
 
 
 def _row(chunk: Chunk) -> tuple:
     return (chunk.id, chunk.start, chunk.size, chunk.region.name, chunk.dev, chunk.type,
             chunk.uid, chunk.pid, chunk.label, chunk.created, int(chunk.movable),
-            int(chunk.transient), chunk.bound)
+            int(chunk.transient), chunk.bound, chunk.alignment)
 
 
 class Journal:
@@ -95,7 +96,12 @@ class Journal:
             raise CmaError(errno.EIO, f"journal: cannot record free of {chunk.name}: {e}") from e
 
     def on_move(self, chunk: Chunk, old_start: int) -> None:
-        self.db.execute("UPDATE chunks SET start = ? WHERE id = ?", (chunk.start, chunk.id))
+        """One statement, so one atomic commit: the chunk is at old_start or at start."""
+        try:
+            self.db.execute("UPDATE chunks SET start = ?, movable = ? WHERE id = ?",
+                            (chunk.start, int(chunk.movable), chunk.id))
+        except sqlite3.Error as e:
+            raise CmaError(errno.EIO, f"journal: cannot record move of {chunk.name}: {e}") from e
 
     def forget(self, ids: list[int]) -> None:
         with self.db:

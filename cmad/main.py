@@ -75,9 +75,10 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
     arena = Arena(cma.arena_size, path=path, backing=config.backing,
                   hugetlb_memfd=journal is None)
     try:
+        if journal is not None:  # before the arena: sticky regions keep their chunks' pages
+            recover(cma, journal, arena_survived=survived)
         cma.attach_arena(arena)
         if journal is not None:
-            recover(cma, journal, arena_survived=survived)
             journal.set(arena_file=arena.path, regions=config.regions, base=cma.base,
                         arena_size=arena.size)
             cma.listeners.append(journal)

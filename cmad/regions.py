@@ -211,6 +211,7 @@ class Region:
         self.allocator: Allocator | None = None
         self.users = 0
         self.used = 0
+        self.movable_users = 0
         self.alloc_ok = self.alloc_fail = self.freed = 0
         self.peak_used = self.moved = self.compactions = 0
 

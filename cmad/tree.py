@@ -128,6 +128,7 @@ class Tree:
         d.add("alloc", Attr(lambda: region.alloc_text,
                             lambda text, caller: self.cma.set_allocator(region.name, text),
                             mode=0o644))
+        d.add("compact", Attr(store=partial(self._store_compact, region), mode=0o200))
         self.region_chunks[region.name] = d.add("chunks", Dir())
         self.regions.add(region.name, Symlink(fmt_addr(region.start)))
 
@@ -136,12 +137,19 @@ class Tree:
             raise einval("free: empty write; expected a start address or a label")
         self.cma.free(text, uid=caller.uid)
 
+    def _store_compact(self, region: Region, text: str, caller: Caller) -> None:
+        if caller.uid != 0:
+            raise CmaError(errno.EPERM, f"compact {region.name}: root only")
+        self.cma.compact(region.name)
+
     def _chunk_dir(self, chunk: Chunk) -> LazyDir:
         def populate(d: LazyDir) -> None:
             for name, show in CHUNK_ATTRS.items():
                 d.add(name, Attr(partial(show, chunk)))
             d.add("data", Bytes(partial(self._data, chunk), mode=0o600, uid=chunk.uid))
             d.add("mmap", Attr(partial(self._mmap, chunk)))
+            d.add("movable", Attr(lambda: str(int(chunk.movable))))
+            d.add("phys", Attr(partial(self._phys, chunk), mode=0o400))
         return LazyDir(populate)
 
     def _data(self, chunk: Chunk) -> memoryview:
@@ -150,10 +158,15 @@ class Tree:
         return self.cma.data(chunk)
 
     def _mmap(self, chunk: Chunk) -> str:
+        """Handing out a mapping pins a movable chunk: the daemon cannot follow it."""
         arena = self.cma.arena
         if arena is None:
             raise CmaError(errno.ENODEV, "no arena behind this daemon")
+        self.cma.pin(chunk)
         return f"{arena.path} {chunk.start - self.cma.base} {chunk.size}"
+
+    def _phys(self, chunk: Chunk) -> str:
+        return "".join(f"{fmt_addr(addr)} {length}\n" for addr, length in self.cma.phys(chunk))
 
     # -- Listener: keep the tree in step with the core ------------------
 
@@ -164,8 +177,15 @@ class Tree:
         self.region_chunks[chunk.region.name].add(
             chunk.name, Symlink(f"../../../chunks/{chunk.name}"))
 
-    def on_free(self, chunk: Chunk) -> None:
-        self.chunks.remove(chunk.name)
+    def on_free(self, chunk: Chunk, name: str | None = None) -> None:
+        name = name or chunk.name
+        self.chunks.remove(name)
         if chunk.label:
             self.chunks.remove(chunk.label)
-        self.region_chunks[chunk.region.name].remove(chunk.name)
+        self.region_chunks[chunk.region.name].remove(name)
+
+    def on_move(self, chunk: Chunk, old_start: int) -> None:
+        """The directory follows the chunk; its label symlink points at the new name."""
+        if old_start != chunk.start:
+            self.on_free(chunk, fmt_addr(old_start))
+            self.on_alloc(chunk)

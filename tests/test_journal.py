@@ -107,7 +107,7 @@ def test_check_finds_overlap_and_passes_clean_state(tmp_path, capsys):
     assert "ok: 1 chunks" in capsys.readouterr().out
     journal = Journal(str(tmp_path))
     journal.db.execute("INSERT INTO chunks VALUES (99, ?, ?, 'video', 'x', 'common', 0, 0, "
-                       "NULL, 0, 0, 0, NULL)", (a.start + M, 2 * M))
+                       "NULL, 0, 0, 0, NULL, 4096)", (a.start + M, 2 * M))
     journal.close()
     problems = check(str(tmp_path))
     assert len(problems) == 1 and "overlaps" in problems[0]

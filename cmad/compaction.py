@@ -1,0 +1,135 @@
+"""Compaction: moving movable chunks to open holes, as the review proposed.
+
+Two entry points, both called under the Cma lock:
+
+- ``make_room(cma, region, size, alignment)``: an allocation failed although the
+  region has the free bytes.  Among the windows the request could occupy that
+  hold no pinned chunk, take the one whose movable chunks weigh least, move
+  those chunks elsewhere in the region, and leave the window free.
+- ``compact(cma, region)``: slide every movable chunk to the lowest free place
+  below it (the ``compact`` file).
+
+A chunk never moves onto its own bytes, so a crash between the copy and the
+journal's commit leaves the old copy intact where the journal still points.
+Pinned chunks (the default) never move.  Linear in the region's chunks: this
+is the slow path, taken only when the hot path has already failed.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from itertools import accumulate
+from typing import TYPE_CHECKING
+
+from .regions import Region, align_up
+
+if TYPE_CHECKING:
+    from .cma import Cma
+    from .chunks import Chunk
+
+
+def _stretches(cma: Cma, region: Region) -> list[tuple[int, int, list[Chunk]]]:
+    """The ranges between pinned chunks, each with the movable chunks inside it."""
+    out, start, movable = [], region.start, []
+    for chunk in cma.chunks_of(region):
+        if chunk.movable:
+            movable.append(chunk)
+        else:
+            out.append((start, chunk.start, movable))
+            start, movable = chunk.end, []
+    out.append((start, region.end, movable))
+    return out
+
+
+def _windows(cma: Cma, region: Region, size: int, alignment: int):
+    """(cost, start, movable chunks inside) for the candidate windows, cheapest first."""
+    found = []
+    for lo, hi, movable in _stretches(cma, region):
+        starts = [c.start for c in movable]
+        ends = [c.end for c in movable]
+        weights = [0, *accumulate(c.size for c in movable)]
+        for w in {align_up(lo, alignment), *(align_up(e, alignment) for e in ends)}:
+            if w < lo or w + size > hi:
+                continue
+            i, j = bisect_right(ends, w), bisect_left(starts, w + size)
+            found.append((weights[j] - weights[i], w, movable[i:j]))
+    found.sort(key=lambda f: (f[0], f[1]))
+    return found
+
+
+def make_room(cma: Cma, region: Region, size: int, alignment: int, attempts: int = 8) -> bool:
+    """Empty a window of ``size`` bytes at ``alignment`` by moving movable chunks."""
+    allocator = region.allocator
+    size, alignment = allocator.footprint(size, alignment)
+    if region.free < size:
+        return False
+    for cost, w, victims in _windows(cma, region, size, alignment)[:attempts]:
+        if cost == 0:
+            return True  # already free: the allocator will find it
+        if _evict(cma, region, w, w + size, victims):
+            region.compactions += 1
+            return True
+    return False
+
+
+def _evict(cma: Cma, region: Region, lo: int, hi: int, victims: list[Chunk]) -> bool:
+    """Move ``victims`` out of [lo, hi); False (and nothing changed) if they do not fit."""
+    allocator = region.allocator
+    gaps, at = [], lo
+    for c in victims:  # fill the window's free parts so nothing moves into it
+        if c.start > at:
+            gaps.append((at, c.start - at))
+        at = max(at, c.end)
+    if hi > at:
+        gaps.append((at, hi - at))
+    held = []
+    for g in gaps:
+        if not allocator.reserve(*g):
+            for h in held:
+                allocator.free(*h)
+            return False
+        held.append(g)
+    placed = []
+    for c in sorted(victims, key=lambda c: -c.size):
+        got = allocator.alloc(c.size, c.alignment)
+        if got is None or got[1] != c.size:
+            for (new, n) in ([got] if got else []) + [(p, c2.size) for c2, p in placed]:
+                allocator.free(new, n)
+            for h in held:
+                allocator.free(*h)
+            return False
+        placed.append((c, got[0]))
+    for c, new in placed:
+        cma._move_to(c, new)
+    for h in held:
+        allocator.free(*h)
+    return True
+
+
+def compact(cma: Cma, region: Region) -> int:
+    """Slide movable chunks down to the lowest free place below each; returns moves."""
+    allocator = region.allocator
+    moved = 0
+    for chunk in list(cma.chunks_of(region)):
+        if not chunk.movable:
+            continue
+        size, alignment = allocator.footprint(chunk.size, chunk.alignment)
+        target = _lowest_fit(cma, region, size, alignment, below=chunk.start)
+        if target is not None and allocator.reserve(target, chunk.size):
+            cma._move_to(chunk, target)
+            moved += 1
+    region.compactions += 1
+    return moved
+
+
+def _lowest_fit(cma: Cma, region: Region, size: int, alignment: int, below: int) -> int | None:
+    """The lowest aligned free place for ``size`` bytes ending at or before ``below``."""
+    at = region.start
+    for chunk in cma.chunks_of(region):
+        if at >= below:
+            break
+        w = align_up(at, alignment)
+        if w + size <= min(chunk.start, below):
+            return w
+        at = max(at, chunk.end)
+    return None
