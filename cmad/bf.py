@@ -47,7 +47,8 @@ class BestFit(Allocator):
 
     def __init__(self, start: int, size: int, **params: int):
         super().__init__(start, size, **params)
-        assert start + size <= _LOW, "bus addresses must fit in 64 bits"
+        if start < 0 or start + size > _LOW:
+            raise CmaError(errno.EINVAL, f"bf: region {start:#x}+{size:#x} is not within 64-bit bus addresses")
         self._by_size = SortedList()
         self._by_start: dict[int, int] = {}
         self._by_end: dict[int, int] = {}
@@ -74,10 +75,11 @@ class BestFit(Allocator):
     def alloc(self, size: int, alignment: int) -> tuple[int, int] | None:
         """Best fit.  O(log n), plus one step per big-enough misaligned hole."""
         by_size = self._by_size
-        i = by_size.bisect_left(size << _SHIFT)
-        if i == len(by_size):
+        # irange walks the sublists directly: no positional index to keep.
+        candidates = by_size.irange(size << _SHIFT)
+        key = next(candidates, None)
+        if key is None:
             return None
-        key = by_size[i]
         hole_size = key >> _SHIFT
         hole = key & _LOW
         at = hole
@@ -85,7 +87,7 @@ class BestFit(Allocator):
             mask = alignment - 1
             at = (hole + mask) & ~mask
             if at + size > hole + hole_size:
-                for key in by_size.islice(i + 1):
+                for key in candidates:
                     hole_size = key >> _SHIFT
                     hole = key & _LOW
                     at = (hole + mask) & ~mask

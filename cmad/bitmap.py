@@ -34,7 +34,7 @@ import errno
 import re
 from typing import Iterator
 
-from .allocator import PAGE_SHIFT, Allocator, register
+from .allocator import PAGE_SHIFT, PAGE_SIZE, Allocator, register
 from .errors import CmaError
 
 MAX_ORDER_PER_BIT = 20
@@ -94,6 +94,16 @@ class Bitmap(Allocator):
         self._tree = [0] * (2 * leaves)
         if self._map:
             self._update(0, self._run(0))
+
+    @classmethod
+    def granule(cls, **params: int) -> int:
+        """One block, 2^order_per_bit pages: regions are placed aligned to it."""
+        return PAGE_SIZE << _order(params.get("order_per_bit", 0))
+
+    def footprint(self, size: int, alignment: int) -> tuple[int, int]:
+        """Whole blocks, block-aligned at least."""
+        block = self.block
+        return (size + block - 1) & -block, max(alignment, block)
 
     # -- the summary tree ----------------------------------------------
 

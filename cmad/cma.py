@@ -375,6 +375,7 @@ class Cma:
         if region.kind == "sticky" and self.arena is not None:
             self.arena.release(old - self.base, size)
         region.moved += 1
+        region.moved_bytes += size
         log.info("moved chunk %s -> %s (%s)", fmt_addr(old), fmt_addr(new), human(size))
 
     @_locked

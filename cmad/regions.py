@@ -213,7 +213,7 @@ class Region:
         self.used = 0
         self.movable_users = 0
         self.alloc_ok = self.alloc_fail = self.freed = 0
-        self.peak_used = self.moved = self.compactions = 0
+        self.peak_used = self.moved = self.moved_bytes = self.compactions = 0
 
     @property
     def end(self) -> int:

@@ -64,6 +64,11 @@ def test_registered_first_without_params():
     assert e.value.errno == errno.EINVAL
 
 
+def test_granule_and_footprint_are_the_request():
+    assert BestFit.granule() == P
+    assert BestFit(BASE, 16 * M).footprint(3 * P, 64 * K) == (3 * P, 64 * K)
+
+
 def test_fresh_region_is_one_hole():
     a = BestFit(BASE, 64 * M)
     a._check()

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from sortedcontainers import SortedDict
 
-import cmad.bitmap
 from cmad.allocator import PAGE_SIZE, _registry
 from cmad.bitmap import Bitmap
 from cmad.errors import CmaError
@@ -50,8 +49,8 @@ def first_fit(holes, size: int, alignment: int) -> int | None:
 class Model:
     """An allocator and the chunks it gave out, checked against first fit."""
 
-    def __init__(self, start: int, size: int, order: int = 0):
-        self.a = Bitmap(start, size, order_per_bit=order)
+    def __init__(self, start: int, size: int, order: int = 0, cls: type[Bitmap] = Bitmap):
+        self.a = cls(start, size, order_per_bit=order)
         self.start, self.size, self.block = start, size, P << order
         self.chunks = SortedDict()
 
@@ -96,6 +95,17 @@ def test_bad_order_per_bit_is_einval(order):
     with pytest.raises(CmaError, match="order_per_bit") as e:
         Bitmap(BASE, 16 * M, order_per_bit=order)
     assert e.value.errno == errno.EINVAL
+
+
+def test_granule_and_footprint_are_whole_blocks():
+    assert Bitmap.granule() == P
+    assert Bitmap.granule(order_per_bit=4) == 64 * K
+    with pytest.raises(CmaError) as e:
+        Bitmap.granule(order_per_bit=21)
+    assert e.value.errno == errno.EINVAL
+    a = Bitmap(BASE, 16 * M, order_per_bit=2)
+    assert a.footprint(P, P) == (16 * K, 16 * K)
+    assert a.footprint(20 * K, M) == (32 * K, M)
 
 
 def test_order_per_bit_bounds_and_text():
@@ -162,14 +172,26 @@ def test_alignment_is_of_bus_addresses_and_at_least_a_block():
     m.check()
 
 
-def test_a_free_below_the_hints_is_found():
-    m = Model(BASE, 256 * P)
+class Tiny(Bitmap):
+    """Superblocks of 4 blocks, runs measured up to 8: every boundary case is near."""
+
+    _super = 4
+    _limit = 8
+
+
+class Odd(Bitmap):
+    _super = 3
+    _limit = 3
+
+
+def test_free_far_below_the_scan_point_is_found():
+    m = Model(BASE, 256 * P, cls=Tiny)
     for _ in range(200):
         m.alloc(P, P)
     m.alloc(2 * P, P)
     m.alloc(2 * P, 8 * K)
-    assert m.alloc(200 * P, P) is None  # remembered as impossible
-    # Two adjacent single pages make a new 2-page run far below the hints.
+    assert m.alloc(200 * P, P) is None
+    # Two adjacent single pages make a new 2-page run far below the top.
     m.free_at(10)
     m.free_at(10)
     assert m.alloc(2 * P, P) == (BASE + 10 * P, 2 * P)
@@ -177,23 +199,39 @@ def test_a_free_below_the_hints_is_found():
     m.free_at(2)
     assert m.alloc(2 * P, 8 * K) == (BASE + 2 * P, 2 * P)
     m.check()
-    for i in range(120, 100, -1):
+    for i in range(120, 100, -1):  # a run longer than _limit, across superblocks
         m.free_at(i)
     m.check()
-    assert m.alloc(20 * P, P) is not None
+    assert m.alloc(20 * P, P) is not None  # over _limit: the plain scan
+    assert m.alloc(5 * P, 4 * P) is not None
     m.check()
 
 
-@pytest.mark.parametrize("hints, windows", [(2, 2), (32, 256)])
-def test_random_shapes_against_first_fit(monkeypatch, hints, windows):
-    """Many request shapes: the hint table evicts and its windows overflow."""
-    monkeypatch.setattr(cmad.bitmap, "MAX_HINTS", hints)
-    monkeypatch.setattr(cmad.bitmap, "MAX_WINDOWS", windows)
-    rng = random.Random(hints)
-    m = Model(BASE + 0x2000, 8 * M, order=1)
+def test_largest_free_beyond_the_limit():
+    a = Tiny(BASE, 64 * P)
+    assert a.largest_free() == 64 * P
+    a.reserve(BASE + 20 * P, P)
+    assert a.largest_free() == 43 * P
+    a._check()
+
+
+@pytest.mark.parametrize("cls", [Bitmap, Tiny, Odd])
+@pytest.mark.parametrize("order", [0, 1])
+def test_random_against_first_fit(cls, order):
+    """Seeded churn of mixed sizes and alignments, every result checked."""
+    rng = random.Random(order)
+    m = Model(BASE + (2 << order) * P, 8 * M, order, cls)
     for step in range(3000):
-        if rng.random() < 0.55:
+        op = rng.random()
+        if op < 0.5:
             m.alloc(rng.choice((1, 1, 2, 3, 5, 8, 13, 40)) * P, P << rng.choice((0, 0, 0, 1, 3, 6)))
+        elif op < 0.6:
+            start = m.start + rng.randrange(m.size // m.block) * m.block
+            size = rng.randint(1, 9) * m.block
+            expect = any(s <= start and start + size <= s + n for s, n in m.holes())
+            assert m.a.reserve(start, size) == expect
+            if expect:
+                m.chunks[start] = size
         elif m.chunks:
             m.free_at(rng.randrange(len(m.chunks)))
         if step % 50 == 0:
@@ -263,15 +301,16 @@ class BitmapMachine(RuleBasedStateMachine):
     """Random alloc/free/reserve against a first-fit model of the live chunks."""
 
     @initialize(
+        cls=st.sampled_from([Bitmap, Tiny, Odd]),
         order=st.integers(0, 3),
         blocks_in=st.integers(0, 1 << 12),
         pages=st.one_of(st.integers(1, 256), st.integers(1, 64 * M // P)),
     )
-    def setup(self, order, blocks_in, pages):
+    def setup(self, cls, order, blocks_in, pages):
         block = P << order
         start = BASE + blocks_in * block
         size = max(block, pages * P // block * block)
-        self.m = Model(start, size, order)
+        self.m = Model(start, size, order, cls)
 
     @rule(pages=st.integers(1, 64), align_shift=st.integers(0, 8))
     def alloc(self, pages, align_shift):

@@ -1,0 +1,228 @@
+"""cmactl against a real mount, run as a user would: a subprocess, on a pipe or a pty."""
+
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+
+from cmad.memparse import human
+from daemonutil import daemon  # noqa: F401  (fixture)
+
+M = 1 << 20
+COLOUR = re.compile(r"\x1b\[(?:\d+;)*(?:3[0-8]|9[0-7])(?:;\d+)*m")  # a foreground colour
+
+
+def cmactl(mnt, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cmad.cmactl", "--mountpoint", str(mnt), *args],
+                          capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **(env or {})})
+
+
+def ok(mnt, *args: str) -> str:
+    r = cmactl(mnt, *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    return r.stdout
+
+
+def in_pty(mnt, *args: str, env: dict | None = None) -> tuple[int, str]:
+    """Run cmactl with a pseudo-terminal as stdin, stdout and stderr."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "cmad.cmactl", "--mountpoint", str(mnt),
+                             *args], stdin=slave, stdout=slave, stderr=slave,
+                            env={**os.environ, "TERM": "xterm-256color", **(env or {})})
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed its end
+                    break
+                if not data:
+                    break
+                out += data
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+    return proc.wait(timeout=10), out.decode(errors="replace")
+
+
+def read(path) -> str:
+    with open(path) as f:
+        return f.read().removesuffix("\n")
+
+
+def rows(text: str) -> list[list[str]]:
+    """A table's rows, split into cells (the header and its rule left out)."""
+    lines = text.splitlines()
+    assert set(lines[1].replace(" ", "")) == {"─"}, lines[:2]
+    return [line.split() for line in lines[2:]]
+
+
+def eventually(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_regions_table_bytes_and_json(daemon):
+    mnt = daemon()
+    assert ok(mnt, "alloc", "camera/preview", "6M/1M", "--label", "frame0") == \
+        "0000000040000000 6.0 MiB video frame0\n"
+    table = {row[0]: row for row in rows(ok(mnt, "regions"))}
+    assert table["video"] == ["video", "0000000040000000", "32.0", "MiB", "6.0", "MiB", "26.0",
+                              "MiB", "1", "bf", "exclusive", "0.0%"]
+    assert table["common"][9:] == ["buddy", "exclusive", "0.0%"]
+    assert table["dma"][1] == "0000000043000000" and table["dma"][9] == "bitmap"
+    exact = {row[0]: row for row in rows(ok(mnt, "regions", "--bytes"))}
+    assert exact["video"][2:6] == [str(32 * M), str(6 * M), str(26 * M), "1"]
+    listed = json.loads(ok(mnt, "regions", "--json"))
+    assert [r["name"] for r in listed] == ["video", "common", "dma"]
+    for r in listed:
+        d = mnt / "regions" / r["start"]
+        assert r["name"] == read(d / "name") and r["start"] == read(d / "start")
+        assert (r["size"], r["free"], r["users"]) == \
+            (int(read(d / "size")), int(read(d / "free")), int(read(d / "users")))
+        assert r["used"] == r["size"] - r["free"]
+        assert (r["allocator"], r["kind"]) == (read(d / "alloc"), read(d / "kind"))
+        stats = dict(line.split() for line in read(d / "stats").splitlines())
+        assert {k: str(v) if not isinstance(v, float) else f"{v:.4f}"
+                for k, v in r["stats"].items()} == stats
+        assert r["largest_free"] == int(stats["largest_free"])
+
+
+def test_alloc_list_free_round_trip(daemon):
+    mnt = daemon()
+    assert ok(mnt, "alloc", "camera/preview", "6M/1M", "--label", "frame0") == \
+        "0000000040000000 6.0 MiB video frame0\n"
+    line = ok(mnt, "--bytes", "alloc", "@dma,common", "12K")  # global option before the command
+    assert line == f"0000000043000000 {12 << 10} dma\n"
+    made = json.loads(ok(mnt, "alloc", "net", "300K", "--movable", "--json"))
+    assert made == {"start": "0000000042000000", "size": 300 << 10, "region": "common",
+                    "label": None}
+    assert read(mnt / "chunks/0000000042000000/movable") == "1"
+
+    table = rows(ok(mnt, "list"))
+    assert [r[0] for r in table] == ["0000000040000000", "0000000042000000",
+                                     "0000000043000000"]
+    frame = table[0]
+    assert frame[1:4] == ["6.0", "MiB", "video"] and frame[4] == "camera/preview"
+    assert frame[5] == "0" and int(frame[6]) > 0 and frame[7] == "frame0"
+    assert re.fullmatch(r"\d+s", frame[8])
+    assert rows(ok(mnt, "list", "--bytes"))[1][1] == str(300 << 10)
+    assert [r[0] for r in rows(ok(mnt, "list", "--region", "dma"))] == ["0000000043000000"]
+
+    listed = json.loads(ok(mnt, "list", "--json"))
+    assert len(listed) == 3
+    for c in listed:
+        d = mnt / "chunks" / c["start"]
+        assert (c["size"], c["region"], c["dev"], c["type"], c["created"]) == \
+            (int(read(d / "size")), read(d / "region"), read(d / "dev"), read(d / "type"),
+             read(d / "created"))
+        assert f"{c['uid']} {c['pid']}" == read(d / "owner")
+        assert c["label"] == (read(d / "label") or None)
+
+    assert ok(mnt, "free", "frame0", "0000000043000000") == ""
+    assert ok(mnt, "free", "0x42000000") == ""
+    assert json.loads(ok(mnt, "list", "--json")) == []
+    assert rows(ok(mnt, "list")) == []
+    assert not (mnt / "chunks/frame0").exists()
+    assert read(mnt / "regions/video/free") == str(32 * M)
+
+
+def test_transient_alloc_dies_with_cmactl(daemon):
+    mnt = daemon()
+    line = ok(mnt, "alloc", "camera", "1M", "--transient", "--label", "t")
+    assert line.endswith(" video t\n")
+    assert eventually(lambda: read(mnt / "regions/video/users") == "0")
+    r = cmactl(mnt, "alloc", "--help")
+    assert "--transient" in r.stdout and "cmactl exits" in r.stdout
+
+
+def test_errors_are_one_line_with_the_errno(daemon, tmp_path):
+    mnt = daemon()
+    cases = [
+        (("alloc", "camera", "1G"), "cmactl: alloc: Cannot allocate memory (ENOMEM)\n"),
+        (("alloc", "@nope", "4K"), "cmactl: alloc: No such file or directory (ENOENT); no map "
+                                   "rule matches that device, or no such region\n"),
+        (("free", "nope"), "cmactl: free: No such file or directory (ENOENT); no chunk starts "
+                           "at, or is labelled, 'nope'\n"),
+        (("alloc", "camera", "4K/3000"), None),
+        (("alloc", "camera", "4K", "--label", "two words"), None),
+    ]
+    for args, line in cases:
+        r = cmactl(mnt, *args)
+        assert r.returncode == 1 and r.stdout == "", (args, r)
+        if line is not None:
+            assert r.stderr == line
+        else:
+            assert r.stderr.startswith("cmactl: alloc: Invalid argument (EINVAL)")
+            assert r.stderr.count("\n") == 1
+    assert read(mnt / "regions/video/users") == "0"
+
+    r = cmactl(tmp_path / "missing", "regions")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr.startswith(f"cmactl: {tmp_path}/missing: no such directory")
+    (tmp_path / "empty").mkdir()
+    r = cmactl(tmp_path / "empty", "list")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (f"cmactl: {tmp_path}/empty: cmad is not mounted there; start cmad or "
+                        "pass the right mountpoint\n")
+    r = cmactl(tmp_path / "empty", "regions", env={"CMAD_MOUNTPOINT": str(mnt)})
+    assert r.returncode == 1  # the flag wins over the environment
+    r = subprocess.run([sys.executable, "-m", "cmad.cmactl", "regions", "--json"],
+                       capture_output=True, text=True, env={**os.environ,
+                                                            "CMAD_MOUNTPOINT": str(mnt)})
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 3
+
+
+def test_map_has_one_row_per_region(daemon):
+    mnt = daemon()
+    ok(mnt, "alloc", "@video", "16M")
+    ok(mnt, "alloc", "@common", "4M", "--movable")
+    out = ok(mnt, "map", "--width", "32").splitlines()
+    assert len(out) == 4  # three regions and the key
+    video, common, dma, key = out
+    assert video == "video  " + "#" * 16 + "." * 16 + "  50%"
+    assert common == "common " + "m" * 8 + "." * 24 + "  25%"
+    assert dma == "dma    " + "." * 32 + "   0%"
+    assert "# used" in key and ". free" in key and "m movable" in key
+    two = ok(mnt, "map", "--width", "16", "--rows", "2").splitlines()
+    assert [line[:7].strip() for line in two[:6]] == ["video", "", "common", "", "dma", ""]
+    assert two[0][7:23] + two[1][7:23] == "#" * 16 + "." * 16
+    full = ok(mnt, "map").splitlines()  # a pipe: 80 columns
+    assert len(full) == 4 and all(len(line) <= 80 for line in full)
+
+
+def test_top_draws_one_frame_on_a_terminal(daemon):
+    mnt = daemon()
+    ok(mnt, "alloc", "camera", "8M")
+    rc, out = in_pty(mnt, "top", "--iterations", "1")
+    assert rc == 0, out
+    assert f"cmad at {mnt}" in out
+    for word in ("region", "alloc/s", "fails", "largest", "video", "common", "dma", "8.0 MiB"):
+        assert word in out, (word, out)
+    assert COLOUR.search(out)  # colour on a terminal...
+    rc, out = in_pty(mnt, "regions", env={"NO_COLOR": "1"})
+    assert rc == 0 and "video" in out and not COLOUR.search(out)  # ...unless NO_COLOR
+    rc, out = in_pty(mnt, "map")
+    assert rc == 0 and COLOUR.search(out) and "█" in out
+    assert "\x1b" not in ok(mnt, "regions") + ok(mnt, "list") + ok(mnt, "map")  # a pipe
+
+
+def test_sizes_are_human(daemon):
+    mnt = daemon()
+    for size in (4096, 300 << 10, 5 * M):
+        assert ok(mnt, "alloc", "@dma", str(size)).split(" ", 1)[1] == f"{human(size)} dma\n"
+    assert human(6 * M) == "6.0 MiB"
