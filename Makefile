@@ -43,6 +43,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	taskset -c 1 $(PY) bench/core.py
 	$(PY) bench/fs.py
+	$(PY) bench/frag.py
+	$(PY) bench/client.py
 
 lint: $(STAMP)
 	$(PY) -m compileall -q cmad fusefs tests bench

@@ -8,7 +8,8 @@ the first rounds are warm-up; medians.  Target: the view at least 0.8 of
 memcpy.
 
 Listing: ``cmactl list`` (a subprocess, as a user runs it, Python start-up
-included) with 10,000 live chunks, unpinned as a user runs it; median of 3.
+included) with 10,000 live chunks, unpinned as a user runs it: the first run
+(the daemon creates each chunk's attribute files on first look) and a second.
 Target: at most 2 s.  Prints, never asserts.
 """
 
@@ -40,10 +41,12 @@ def gbps(seconds: list[float]) -> float:
 
 def throughput(client: Client) -> None:
     with client.alloc_from("video", SIZE, label="bench") as buf:
+        # memoryview to memoryview is one memcpy; `bytearray[:] = view` is
+        # not (CPython copies through a temporary: ~1.3 GB/s either way).
         view = buf.view
-        src = os.urandom(M) * (SIZE // M)
-        sink = bytearray(SIZE)
-        a, b = bytearray(os.urandom(M) * (SIZE // M)), bytearray(SIZE)
+        src = memoryview(os.urandom(M) * (SIZE // M))
+        sink = memoryview(bytearray(SIZE))
+        a, b = memoryview(bytearray(src)), memoryview(bytearray(SIZE))
         write, read, copy = [], [], []
         for _ in range(ROUNDS):
             t0 = time.perf_counter()
@@ -54,7 +57,7 @@ def throughput(client: Client) -> None:
             b[:] = a
             t3 = time.perf_counter()
             write.append(t1 - t0), read.append(t2 - t1), copy.append(t3 - t2)
-        assert sink == src  # the bytes went through
+        assert sink == src and b == a  # the bytes went through
         del view
     w, r, c = gbps(write), gbps(read), gbps(copy)
     print(f"  view write 64 MiB   {w:6.2f} GB/s   memcpy {c:6.2f} GB/s   ratio {w / c:5.2f}"
@@ -86,7 +89,7 @@ def listing(mnt: str, client: Client) -> None:
         subprocess.run(argv + ["regions", "--json"], check=True, stdout=subprocess.DEVNULL)
         start.append(time.perf_counter() - t0)
     times = []
-    for _ in range(3):
+    for _ in range(2):  # the first run also makes the daemon build each chunk's files
         t0 = time.perf_counter()
         out = subprocess.run(argv + ["list"], check=True, capture_output=True).stdout
         times.append(time.perf_counter() - t0)
@@ -98,8 +101,8 @@ def listing(mnt: str, client: Client) -> None:
     how = f"from the daemon's {CHUNK_TABLE} table" if table else \
         "from per-chunk files, threaded (the daemon has no chunk table)"
     print(f"  cmactl regions --json  {statistics.median(start) * 1e3:6.0f} ms (start-up)")
-    print(f"  cmactl list, {CHUNKS} chunks  {statistics.median(times):6.2f} s   "
-          f"(target <= 2 s; {how})")
+    print(f"  cmactl list, {CHUNKS} chunks  first {times[0]:6.2f} s, again {times[1]:6.2f} s"
+          f"   (target <= 2 s; {how})")
     print(f"  Client.chunks() in process   {inproc:6.2f} s")
 
 

@@ -95,16 +95,23 @@ def throughput(mnt: str) -> None:
 def main() -> None:
     os.sched_setaffinity(0, {CPU})
     with tempfile.TemporaryDirectory() as tmp:
-        cmad_mnt, floor_mnt = f"{tmp}/cmad", f"{tmp}/floor"
-        cmad_argv = [sys.executable, "-m", "cmad.main", "--mountpoint", cmad_mnt,
-                     "--regions", "video=128M:bf;common=16M:buddy", "--log-level", "warning"]
-        with mounted(cmad_argv, cmad_mnt) as cmad, \
-                mounted([sys.executable, os.path.join(HERE, "nullfs.py"), floor_mnt],
-                        floor_mnt) as floor:
-            pin(cmad), pin(floor)
+        floor_mnt = f"{tmp}/floor"
+        with mounted([sys.executable, os.path.join(HERE, "nullfs.py"), floor_mnt],
+                     floor_mnt) as floor:
+            pin(floor)
             print(f"fs: {ITER} iterations, client and daemons pinned to CPU {CPU}, medians")
-            latency(cmad_mnt, floor_mnt)
-            throughput(cmad_mnt)
+            for journal in (False, True):
+                cmad_mnt = f"{tmp}/cmad{int(journal)}"
+                argv = [sys.executable, "-m", "cmad.main", "--mountpoint", cmad_mnt,
+                        "--regions", "video=128M:bf;common=16M:buddy", "--log-level", "warning"]
+                if journal:
+                    argv += ["--state-dir", f"{tmp}/state"]
+                with mounted(argv, cmad_mnt) as cmad:
+                    pin(cmad)
+                    print(f" journal {'on (WAL, synchronous=NORMAL)' if journal else 'off'}:")
+                    latency(cmad_mnt, floor_mnt)
+                    if not journal:
+                        throughput(cmad_mnt)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ A tree is built from plain objects and knows nothing of FUSE: the
   counter; numbers are never reused, so a stale kernel reference can never
   reach a newer node). The root takes `pyfuse3.ROOT_INODE` when it is handed
   to the Filesystem.
-- A `Dir` keeps a dict name -> node for lookups and a `SortedDict`
-  seq -> name for listings: each child gets a monotonically increasing
-  sequence number, which is also the readdir resume token, so a listing
-  resumes in O(log n) and survives concurrent additions and removals
-  (nothing is listed twice or skipped).
+- A `Dir` keeps a dict name -> node for lookups, and for listings a list of
+  sequence numbers in the order given (so sorted) with a dict seq -> name:
+  each child gets a monotonically increasing sequence number, which is also
+  the readdir resume token, so a listing resumes by bisection in O(log n)
+  and survives concurrent additions and removals (nothing is listed twice
+  or skipped). A removal leaves a tombstone in the list, swept once they
+  are half of it, so add and remove are O(1) amortised.
 - A `LazyDir` creates its children on first use, so 100,000 directories do
   not each hold their attribute nodes until someone looks inside.
 - File nodes produce a per-open handle (`_open`); the handle holds the
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import pyfuse3
-from sortedcontainers import SortedDict
+from bisect import bisect_right
 
 from .notify import invalidator
 
@@ -81,7 +83,7 @@ class Node:
         self.inode: int = next(_inode_numbers)
         self.mtime_ns = time.time_ns()
         self.kernel_refs = 0        # lookups the kernel holds (kept by Filesystem)
-        self._gone_path: Optional[str] = None   # path it had when removed
+        self._gone_from: Optional[Dir] = None   # the parent it was removed from
 
     def path(self) -> str:
         """The node's path from the mount root ("/" for the root), for logs.
@@ -93,7 +95,8 @@ class Node:
         while node.parent is not None:
             parts.append(node.name)
             node = node.parent
-        prefix = node._gone_path or ""     # "" for the root
+        gone = node._gone_from
+        prefix = "" if gone is None else gone.path().rstrip("/") + "/" + node.name
         if not parts:
             return prefix or "/"
         return prefix + "/" + "/".join(reversed(parts))
@@ -126,7 +129,8 @@ class Dir(Node):
         super().__init__(mode, uid, gid)
         self._children: dict[str, Node] = {}
         self._seq_of: dict[str, int] = {}
-        self._order: SortedDict = SortedDict()      # seq -> name
+        self._name_of: dict[int, str] = {}          # seq -> name, live entries only
+        self._seqs: list[int] = []                  # ascending, with tombstones
         self._next_seq = self._FIRST_SEQ
         self._subdirs = 0
 
@@ -150,12 +154,13 @@ class Dir(Node):
         self._next_seq += 1
         self._children[name] = node
         self._seq_of[name] = seq
-        self._order[seq] = name
+        self._name_of[seq] = name
+        self._seqs.append(seq)
         if isinstance(node, Dir):
             self._subdirs += 1
         node.name = name
         node.parent = self
-        node._gone_path = None
+        node._gone_from = None
         return node
 
     def remove(self, name: str) -> Node:
@@ -168,10 +173,12 @@ class Dir(Node):
         """
         self._ensure()
         node = self._children.pop(name)
-        del self._order[self._seq_of.pop(name)]
+        del self._name_of[self._seq_of.pop(name)]
+        if len(self._seqs) > 2 * len(self._name_of) + 16:
+            self._seqs = list(self._name_of)  # sweep the tombstones; dict order is seq order
         if isinstance(node, Dir):
             self._subdirs -= 1
-        node._gone_path = node.path()
+        node._gone_from = self
         node.parent = None
         # Only an entry the kernel was given can be cached there (misses
         # are not cached): the common free of a chunk nobody looked at
@@ -195,16 +202,19 @@ class Dir(Node):
     def names(self) -> list[str]:
         """Child names in listing order."""
         self._ensure()
-        return list(self._order.values())
+        return list(self._name_of.values())
 
     def _entries_after(self, start_id: int):
         """(seq, name, node) of the children listed after token *start_id*."""
         self._ensure()
-        order = self._order
-        children = self._children
-        for seq in order.irange(minimum=start_id, inclusive=(False, True)):
-            name = order[seq]
-            yield seq, name, children[name]
+        seqs, name_of, children = self._seqs, self._name_of, self._children
+        i = bisect_right(seqs, start_id)
+        while i < len(seqs):
+            seq = seqs[i]
+            i += 1
+            name = name_of.get(seq)
+            if name is not None:
+                yield seq, name, children[name]
 
     def nlink(self) -> int:
         return 2 + self._subdirs

@@ -342,13 +342,8 @@ class Filesystem(pyfuse3.Operations):
             # before the writer learns the outcome (see notify.py).
             await invalidator.settle()
 
-    @_boundary("flush", "fh")
-    async def flush(self, fh):
-        pass
-
-    @_boundary("fsync", "fh")
-    async def fsync(self, fh, datasync):
-        pass
+    # No flush or fsync: pyfuse3 answers ENOSYS, after which the kernel stops
+    # sending them (one round trip less per close); nothing here buffers.
 
     @_boundary("release", "fh")
     async def release(self, fh):
