@@ -48,6 +48,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m compileall -q cmad fusefs tests bench
+	$(PY) -m pyflakes cmad fusefs bench
 	@! grep -rnE '^\s*(from|import)\s+cmad' fusefs --include='*.py' || (echo "fusefs must not import cmad"; exit 1)
 
 # The service: a venv in $(OPT), commands in $(PREFIX)/bin, units, group, config.

@@ -7,7 +7,6 @@ a FUSE round trip costs in Python on this machine.  Run as
 """
 
 import errno
-import os
 import signal
 import stat
 import sys

@@ -94,7 +94,10 @@ def register(cls: type[Allocator]) -> type[Allocator]:
 
 def registry() -> dict[str, type[Allocator]]:
     """Registered allocators, built-ins first in their fixed order (import order varies)."""
-    from . import bf, bitmap, buddy  # noqa: F401  (each module registers its class)
+    import importlib
+
+    for name in BUILTIN:  # each module registers its class
+        importlib.import_module(f".{name}", __package__)
 
     ordered = {name: _registry[name] for name in BUILTIN}
     ordered.update(_registry)

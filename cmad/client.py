@@ -20,10 +20,12 @@ Design:
   attribute (``data`` is direct_io and cannot be mapped).  It is mapped on
   first use, so a caller without access to the arena file can still
   allocate and use ``data``.
-- Listing chunks costs one FUSE round trip per file read (~0.2 ms through
-  this daemon).  If the daemon publishes a one-file table of all chunks
-  (`CHUNK_TABLE`), it is read in one go; otherwise the files a listing
-  needs are read in parallel (see `Client.chunks`).
+- Reading one attribute file costs ~0.16 ms (open, read, flush, release:
+  each a FUSE request, served one at a time by the daemon), so a listing
+  from per-chunk files costs ~1 ms per chunk however it is done.  If the
+  daemon publishes a one-file table of all chunks (`CHUNK_TABLE`), it is
+  read in one go; otherwise only the files a listing needs are read, by
+  several threads (see `Client.chunks`).
 - Errors from the daemon come back as `CmaError` (an OSError) with the
   daemon's errno; a missing or dead mount is `NotMounted`.
 """
@@ -45,9 +47,10 @@ DEFAULT_MOUNTPOINT = "/run/cma"
 MOUNTPOINT_ENV = "CMAD_MOUNTPOINT"
 
 #: A table of all chunks in one file, one line each:
-#: ``<start> <size> <region> <dev> <type> <uid> <pid> <created> <label|->``.
-#: Not published by the daemon yet; used when it is (a listing of 10,000
-#: chunks then takes ~40 ms instead of ~10 s of per-chunk reads).
+#: ``<start> <size> <region> <dev> <type> <uid> <pid> <created> <movable> <label|->``
+#: (movable 0 or 1, "-" for no label).  Not published by the daemon yet;
+#: used when it is: a prototype listed 10,000 chunks in 40 ms through FUSE,
+#: where reading their files takes ~10 s.
 CHUNK_TABLE = "chunkinfo"
 
 #: Threads reading per-chunk files when there is no chunk table.  The
@@ -139,7 +142,8 @@ class RegionInfo:
 
 @dataclass(frozen=True)
 class ChunkInfo:
-    """One ``chunks/<start>/`` directory."""
+    """One ``chunks/<start>/`` directory.  ``movable`` is None when not read: a
+    listing from per-chunk files leaves it out (one read less per chunk)."""
 
     start: int
     size: int
@@ -150,6 +154,7 @@ class ChunkInfo:
     pid: int
     label: str | None
     created: str
+    movable: bool | None = None
 
     @property
     def name(self) -> str:
@@ -172,6 +177,10 @@ class Buffer:
     A view or array still alive at ``free()`` makes it fail with BufferError
     (the chunk stays allocated): the memory must not be handed to someone
     else while you can still write to it.
+
+    Copy with memoryviews on both sides, ``memoryview(dst)[:] = buf.view``:
+    one memcpy.  ``bytearray[:] = buf.view`` goes through a temporary copy
+    in CPython, at a sixth of the speed.
     """
 
     def __init__(self, client: "Client", start: int, size: int, region: str,
@@ -451,14 +460,19 @@ class Client:
         ``owner`` and ``created`` read as files.  A chunk freed meanwhile is
         left out.
         """
-        try:
-            table = read_text(self.path(CHUNK_TABLE))
-        except FileNotFoundError:
+        table = self._chunk_table()
+        if table is None:
             found = self._chunks_from_files(region)
         else:
-            found = [c for c in map(_table_row, table.splitlines())
-                     if region is None or c.region == region]
+            found = [c for c in table if region is None or c.region == region]
         return sorted(found, key=lambda c: c.start)
+
+    def _chunk_table(self) -> list[ChunkInfo] | None:
+        try:
+            text = read_text(self.path(CHUNK_TABLE))
+        except FileNotFoundError:
+            return None
+        return [_table_row(line) for line in text.splitlines() if line]  # "\n" when empty
 
     def _chunks_from_files(self, region: str | None) -> list[ChunkInfo]:
         labels: dict[str, str] = {}
@@ -490,8 +504,11 @@ class Client:
         return [c for c in _parallel(one, names) if c is not None]
 
     def movable_chunks(self, region: str) -> list[tuple[int, int]] | None:
-        """(start, size) of a region's movable chunks (by name or start), or None
-        if this daemon's chunks do not say whether they are movable."""
+        """(start, size) of a region's movable chunks, or None if this daemon's
+        chunks do not say whether they are movable."""
+        table = self._chunk_table()
+        if table is not None:
+            return [(c.start, c.size) for c in table if c.region == region and c.movable]
         with os.scandir(self.path("regions", region, "chunks")) as it:
             names = [e.name for e in it]
         if not names:
@@ -532,9 +549,9 @@ def _parallel(fn, items: list) -> list:
 
 
 def _table_row(line: str) -> ChunkInfo:
-    start, size, region, dev, type, uid, pid, created, label = line.split(" ")
+    start, size, region, dev, type, uid, pid, created, movable, label = line.split(" ")
     return ChunkInfo(int(start, 16), int(size), region, dev, type, int(uid), int(pid),
-                     None if label == "-" else label, created)
+                     None if label == "-" else label, created, movable == "1")
 
 
 __all__ = ["Buffer", "ChunkInfo", "Client", "CmaError", "NotMounted", "RegionInfo",

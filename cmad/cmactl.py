@@ -13,11 +13,11 @@ size/align``, ``A regions size/align``, ``f``):
 
 It needs only the mountpoint (``--mountpoint``, else ``$CMAD_MOUNTPOINT``,
 else /run/cma) and reads it through `cmad.client`, never the daemon's
-internals.  rich is imported only for what is drawn on a terminal-like
-output, so ``--json`` and error paths start fast.  Sizes are human
-(``6.0 MiB``) unless ``--bytes``; colour only on a terminal, never with
-NO_COLOR.  Errors are one line, ``cmactl: alloc: Cannot allocate memory
-(ENOMEM)``, and exit status 1.
+internals.  rich is imported only to draw (never for ``--json`` or an
+error), so those start fast.  Sizes are human (``6.0 MiB``) unless
+``--bytes``; colour only on a terminal, never with NO_COLOR.  Errors are
+one line, ``cmactl: alloc: Cannot allocate memory (ENOMEM)``, and exit
+status 1.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def region_json(r: RegionInfo) -> dict:
 def chunk_json(c: ChunkInfo) -> dict:
     return {"start": c.name, "size": c.size, "region": c.region, "dev": c.dev,
             "type": c.type, "uid": c.uid, "pid": c.pid, "label": c.label,
-            "created": c.created}
+            "created": c.created, "movable": c.movable}
 
 
 # -- Commands ----------------------------------------------------------------
@@ -158,7 +158,7 @@ def cmd_regions(client: Client, args, out: Out) -> int:
         words = name in ("name", "alloc", "kind")
         table.add_column(name, justify="left" if words or name == "start" else "right",
                          no_wrap=True, min_width=None if words else
-                         max(len(name), *(len(row[i]) for row in rows)))
+                         max([len(name)] + [len(row[i]) for row in rows]))
     for *row, colour in rows:
         table.add_row(f"[bold]{row[0]}[/]", *row[1:-1], f"[{colour}]{row[-1]}[/]")
     out.console.print(table)
@@ -217,7 +217,7 @@ def movable_blocks(client: Client, region: RegionInfo, nblocks: int) -> set[int]
     """The blocks held by movable chunks (none if the daemon does not say)."""
     block = region.size // nblocks
     held = set()
-    for start, size in client.movable_chunks(region.dirname) or ():
+    for start, size in client.movable_chunks(region.name) or ():
         first = (start - region.start) // block
         held.update(range(first, first + size // block))
     return held
@@ -251,6 +251,7 @@ def cmd_map(client: Client, args, out: Out) -> int:
     for r in regions:
         bitmap = client.bitmap(r.dirname)
         if not bitmap:
+            print(f"{r.name:{namew}} (no allocator attached: {r.allocator or 'default'})")
             continue
         ncells = min(len(bitmap), width * args.rows)
         cells = map_cells(bitmap, ncells, movable_blocks(client, r, len(bitmap)))
@@ -305,27 +306,33 @@ def top_table(client: Client, regions: list[RegionInfo], previous: dict, elapsed
 
 
 def cmd_top(client: Client, args, out: Out) -> int:
+    """Redraws in place on a terminal; elsewhere prints each frame (like top -b)."""
     from rich.live import Live
+    console = out.console
+    live = Live(console=console, auto_refresh=False) if console.is_terminal else None
+    show = (lambda frame: live.update(frame, refresh=True)) if live else console.print
     previous: dict = {}
     last = None
     done = 0
-    with Live(console=out.console, auto_refresh=False) as live:
-        try:
-            while True:
-                regions = client.regions()
-                now = time.monotonic()
-                live.update(top_table(client, regions, previous,
-                                      now - last if last else 0.0, out), refresh=True)
-                previous = {r.name: (r.stats.get("alloc_ok", 0), r.stats.get("alloc_fail", 0))
-                            for r in regions}
-                last = now
-                done += 1
-                if args.iterations and done >= args.iterations:
-                    break
-                time.sleep(args.interval)
-        except KeyboardInterrupt:
-            pass
-    return 0
+    try:
+        if live:
+            live.start()
+        while True:
+            regions = client.regions()
+            now = time.monotonic()
+            show(top_table(client, regions, previous, now - last if last else 0.0, out))
+            previous = {r.name: (r.stats.get("alloc_ok", 0), r.stats.get("alloc_fail", 0))
+                        for r in regions}
+            last = now
+            done += 1
+            if args.iterations and done >= args.iterations:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if live:
+            live.stop()
 
 
 # -- Command line ------------------------------------------------------------

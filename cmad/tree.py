@@ -115,6 +115,7 @@ class Tree:
         root.add("alloc", Stream(lambda caller: AllocHandle(cma, caller), mode=0o660, gid=gid))
         root.add("free", Attr(store=self._store_free, mode=0o220, gid=gid))
         self.chunks = root.add("chunks", Dir())
+        root.add("chunkinfo", Attr(self._chunkinfo))
         root.add("stats", Attr(lambda: show_stats(cma.stats(), self.extra_stats)))
         root.add("metrics", Attr(lambda: render(cma)))
         for chunk in cma.chunks:
@@ -131,6 +132,12 @@ class Tree:
         d.add("compact", Attr(store=partial(self._store_compact, region), mode=0o200))
         self.region_chunks[region.name] = d.add("chunks", Dir())
         self.regions.add(region.name, Symlink(fmt_addr(region.start)))
+
+    def _chunkinfo(self) -> str:
+        """Every chunk on one line, like /proc/slabinfo: one read lists them all."""
+        return "".join(
+            f"{fmt_addr(c.start)} {c.size} {c.region.name} {c.dev} {c.type} {c.uid} {c.pid} "
+            f"{c.created_iso()} {int(c.movable)} {c.label or '-'}\n" for c in self.cma.chunks)
 
     def _store_free(self, text: str, caller: Caller) -> None:
         if not text.strip():

@@ -15,9 +15,7 @@ from cmad.allocator import PAGE_SIZE, _registry
 from cmad.buddy import Buddy
 from cmad.errors import CmaError
 
-K = 1 << 10
-M = 1 << 20
-BASE = 0x40000000
+from allocutil import BASE, K, M, complement
 
 
 def greedy(start: int, size: int) -> list[tuple[int, int]]:
@@ -30,18 +28,6 @@ def greedy(start: int, size: int) -> list[tuple[int, int]]:
             block *= 2
         out.append((start, block))
         start += block
-    return out
-
-
-def complement(start: int, size: int, chunks) -> list[tuple[int, int]]:
-    """Free ranges of [start, start + size) around sorted (start, size) chunks, merged."""
-    out, pos = [], start
-    for c, n in chunks:
-        if c > pos:
-            out.append((pos, c - pos))
-        pos = c + n
-    if pos < start + size:
-        out.append((pos, start + size - pos))
     return out
 
 

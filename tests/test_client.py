@@ -4,14 +4,13 @@ import errno
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from cmad import CmaError
 from cmad.client import LIST_WORKERS, Buffer, Client, NotMounted
-from daemonutil import daemon  # noqa: F401  (fixture)
+from test_daemon import eventually
 
 M = 1 << 20
 
@@ -19,15 +18,6 @@ M = 1 << 20
 def read(path) -> str:
     with open(path) as f:
         return f.read().removesuffix("\n")
-
-
-def eventually(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_importable_without_the_daemon_stack():
@@ -207,14 +197,20 @@ def test_chunks_listing_matches_the_files(daemon):
 def test_chunk_table_is_used_when_the_daemon_has_one(tmp_path, monkeypatch):
     """The one-file listing (not published yet): parsed without touching chunks/."""
     (tmp_path / "chunkinfo").write_text(
-        "0000000040000000 6291456 video camera preview 0 42 2026-11-25T06:29:29Z frame0\n"
-        "0000000043000000 4096 dma - - 1000 7 2026-11-25T06:30:00Z -\n")
+        "0000000040000000 6291456 video camera preview 0 42 2026-11-25T06:29:29Z 0 frame0\n"
+        "0000000043000000 4096 dma - - 1000 7 2026-11-25T06:30:00Z 1 -\n")
     monkeypatch.setattr(Client, "check", lambda self: None)
     client = Client(tmp_path)
     chunks = client.chunks()
-    assert [(c.name, c.size, c.region, c.dev, c.type, c.uid, c.pid, c.label) for c in chunks] == [
-        ("0000000040000000", 6 * M, "video", "camera", "preview", 0, 42, "frame0"),
-        ("0000000043000000", 4096, "dma", "-", "-", 1000, 7, None)]
+    assert [(c.name, c.size, c.region, c.dev, c.type, c.uid, c.pid, c.label, c.movable)
+            for c in chunks] == [
+        ("0000000040000000", 6 * M, "video", "camera", "preview", 0, 42, "frame0", False),
+        ("0000000043000000", 4096, "dma", "-", "-", 1000, 7, None, True)]
+    assert chunks[0].created == "2026-11-25T06:29:29Z"
     assert [c.start for c in client.chunks("dma")] == [0x43000000]
+    assert client.movable_chunks("dma") == [(0x43000000, 4096)]
+    assert client.movable_chunks("video") == []
+    (tmp_path / "chunkinfo").write_text("\n")  # an attribute's newline, no chunks
+    assert client.chunks() == []
     assert repr(Buffer(client, 0x40000000, 4096, "video", "x")) == \
         "<Buffer 0000000040000000+0x1000 video x>"

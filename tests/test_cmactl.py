@@ -10,7 +10,7 @@ import sys
 import time
 
 from cmad.memparse import human
-from daemonutil import daemon  # noqa: F401  (fixture)
+from test_daemon import eventually
 
 M = 1 << 20
 COLOUR = re.compile(r"\x1b\[(?:\d+;)*(?:3[0-8]|9[0-7])(?:;\d+)*m")  # a foreground colour
@@ -65,15 +65,6 @@ def rows(text: str) -> list[list[str]]:
     lines = text.splitlines()
     assert set(lines[1].replace(" ", "")) == {"─"}, lines[:2]
     return [line.split() for line in lines[2:]]
-
-
-def eventually(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_regions_table_bytes_and_json(daemon):
@@ -185,6 +176,12 @@ def test_errors_are_one_line_with_the_errno(daemon, tmp_path):
                        capture_output=True, text=True, env={**os.environ,
                                                             "CMAD_MOUNTPOINT": str(mnt)})
     assert r.returncode == 0 and len(json.loads(r.stdout)) == 3
+    daemon.proc.kill()
+    daemon.proc.wait()
+    r = cmactl(mnt, "list")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (f"cmactl: {mnt}: stale mount, its cmad daemon is gone (ENOTCONN); "
+                        "restart cmad\n")
 
 
 def test_map_has_one_row_per_region(daemon):
@@ -219,6 +216,10 @@ def test_top_draws_one_frame_on_a_terminal(daemon):
     rc, out = in_pty(mnt, "map")
     assert rc == 0 and COLOUR.search(out) and "█" in out
     assert "\x1b" not in ok(mnt, "regions") + ok(mnt, "list") + ok(mnt, "map")  # a pipe
+    frames = ok(mnt, "top", "--iterations", "2", "--interval", "0.1")  # a pipe: like top -b
+    assert frames.count("cmad at") == 2 and "\x1b" not in frames
+    video = [line.split() for line in frames.splitlines() if line.startswith("video")]
+    assert [row[-5] for row in video] == ["-", "0.0"]  # alloc/s once there is a previous frame
 
 
 def test_sizes_are_human(daemon):

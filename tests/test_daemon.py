@@ -13,7 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cmad import Cma
 from cmad.config import DEFAULT_MAP, DEFAULT_REGIONS
-from daemonutil import daemon  # noqa: F401  (fixture)
 
 M = 1 << 20
 
@@ -137,6 +136,9 @@ def test_every_file_matches_the_core(daemon):
         assert read(d / "created").endswith("Z\n")
     names = set(os.listdir(mnt / "chunks"))
     assert names == {c.name for c in core.chunks} | {c.label for c in core.chunks if c.label}
+    table = [line.split() for line in read(mnt / "chunkinfo").splitlines()]
+    assert [(t[0], int(t[1]), t[2], t[3], t[4], t[9]) for t in table] == [
+        (c.name, c.size, c.region.name, c.dev, c.type, c.label or "-") for c in core.chunks]
 
 
 def test_errnos_through_the_filesystem(daemon):

@@ -10,7 +10,6 @@ import os
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from daemonutil import daemon  # noqa: F401  (fixture)
 from test_daemon import alloc, read, write_errno
 
 WRITABLE = ("alloc", "free", "map", "regions/video/alloc", "regions/common/alloc",

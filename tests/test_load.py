@@ -8,7 +8,7 @@ import random
 import signal
 import time
 
-from daemonutil import daemon, ready  # noqa: F401  (fixture)
+from daemonutil import ready
 from test_reliability import cmad_check
 
 CLIENTS = 8

@@ -6,8 +6,6 @@ import subprocess
 
 import pytest
 
-from daemonutil import daemon  # noqa: F401  (fixture)
-from test_arena import hugepages  # noqa: F401  (fixture)
 from test_daemon import alloc, read, write_errno
 from test_reliability import chunk_facts, cmad_check
 

@@ -8,7 +8,6 @@ import tempfile
 
 import pytest
 
-from daemonutil import daemon  # noqa: F401  (fixture)
 from test_daemon import alloc, read
 
 M = 1 << 20

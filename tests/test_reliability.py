@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 
-from daemonutil import daemon  # noqa: F401  (fixture)
 from test_daemon import alloc, read
 
 M = 1 << 20

@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from daemonutil import daemon  # noqa: F401  (fixture)
 from test_daemon import alloc, eventually, read
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
