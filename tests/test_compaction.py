@@ -2,6 +2,7 @@
 
 import errno
 import os
+import subprocess
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -190,3 +191,19 @@ def test_compaction_keeps_every_invariant(allocator, sequence):
             cma._check()
     finally:
         arena.close()
+
+
+def test_phys_without_cap_sys_admin_is_eacces(tmp_path):
+    """Run as nobody: the kernel hides frame numbers, phys says EACCES, not a crash."""
+    python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not os.path.exists(python):
+        pytest.skip("needs root to switch to nobody, and the system python")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (f"import sys, errno; sys.path.insert(0, {root!r})\n"
+              "from cmad.arena import Arena\n"
+              "a = Arena(1 << 20); a.populate(0, 1 << 20)\n"
+              "try:\n    a.phys(0, 8192)\nexcept OSError as e:\n"
+              "    print(errno.errorcode[e.errno])\n")
+    r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                        python, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "EACCES", r.stderr

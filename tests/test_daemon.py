@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -286,3 +287,42 @@ def test_sigterm_unmounts_cleanly(daemon):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     assert not os.path.ismount(mnt)
+
+
+def cmad(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cmad.main", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_version_and_help():
+    from cmad import __version__
+    assert cmad("--version").stdout == f"cmad {__version__}\n"
+    help_text = cmad("--help").stdout
+    for flag in ("--regions", "--map", "--mountpoint", "--arena-size", "--base", "--backing",
+                 "--state-dir", "--group", "--config", "cmad check"):
+        assert flag in help_text
+
+
+@pytest.mark.parametrize("args, line", [
+    (("--regions", "video=32M;video=1M"), "region 'video' is defined twice"),
+    (("--map", "f*x=video"), "'*' may only end a pattern"),
+    (("--backing", "magic"), "backing: 'magic' is not one of"),
+    (("--arena-size", "12Q"), "arena_size: arena_size '12Q' is not a number"),
+    (("--regions", "a=8M", "--arena-size", "4M"), "does not fit in the arena"),
+])
+def test_configuration_errors_stop_with_one_line(tmp_path, args, line):
+    r = cmad("--mountpoint", str(tmp_path / "mnt"), *args)
+    assert r.returncode == 2
+    errors = [l for l in r.stderr.splitlines() if "ERROR" in l]
+    assert len(errors) == 1 and line in errors[0], r.stderr
+    assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_configuration_file_errors_name_the_key(tmp_path):
+    config = tmp_path / "cmad.toml"
+    config.write_text('regions = "a=4M"\nmapp = "x"\n')
+    r = cmad("--config", str(config), "--mountpoint", str(tmp_path / "mnt"))
+    assert r.returncode == 2 and "mapp: unknown key" in r.stderr
+    config.write_text("regions = \n")
+    r = cmad("--config", str(config))
+    assert r.returncode == 2 and "configuration: config:" in r.stderr
