@@ -235,28 +235,21 @@ class Cma:
         if limit is not None and self.held(uid) + size > limit:
             raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
                                          f"{human(self.held(uid))} of its {human(limit)} limit")
-        failed = []
+        fields = dict(label=label, movable=movable, transient=transient, bound=bound, uid=uid,
+                      pid=pid, alignment=alignment)
+        failed: list[Region] = []
         for region in regions:
             allocator = region.allocator
             got = allocator.alloc(size, alignment) if allocator and size <= region.free else None
             if got is not None:
-                for other in failed:
-                    other.alloc_fail += 1
-                return self._new_chunk(got, region, dev, type, label=label, movable=movable,
-                                       transient=transient, bound=bound, uid=uid, pid=pid,
-                                       alignment=alignment)
+                return self._new_chunk(got, region, dev, type, failed, **fields)
             failed.append(region)
         for i, region in enumerate(failed):  # fragmentation: make room by moving chunks
-            if region.allocator and region.movable_users and region.free >= size and \
-                    compaction.make_room(self, region, size, alignment):
-                got = region.allocator.alloc(size, alignment)
+            if region.allocator and region.movable_users and region.free >= size:
+                got = compaction.make_room(self, region, size, alignment)
                 if got is not None:
-                    for other in failed[:i]:
-                        other.alloc_fail += 1
                     log.info("%s: served after compacting region %s", request(), region.name)
-                    return self._new_chunk(got, region, dev, type, label=label,
-                                           movable=movable, transient=transient, bound=bound,
-                                           uid=uid, pid=pid, alignment=alignment)
+                    return self._new_chunk(got, region, dev, type, failed[:i], **fields)
         for region in failed:
             region.alloc_fail += 1
         tried = ", ".join(r.describe() if r.allocator else f"{r.name} (no allocator: "
@@ -266,7 +259,10 @@ class Cma:
         raise CmaError(errno.ENOMEM, why)
 
     def _new_chunk(self, got: tuple[int, int], region: Region, dev: str, type: str,
-                   **fields) -> Chunk:
+                   failed: list[Region], **fields) -> Chunk:
+        """Make and commit the chunk ``region`` served; charge the regions that could not."""
+        for other in failed:
+            other.alloc_fail += 1
         chunk = Chunk(self._next_id, got[0], got[1], region, dev, type, **fields)
         self._next_id += 1
         self._commit(chunk)

@@ -5,7 +5,8 @@ Two entry points, both called under the Cma lock:
 - ``make_room(cma, region, size, alignment)``: an allocation failed although the
   region has the free bytes.  Among the windows the request could occupy that
   hold no pinned chunk, take the one whose movable chunks weigh least, move
-  those chunks elsewhere in the region, and leave the window free.
+  those chunks elsewhere in the region and allocate there; if no window can
+  be emptied that way, slide all movable chunks down (``compact``) and retry.
 - ``compact(cma, region)``: slide every movable chunk to the lowest free place
   below it (the ``compact`` file).
 
@@ -57,19 +58,30 @@ def _windows(cma: Cma, region: Region, size: int, alignment: int):
     return found
 
 
-def make_room(cma: Cma, region: Region, size: int, alignment: int, attempts: int = 8) -> bool:
-    """Empty a window of ``size`` bytes at ``alignment`` by moving movable chunks."""
+def make_room(cma: Cma, region: Region, size: int, alignment: int,
+              attempts: int = 8) -> tuple[int, int] | None:
+    """Serve (size, alignment) from ``region`` by moving movable chunks: first by
+    emptying the cheapest window, then, failing that, by sliding every movable
+    chunk down and trying again.  Returns the allocator's answer, or None."""
     allocator = region.allocator
-    size, alignment = allocator.footprint(size, alignment)
-    if region.free < size:
-        return False
-    for cost, w, victims in _windows(cma, region, size, alignment)[:attempts]:
-        if cost == 0:
-            return True  # already free: the allocator will find it
-        if _evict(cma, region, w, w + size, victims):
+    window, window_alignment = allocator.footprint(size, alignment)
+    if not any(hi - lo - sum(c.size for c in movable) >= window
+               for lo, hi, movable in _stretches(cma, region)):
+        return None  # pinned chunks wall every stretch off: moving cannot help
+    for cost, w, victims in _windows(cma, region, window, window_alignment)[:attempts]:
+        if cost and _evict(cma, region, w, w + window, victims):
             region.compactions += 1
-            return True
-    return False
+            got = allocator.alloc(size, alignment)
+            if got is not None:
+                return got
+    if compact(cma, region):
+        got = allocator.alloc(size, alignment)
+        if got is not None:
+            return got
+        for cost, w, victims in _windows(cma, region, window, window_alignment)[:attempts]:
+            if cost and _evict(cma, region, w, w + window, victims):
+                return allocator.alloc(size, alignment)
+    return None
 
 
 def _evict(cma: Cma, region: Region, lo: int, hi: int, victims: list[Chunk]) -> bool:
@@ -107,29 +119,34 @@ def _evict(cma: Cma, region: Region, lo: int, hi: int, victims: list[Chunk]) -> 
 
 
 def compact(cma: Cma, region: Region) -> int:
-    """Slide movable chunks down to the lowest free place below each; returns moves."""
+    """Slide movable chunks down, each to the lowest free place below it (first
+    fit over the gaps left behind, one pass in address order); returns moves."""
     allocator = region.allocator
-    moved = 0
+    gaps: list[list[int]] = []  # [start, end) free, below the scan, address order
+    at, moved = region.start, 0
     for chunk in list(cma.chunks_of(region)):
+        old, end = chunk.start, chunk.end
+        if old > at:
+            _add_gap(gaps, at, old)
+        at = max(at, end)
         if not chunk.movable:
             continue
         size, alignment = allocator.footprint(chunk.size, chunk.alignment)
-        target = _lowest_fit(cma, region, size, alignment, below=chunk.start)
-        if target is not None and allocator.reserve(target, chunk.size):
-            cma._move_to(chunk, target)
-            moved += 1
+        for i, (lo, hi) in enumerate(gaps):
+            w = align_up(lo, alignment)
+            if w + size <= hi and allocator.reserve(w, chunk.size):
+                cma._move_to(chunk, w)
+                moved += 1
+                gaps[i:i + 1] = [g for g in ([lo, w], [w + chunk.size, hi]) if g[1] > g[0]]
+                _add_gap(gaps, old, end)
+                break
     region.compactions += 1
     return moved
 
 
-def _lowest_fit(cma: Cma, region: Region, size: int, alignment: int, below: int) -> int | None:
-    """The lowest aligned free place for ``size`` bytes ending at or before ``below``."""
-    at = region.start
-    for chunk in cma.chunks_of(region):
-        if at >= below:
-            break
-        w = align_up(at, alignment)
-        if w + size <= min(chunk.start, below):
-            return w
-        at = max(at, chunk.end)
-    return None
+def _add_gap(gaps: list[list[int]], lo: int, hi: int) -> None:
+    """Append [lo, hi) to the address-ordered gaps, merging with the last one."""
+    if gaps and gaps[-1][1] == lo:
+        gaps[-1][1] = hi
+    else:
+        gaps.append([lo, hi])
