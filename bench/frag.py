@@ -18,8 +18,8 @@ requests, all pinned).
 
 Printed for the 'video' region: frames served, frames failed, frames that
 failed although the region had the free bytes ("frag fail"), and of those
-the ones no compaction could serve, because no stretch between pinned
-chunks held the free bytes ("walled"), peak
+the ones no compaction could serve, because pinned chunks left no stretch
+long enough for the frame ("walled"), peak
 fragmentation (1 - largest_free/free, sampled at every frame request),
 chunks and bytes moved, and the mean share of live chunks that are movable.
 Prints, never asserts.
@@ -31,7 +31,7 @@ import heapq
 import random
 
 from cmad import Cma, CmaError
-from cmad.compaction import _stretches
+from cmad.compaction import walled
 
 M = 1 << 20
 STEPS = 4000
@@ -66,7 +66,7 @@ def replay(allocator: str, compaction: bool, scenario: str) -> dict:
     cma = Cma(regions.format(a=allocator), map_text)
     region = cma.region("video")
     live: dict[int, object] = {}  # key -> Chunk (a move updates chunk.start in place)
-    served = failed = frag_failed = walled = 0
+    served = failed = frag_failed = walls = 0
     peak = 0.0
     movable_share = []
     for event in trace():
@@ -88,10 +88,9 @@ def replay(allocator: str, compaction: bool, scenario: str) -> dict:
             failed += large
             if large and region.free >= size:
                 frag_failed += 1
-                walled += max((hi - lo) - sum(c.size for c in movable)
-                              for lo, hi, movable in _stretches(cma, region)) < size
+                walls += walled(cma, region, *region.allocator.footprint(size, 4096))
     cma._check()
-    return {"served": served, "failed": failed, "frag_failed": frag_failed, "walled": walled,
+    return {"served": served, "failed": failed, "frag_failed": frag_failed, "walled": walls,
             "peak": peak,
             "moved": region.moved, "moved_bytes": region.moved_bytes,
             "movable": sum(movable_share) / max(len(movable_share), 1)}

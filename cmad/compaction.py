@@ -42,6 +42,12 @@ def _stretches(cma: Cma, region: Region) -> list[tuple[int, int, list[Chunk]]]:
     return out
 
 
+def walled(cma: Cma, region: Region, size: int, alignment: int) -> bool:
+    """True if no stretch between pinned chunks can hold an aligned window of ``size``."""
+    return not any(align_up(lo, alignment) + size <= hi
+                   for lo, hi, _ in _stretches(cma, region))
+
+
 def _windows(cma: Cma, region: Region, size: int, alignment: int):
     """(cost, start, movable chunks inside) for the candidate windows, cheapest first."""
     found = []
@@ -65,8 +71,7 @@ def make_room(cma: Cma, region: Region, size: int, alignment: int,
     chunk down and trying again.  Returns the allocator's answer, or None."""
     allocator = region.allocator
     window, window_alignment = allocator.footprint(size, alignment)
-    if not any(hi - lo - sum(c.size for c in movable) >= window
-               for lo, hi, movable in _stretches(cma, region)):
+    if region.free < window or walled(cma, region, window, window_alignment):
         return None  # pinned chunks wall every stretch off: moving cannot help
     for cost, w, victims in _windows(cma, region, window, window_alignment)[:attempts]:
         if cost and _evict(cma, region, w, w + window, victims):
@@ -74,6 +79,9 @@ def make_room(cma: Cma, region: Region, size: int, alignment: int,
             got = allocator.alloc(size, alignment)
             if got is not None:
                 return got
+    if region.futile_at == region.freed:
+        return None  # sliding everything failed and nothing was freed since
+    region.futile_at = region.freed
     if compact(cma, region):
         got = allocator.alloc(size, alignment)
         if got is not None:

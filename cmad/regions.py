@@ -212,6 +212,7 @@ class Region:
         self.users = 0
         self.used = 0
         self.movable_users = 0
+        self.futile_at = -1  # region.freed when a full compaction last failed
         self.alloc_ok = self.alloc_fail = self.freed = 0
         self.peak_used = self.moved = self.moved_bytes = self.compactions = 0
 
