@@ -207,3 +207,27 @@ def test_phys_without_cap_sys_admin_is_eacces(tmp_path):
     r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
                         python, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "EACCES", r.stderr
+
+
+def test_futile_compaction_is_not_repeated_until_something_is_freed(arena):
+    K = 1024
+    cma = Cma("r=6M:bf", "*=r", arena=arena)
+    cma.alloc("x", 1536 * K, movable=True)  # [0, 1.5M): can only leave for a 1.5M hole
+    temps = [cma.alloc("x", M)]              # [1.5M, 2.5M), freed below
+    cma.alloc("x", 4 * K)                    # a wall at 2.5M
+    for _ in range(6):                       # 512K holes between 4K walls
+        temps.append(cma.alloc("x", 512 * K))
+        cma.alloc("x", 4 * K)
+    cma.alloc("x", 484 * K)
+    for c in temps:
+        cma.free(c.start)
+    region = cma.region("r")
+    assert region.free == 4 * M and region.largest_free() == M
+    with pytest.raises(CmaError):
+        cma.alloc("x", 2 * M)
+    assert region.futile_at == region.freed
+    compactions = region.compactions
+    with pytest.raises(CmaError):
+        cma.alloc("x", 2 * M)
+    assert region.compactions == compactions  # not tried again: nothing was freed
+    cma._check()
