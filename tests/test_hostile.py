@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from test_daemon import alloc, read, write_errno
 
 WRITABLE = ("alloc", "free", "map", "regions/video/alloc", "regions/common/alloc",
-            "regions/dma/alloc")
+            "regions/dma/alloc", "regions/video/compact")
 REFUSALS = {errno.EINVAL, errno.ENOENT, errno.ENOMEM, errno.EEXIST, errno.EBUSY}
 WORDS = ["camera", "camera/preview", "net", "@video", "@video,common", "@", "@dma,", "*",
          "..", "../x", "a/b", "label=", "label=x", "label=../x", "label=a/b", "label=é",
