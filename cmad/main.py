@@ -140,11 +140,10 @@ class Reloader:
 
 
 def serve_tree(cma: Cma, config: Config, args: argparse.Namespace) -> None:
-    from fusefs import Filesystem, check_mountpoint, serve
+    from fusefs import Filesystem, serve
 
     from .tree import Tree
 
-    check_mountpoint(config.mountpoint)
     arena = cma.arena
     tree = Tree(cma, gid=group_id(config.group), extra_stats={
         "backing": arena.backing, "page_size": 4096, "arena_size": arena.size,
@@ -167,14 +166,20 @@ def main(argv: list[str] | None = None) -> int:
         from . import offline
         return offline.main(argv)
     args = parse_args(argv)
-    journal = None
     try:
         config = load(args.config, {k: getattr(args, k) for k in FLAGS})
         logging.getLogger().setLevel(config.log_level.upper())
-        cma, journal = build(config)
     except ConfigError as e:
         log.error("%s", e)
         return 2
+    try:  # before anything is touched: another daemon's live mount (and arena) stays
+        from fusefs import check_mountpoint
+        check_mountpoint(config.mountpoint)
+    except OSError as e:
+        log.error("%s", getattr(e, "why", None) or e)
+        return 1
+    try:
+        cma, journal = build(config)
     except (CmaError, sqlite3.Error) as e:
         log.error("configuration: %s", getattr(e, "why", e))
         return 2

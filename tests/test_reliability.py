@@ -91,3 +91,16 @@ def test_shrunk_region_under_live_chunks_refuses_to_start(daemon, tmp_path):
     assert not os.path.ismount(mnt)
     result = cmad_check(state)  # the journal was not touched
     assert result.returncode == 0 and "ok: 1 chunks" in result.stdout
+
+
+def test_a_second_daemon_never_touches_a_live_one(daemon, tmp_path):
+    state = tmp_path / "state"
+    mnt = daemon("--state-dir", str(state))
+    alloc(mnt, "camera 1M label=mine")
+    arena = read(mnt / "stats").split("arena_file ")[1].split()[0]
+    for extra in ((), ("--state-dir", str(tmp_path / "other"))):
+        r = subprocess.run([sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt),
+                            *extra], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and str(mnt) in r.stderr
+        assert os.path.exists(arena)
+        assert read(mnt / "chunks/mine/size") == f"{M}\n"
