@@ -15,6 +15,7 @@ import errno
 import logging
 import mmap
 import os
+import stat
 from array import array
 
 from .errors import CmaError
@@ -75,6 +76,34 @@ def _thp_shmem_mode() -> str:
     return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
 
 
+class Unsafe(CmaError):
+    """An arena file someone else could read or swap: never used."""
+
+
+def open_private(path: str) -> int:
+    """Open (creating it 0600) a regular file only we can touch; no symlinks followed.
+
+    The default place is /dev/shm, writable by everyone: a file planted there
+    by another user, or a symlink, must be refused, not adopted.
+    """
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise Unsafe(errno.EPERM, f"arena file {path}: {e.strerror} (a symlink is refused)")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        os.close(fd)
+        raise Unsafe(errno.EPERM, f"arena file {path} is not a regular file of uid "
+                                  f"{os.geteuid()} with mode 0600 (uid {st.st_uid}, mode "
+                                  f"{stat.S_IMODE(st.st_mode):o}): refusing it; remove it")
+    return fd
+
+
 class Arena:
     """``size`` bytes of shared memory mapped into the daemon, zero-copy by memoryview."""
 
@@ -95,6 +124,9 @@ class Arena:
             self.size = size
             try:
                 self._open(kind, path, populate, hugetlb_memfd)
+            except Unsafe:
+                self._close_fd()
+                raise
             except OSError as e:
                 failures.append(f"{kind}: {e.strerror or e}")
                 self._close_fd()
@@ -128,7 +160,7 @@ class Arena:
                                          f"in {_THP_SHMEM}")
         if self.fd < 0:
             self.fd = (os.memfd_create("cmad-arena", os.MFD_CLOEXEC) if path is None
-                       else os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                       else open_private(path))
         if os.fstat(self.fd).st_size < self.size:
             os.ftruncate(self.fd, self.size)
         flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
@@ -155,6 +187,14 @@ class Arena:
                 raise CmaError(e.errno, f"arena: cannot back {end - start:#x} bytes at "
                                         f"{start:#x}: {e.strerror}") from None
 
+    def zero(self, offset: int, size: int) -> None:
+        """memset the range to 0: a new chunk never shows a freed one's bytes."""
+        self.view(offset, size)  # bounds check
+        ctypes.memset(self._address() + offset, 0, size)
+
+    def _address(self) -> int:
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+
     def release(self, offset: int, size: int) -> int:
         """Give the whole pages inside [offset, offset + size) back to the system
         (MADV_REMOVE punches a hole in the tmpfs/hugetlbfs file).  Returns bytes released."""
@@ -175,7 +215,7 @@ class Arena:
         Reads /proc/self/pagemap; EACCES where the kernel hides frame numbers
         (they read as 0 without CAP_SYS_ADMIN), EFAULT for pages not present.
         """
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+        base = self._address()
         self.view(offset, size)  # bounds check
         self.mm[offset:offset + size:mmap.PAGESIZE]  # fault the pages into our page table
         first, count = (base + offset) // mmap.PAGESIZE, -(-size // mmap.PAGESIZE)

@@ -217,7 +217,13 @@ class Buffer:
         return self._view
 
     def _map(self) -> None:
-        text = read_value(os.path.join(self.path, "mmap"))
+        try:
+            text = read_value(os.path.join(self.path, "mmap"))
+        except PermissionError:
+            raise PermissionError(
+                errno.EACCES, f"cannot map chunk {self.name}: zero-copy mapping is for root "
+                f"(the chunk's mmap attribute and the arena file are root-only); uid "
+                f"{os.geteuid()} can use {self.path}/data instead") from None
         path, offset, length = text.rsplit(" ", 2)  # the path may hold spaces
         offset, length = int(offset), int(length)
         lead = offset % mmap.ALLOCATIONGRANULARITY

@@ -223,7 +223,7 @@ class Cma:
                      else parse_alignment(alignment, f"{request()}: alignment"))
         size = (size + PAGE_SIZE - 1) & -PAGE_SIZE
         if bound is not None:
-            if not is_power_of_two(bound) or bound < PAGE_SIZE or size > bound:
+            if not is_power_of_two(bound) or bound < PAGE_SIZE or size > bound or bound >= 1 << 63:
                 raise einval(f"{request()}: bound {bound:#x} must be a power of two "
                              "no smaller than the page size or the chunk")
             alignment = max(alignment, _next_pow2(size))
@@ -241,15 +241,16 @@ class Cma:
         for region in regions:
             allocator = region.allocator
             got = allocator.alloc(size, alignment) if allocator and size <= region.free else None
-            if got is not None:
+            if got is not None and self._fits(got, region, bound, limit, uid, request):
                 return self._new_chunk(got, region, dev, type, failed, **fields)
             failed.append(region)
-        for i, region in enumerate(failed):  # fragmentation: make room by moving chunks
+        for region in failed:  # fragmentation: make room by moving chunks
             if region.allocator and region.movable_users and region.free >= size:
                 got = compaction.make_room(self, region, size, alignment)
-                if got is not None:
+                if got is not None and self._fits(got, region, bound, limit, uid, request):
                     log.info("%s: served after compacting region %s", request(), region.name)
-                    return self._new_chunk(got, region, dev, type, failed[:i], **fields)
+                    return self._new_chunk(got, region, dev, type,
+                                           [r for r in failed if r is not region], **fields)
         for region in failed:
             region.alloc_fail += 1
         tried = ", ".join(r.describe() if r.allocator else f"{r.name} (no allocator: "
@@ -257,6 +258,20 @@ class Cma:
         why = f"{request()}: no room; tried {tried}"
         log.info("%s", why)
         raise CmaError(errno.ENOMEM, why)
+
+    def _fits(self, got: tuple[int, int], region: Region, bound: int | None,
+              limit: int | None, uid: int, request: Callable[[], str]) -> bool:
+        """Whether the chunk the allocator returned (rounded up to its block) still
+        keeps the request's bound and the caller's limit; if not it is given back."""
+        start, size = got
+        if bound is not None and start // bound != (start + size - 1) // bound:
+            region.allocator.free(start, size)
+            return False
+        if limit is not None and self.held(uid) + size > limit:
+            region.allocator.free(start, size)
+            raise CmaError(errno.EDQUOT, f"{request()}: the allocator's {human(size)} would "
+                                         f"take uid {uid} past its {human(limit)} limit")
+        return True
 
     def _new_chunk(self, got: tuple[int, int], region: Region, dev: str, type: str,
                    failed: list[Region], **fields) -> Chunk:
@@ -310,8 +325,10 @@ class Cma:
         self._index(chunk)
         told = []
         try:
-            if chunk.region.kind == "sticky" and self.arena is not None:
-                self.arena.populate(chunk.start - self.base, chunk.size)
+            if self.arena is not None:
+                if chunk.region.kind == "sticky":
+                    self.arena.populate(chunk.start - self.base, chunk.size)
+                self.arena.zero(chunk.start - self.base, chunk.size)  # no bytes of the past
             for listener in self.listeners:
                 listener.on_alloc(chunk)
                 told.append(listener)
@@ -347,24 +364,28 @@ class Cma:
 
         Copy, then commit (journal first), then let go of the old range.  A crash
         before the commit finds the chunk at its old place with its old bytes.
+        On any error the move is undone and ``new`` given back.
         """
         region, old, size = chunk.region, chunk.start, chunk.size
         assert new + size <= old or old + size <= new, "a move never overlaps itself"
-        if self.arena is not None:
-            if region.kind == "sticky":
-                self.arena.populate(new - self.base, size)
-            self.data(chunk, at=new)[:] = self.data(chunk)
-        faults.point("move-copied")
-        self.chunks.remove(chunk)
-        chunk.start = new
-        self.chunks.add(chunk)
+        moved_index = False
         try:
+            if self.arena is not None:
+                if region.kind == "sticky":
+                    self.arena.populate(new - self.base, size)
+                self.data(chunk, at=new)[:] = self.data(chunk)
+            faults.point("move-copied")
+            self.chunks.remove(chunk)
+            chunk.start = new
+            self.chunks.add(chunk)
+            moved_index = True
             for listener in self.listeners:
                 listener.on_move(chunk, old)
         except BaseException:
-            self.chunks.remove(chunk)
-            chunk.start = old
-            self.chunks.add(chunk)
+            if moved_index:
+                self.chunks.remove(chunk)
+                chunk.start = old
+                self.chunks.add(chunk)
             region.allocator.free(new, size)
             raise
         region.allocator.free(old, size)
@@ -377,6 +398,7 @@ class Cma:
     @_locked
     def pin(self, chunk: Chunk) -> None:
         """Make a movable chunk pinned for good (its mapping was handed out)."""
+        self.check_live(chunk)
         if not chunk.movable:
             return
         chunk.movable = False
@@ -464,6 +486,11 @@ class Cma:
                            "moved", "compactions")}
         return RegionStats(largest_free=largest, fragmentation=fragmentation(free, largest),
                            **total)
+
+    def check_live(self, chunk: Chunk) -> None:
+        """ENXIO for a chunk object whose chunk was freed (an old open file)."""
+        if self.chunks.get(chunk.start) is not chunk:
+            raise CmaError(errno.ENXIO, f"chunk {chunk.name} was freed")
 
     def data(self, chunk: Chunk, at: int | None = None) -> memoryview:
         """The chunk's bytes (or the same size at ``at``), zero-copy."""

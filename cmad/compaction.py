@@ -119,10 +119,16 @@ def _evict(cma: Cma, region: Region, lo: int, hi: int, victims: list[Chunk]) -> 
                 allocator.free(*h)
             return False
         placed.append((c, got[0]))
-    for c, new in placed:
-        cma._move_to(c, new)
-    for h in held:
-        allocator.free(*h)
+    try:
+        for i, (c, new) in enumerate(placed):
+            cma._move_to(c, new)
+    except BaseException:  # a failed move undid itself; give back what the rest held
+        for c, new in placed[i + 1:]:
+            allocator.free(new, c.size)
+        raise
+    finally:
+        for h in held:
+            allocator.free(*h)
     return True
 
 

@@ -89,7 +89,7 @@ def load(path: str | None, flags: dict) -> Config:
                 values = tomllib.load(f)
         except OSError as e:
             raise ConfigError("config", f"{path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError("config", f"{path}: {e}") from None
         config.update(values, path)
     config.update(flags, "flags")

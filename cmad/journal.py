@@ -86,13 +86,13 @@ class Journal:
         try:
             self.db.execute(f"INSERT INTO chunks VALUES ({', '.join('?' * len(FIELDS))})",
                             _row(chunk))
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OverflowError) as e:
             raise CmaError(errno.EIO, f"journal: cannot record chunk {chunk.name}: {e}") from e
 
     def on_free(self, chunk: Chunk) -> None:
         try:
             self.db.execute("DELETE FROM chunks WHERE id = ?", (chunk.id,))
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OverflowError) as e:
             raise CmaError(errno.EIO, f"journal: cannot record free of {chunk.name}: {e}") from e
 
     def on_move(self, chunk: Chunk, old_start: int) -> None:
@@ -100,7 +100,7 @@ class Journal:
         try:
             self.db.execute("UPDATE chunks SET start = ?, movable = ? WHERE id = ?",
                             (chunk.start, int(chunk.movable), chunk.id))
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OverflowError) as e:
             raise CmaError(errno.EIO, f"journal: cannot record move of {chunk.name}: {e}") from e
 
     def forget(self, ids: list[int]) -> None:

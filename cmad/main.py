@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import grp
 import logging
 import os
@@ -12,10 +13,12 @@ from functools import partial
 
 from . import __version__, service
 from .arena import Arena, hugetlbfs_mounts
+from .allocator import registry
 from .cma import Cma
 from .config import Config, ConfigError, load
 from .errors import CmaError
 from .journal import Journal, recover
+from .regions import layout as place, parse_regions
 
 log = logging.getLogger("cmad")
 
@@ -69,7 +72,9 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
               limits=config.limits)
     journal = Journal(config.state_dir) if config.state_dir else None
     path = config.arena_file or (journal and journal.get("arena_file")) or arena_path(config)
-    if journal is None and os.path.exists(path):
+    if journal is not None and journal.count():
+        check_journal_matches(journal, config, path, cma.base)
+    if journal is None and os.path.lexists(path):
         os.unlink(path)  # a non-persistent daemon starts with a fresh arena
     survived = os.path.exists(path)
     arena = Arena(cma.arena_size, path=path, backing=config.backing,
@@ -88,6 +93,21 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
     return cma, journal
 
 
+def check_journal_matches(journal: Journal, config: Config, path: str, base: int) -> None:
+    """Journalled chunks live at addresses = base + offset in one arena file: a new
+    base or another file while the old one exists would lose them silently."""
+    old_base, old_path = journal.get("base"), journal.get("arena_file")
+    if old_base is not None and int(old_base) != base:
+        raise CmaError(errno.EINVAL, f"base changed from {int(old_base):#x} to {base:#x} "
+                                     f"under {journal.count()} journalled chunks: refusing to "
+                                     "start (restore the base or run 'cmad reset')")
+    if old_path and old_path != path and os.path.exists(old_path):
+        raise CmaError(errno.EINVAL, f"arena_file changed from {old_path} to {path} under "
+                                     f"{journal.count()} journalled chunks whose bytes are in "
+                                     f"{old_path}: refusing to start (restore arena_file or "
+                                     "run 'cmad reset')")
+
+
 def stop(cma: Cma, journal: Journal | None) -> None:
     """Keep the arena file only while a journal says chunks live in it."""
     service.notify(STOPPING=1)
@@ -100,9 +120,18 @@ def stop(cma: Cma, journal: Journal | None) -> None:
 
 
 def layout(config: Config) -> list[tuple]:
-    """What a configuration makes of the regions (EINVAL etc. if it is bad)."""
-    cma = Cma(config.regions, "", base=config.base, arena_size=config.arena_size)
-    return [(r.name, r.start, r.size, r.kind, r.wanted) for r in cma.regions]
+    """What a configuration makes of the regions (EINVAL etc. if it is bad), without
+    building allocators (a typo like 1P:bitmap must not allocate a huge bitmap)."""
+    specs = parse_regions(config.regions)
+    allocators = registry()
+    granules = {}
+    for spec in specs:
+        name = spec.alloc.name or next(iter(allocators))
+        if name not in allocators:
+            raise CmaError(errno.EINVAL, f"region {spec.name}: unknown allocator {name!r}")
+        granules[spec.name] = allocators[name].granule(**spec.alloc.params)
+    starts = place(specs, config.base, config.arena_size, granules)
+    return sorted((starts[s.name], s.name, s.size, s.alloc) for s in specs)
 
 
 class Reloader:
@@ -116,7 +145,7 @@ class Reloader:
         try:
             new = load(self.args.config, {k: getattr(self.args, k) for k in FLAGS})
             changed_layout = layout(new) != layout(self.config)
-        except (ConfigError, CmaError) as e:
+        except Exception as e:  # a reload never takes the daemon down
             log.error("reload: %s; keeping the running configuration", getattr(e, "why", e))
             return
         if changed_layout:

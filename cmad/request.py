@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .chunks import Chunk, check_label
@@ -28,7 +29,7 @@ class Request:
 
 
 def parse_request(text: str) -> Request:
-    words = text.split()
+    words = re.split(r"[ \t]+", text.strip(" \t"))  # ASCII blanks only: no U+00A0 tricks
     if len(words) < 2:
         raise einval(f"request {text[:80]!r}: expected '<dev>[/<type>] <size>[/<align>] "
                      "[label=L] [movable] [transient] [bound=B]' or '@<region>,... <size>...'")

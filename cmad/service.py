@@ -73,5 +73,7 @@ async def reload_on_sighup(reload: Callable[[], None]) -> None:
             notify(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
             try:
                 reload()
+            except Exception:
+                log.exception("reload failed; the running configuration stays")
             finally:
                 notify(READY=1)

@@ -154,18 +154,18 @@ class Tree:
             for name, show in CHUNK_ATTRS.items():
                 d.add(name, Attr(partial(show, chunk)))
             d.add("data", Bytes(partial(self._data, chunk), mode=0o600, uid=chunk.uid))
-            d.add("mmap", Attr(partial(self._mmap, chunk)))
+            d.add("mmap", Attr(partial(self._mmap, chunk), mode=0o400))
             d.add("movable", Attr(lambda: str(int(chunk.movable))))
             d.add("phys", Attr(partial(self._phys, chunk), mode=0o400))
         return LazyDir(populate)
 
     def _data(self, chunk: Chunk) -> memoryview:
-        if self.cma.chunks.get(chunk.start) is not chunk:
-            raise CmaError(errno.ENXIO, f"chunk {chunk.name} was freed")
+        self.cma.check_live(chunk)
         return self.cma.data(chunk)
 
     def _mmap(self, chunk: Chunk) -> str:
-        """Handing out a mapping pins a movable chunk: the daemon cannot follow it."""
+        """Handing out a mapping pins a movable chunk: the daemon cannot follow it.
+        Root only (mode 0400), as the arena file is: nobody else could map it."""
         arena = self.cma.arena
         if arena is None:
             raise CmaError(errno.ENODEV, "no arena behind this daemon")

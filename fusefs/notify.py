@@ -74,15 +74,18 @@ class Invalidator:
             return True
         with trio.move_on_after(timeout):
             while self._done < target:
-                self._wakeup = trio.Event()
+                if self._wakeup is None:        # one event shared by every waiter
+                    self._wakeup = trio.Event()
                 if self._done >= target:        # the thread was quicker
                     break
                 await self._wakeup.wait()
         return self._done >= target
 
     def _poke(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
+        """In the loop's thread: wake every waiter; each rechecks its own target."""
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None:
+            wakeup.set()
 
     def _loop(self, token: trio.lowlevel.TrioToken) -> None:
         while True:

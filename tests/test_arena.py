@@ -94,3 +94,22 @@ def test_bad_arguments():
     with pytest.raises(CmaError):
         arena.view(M - 4096, 8192)
     arena.close()
+
+
+def test_a_planted_arena_file_or_symlink_is_refused():
+    path = f"/dev/shm/cmad-test-planted-{os.getpid()}"
+    try:
+        with open(path, "w"):
+            pass
+        os.chmod(path, 0o666)
+        with pytest.raises(CmaError, match="mode 0600") as e:
+            Arena(M, path=path)
+        assert e.value.errno == errno.EPERM
+        os.unlink(path)
+        os.symlink("/tmp/elsewhere", path)
+        with pytest.raises(CmaError, match="symlink"):
+            Arena(M, path=path)
+        assert not os.path.exists("/tmp/elsewhere")
+    finally:
+        if os.path.lexists(path):
+            os.unlink(path)

@@ -313,3 +313,40 @@ def test_facade_invariants_under_random_traffic(sequence):
     cma._check()
     for r in cma.regions:
         assert r.free == r.size and r.largest_free() > 0
+
+
+def test_a_new_chunk_never_shows_a_freed_ones_bytes():
+    arena = Arena(8 * M)
+    try:
+        cma = Cma("r=8M", "*=r", arena=arena)
+        a = cma.alloc("x", M)
+        cma.data(a)[:] = b"\xaa" * M
+        cma.free(a.start)
+        b = cma.alloc("x", M)
+        assert b.start == a.start and bytes(cma.data(b)) == bytes(M)
+    finally:
+        arena.close()
+
+
+def test_bound_and_limits_see_the_allocators_rounding():
+    cma = Cma("r=8M:bitmap(order_per_bit=4)", "*=r", limits={1000: 32 << 10})
+    raises(errno.EDQUOT, cma.alloc, "x", 4096, uid=1000)  # a 64 KiB block, over 32 KiB
+    assert cma.held(1000) == 0 and len(cma.chunks) == 0
+    raises(errno.ENOMEM, cma.alloc, "x", 4096, bound=4096)  # 64 KiB cannot keep a 4 KiB bound
+    c = cma.alloc("x", 4096, bound=64 << 10)
+    assert c.start // (64 << 10) == (c.end - 1) // (64 << 10)
+    raises(errno.EINVAL, cma.alloc, "x", 4096, bound=1 << 63)
+    cma._check()
+
+
+def test_alloc_fail_is_charged_to_every_region_that_could_not_serve_even_after_compaction():
+    cma = Cma("a=4M;b=4M;c=4M", "*=a,b,c")
+    for name in ("a", "c"):
+        cma.alloc_from(name, 4 * M)
+    b = cma.region("b")
+    chunks = [cma.alloc_from("b", M, movable=True) for _ in range(4)]
+    cma.free(chunks[0].start)
+    cma.free(chunks[2].start)
+    got = cma.alloc("x", 2 * M)
+    assert got.region is b and b.stats().moved >= 1
+    assert [cma.region(n).alloc_fail for n in "abc"] == [1, 0, 1]

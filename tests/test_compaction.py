@@ -231,3 +231,36 @@ def test_futile_compaction_is_not_repeated_until_something_is_freed(arena):
         cma.alloc("x", 2 * M)
     assert region.compactions == compactions  # not tried again: nothing was freed
     cma._check()
+
+
+def test_a_failed_move_gives_everything_back(arena):
+    cma = Cma("r=16M:bf", "*=r", arena=arena)
+    live = checkerboard(cma)
+
+    class Failing:
+        def on_alloc(self, chunk):
+            pass
+
+        def on_free(self, chunk):
+            pass
+
+        def on_move(self, chunk, old_start):
+            raise CmaError(errno.EIO, "journal full")
+
+    cma.listeners.append(Failing())
+    starts = {c.id: c.start for c in live}
+    free = cma.region("r").free
+    with pytest.raises(CmaError):
+        cma.alloc("x", 2 * M)
+    assert {c.id: c.start for c in cma.chunks} == starts and cma.region("r").free == free
+    cma._check()
+
+
+def test_pin_of_a_freed_chunk_is_enxio(arena):
+    cma = Cma("r=16M:bf", "*=r", arena=arena)
+    c = cma.alloc("x", M, movable=True)
+    cma.free(c.start)
+    d = cma.alloc("x", M, movable=True)
+    with pytest.raises(CmaError) as e:
+        cma.pin(c)
+    assert e.value.errno == errno.ENXIO and d.movable and cma.region("r").movable_users == 1

@@ -261,7 +261,8 @@ BAD = [b"", b"\n", b"garbage", b"camera", b"camera -1", b"camera 999999999999999
        b"camera 16E", b"camera 0xffffffffffffffff", b"camera 4K/6M", b"camera 4K/0x3",
        b"camera\0 4K", b"\xff\xfe", "caméra 4K".encode(), b"camera 4K label=../x",
        b"camera 4K label=a/b", b"camera 4K label=", b"camera 4K bogus", b"x" * (1 << 20),
-       b"@ 4K", b"@video,,dma 4K", b"camera 4K bound=3M", "camera 4K label=ñ".encode()]
+       b"@ 4K", b"@video,,dma 4K", b"camera 4K bound=3M", "camera 4K label=ñ".encode(),
+       "camera\u00a04K".encode(), b"camera 4K bound=8E", b"camera 4K/0x8000000000000000"]
 
 
 def test_bad_input_changes_nothing(daemon):

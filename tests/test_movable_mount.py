@@ -66,6 +66,7 @@ def test_reading_mmap_pins_a_movable_chunk(daemon):
     mnt = daemon(*REGIONS)
     alloc(mnt, "x 1M label=m movable")
     assert read(mnt / "chunks/m/movable") == "1\n"
+    assert stat.S_IMODE(os.stat(mnt / "chunks/m/mmap").st_mode) == 0o400  # root maps
     read(mnt / "chunks/m/mmap")
     assert read(mnt / "chunks/m/movable") == "0\n"
 

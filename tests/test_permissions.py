@@ -74,6 +74,7 @@ def test_modes_for_real_users(public_tmp, users, daemon):
     assert "Permission denied" in as_user(outsider, f"cat {mnt}/chunks/mine/data").stderr
     assert (mnt / "chunks/mine/data").read_bytes()[:2] == b"hi"  # root reads anything
     assert as_user(outsider, f"cat {mnt}/chunks/mine/size").stdout == f"{M}\n"
+    assert "Permission denied" in as_user(member, f"cat {mnt}/chunks/mine/mmap").stderr
     assert as_user(outsider, f"cat {mnt}/regions/video/free").returncode == 0
     owner = read(mnt / "chunks/mine/owner").split()
     assert owner[0] == str(uid)

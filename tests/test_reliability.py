@@ -5,6 +5,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from test_daemon import alloc, read
 
 M = 1 << 20
@@ -104,3 +106,21 @@ def test_a_second_daemon_never_touches_a_live_one(daemon, tmp_path):
         assert r.returncode == 1 and str(mnt) in r.stderr
         assert os.path.exists(arena)
         assert read(mnt / "chunks/mine/size") == f"{M}\n"
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--base", "0x80000000"), "base changed from 0x40000000 to 0x80000000"),
+    (("--arena-file", "/dev/shm/cmad-test-other-arena"), "arena_file changed from"),
+])
+def test_moving_the_arena_under_journalled_chunks_refuses(daemon, tmp_path, change, message):
+    state = tmp_path / "state"
+    mnt = daemon("--state-dir", str(state))
+    alloc(mnt, "camera 1M label=keep")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=20) == 0
+    r = subprocess.run([sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt),
+                        "--state-dir", str(state), *change],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr
+    assert not os.path.exists("/dev/shm/cmad-test-other-arena")
+    assert cmad_check(state).returncode == 0

@@ -116,7 +116,13 @@ def test_sighup_with_a_broken_config_keeps_everything(daemon, tmp_path):
     stderr = pathlib.Path(daemon.proc.stderr_path)
     assert eventually(lambda: "keeping the running map" in stderr.read_text())
     assert read(mnt / "map") == "camera=video;*=common\n"
-    config.write_text("this is not toml")
-    daemon.proc.send_signal(signal.SIGHUP)
-    assert eventually(lambda: "keeping the running configuration" in stderr.read_text())
-    assert daemon.proc.poll() is None
+    for text in (b"this is not toml", b'map = "x=video" # caf\xe9\n',
+                 b'regions = "video=1P:bitmap"\n'):
+        before = stderr.read_text().count("keeping the running configuration") + \
+            stderr.read_text().count("region layout changed")
+        config.write_bytes(text)
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert eventually(lambda: stderr.read_text().count("keeping the running configuration")
+                          + stderr.read_text().count("region layout changed") > before)
+        assert daemon.proc.poll() is None
+        assert read(mnt / "regions/video/size") == f"{32 << 20}\n"
