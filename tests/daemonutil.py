@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from cmad.config import Config
+from cmad.main import arena_path
 from mountutil import MountError, cleanup, daemon_stderr, mounted, require_fuse
 
 
@@ -32,9 +34,18 @@ class Daemons:
         self.stack = stack
         self.count = 0
         self.proc = None
+        self.arenas: set[str] = set()
+        stack.callback(self.remove_arenas)  # runs last, once every daemon has stopped
 
     def argv(self, mnt: pathlib.Path, args) -> list[str]:
+        self.arenas.add(arena_path(Config(mountpoint=str(mnt))))
         return [sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt), *args]
+
+    def remove_arenas(self) -> None:
+        """A persistent daemon keeps its arena file while chunks live: not after a test."""
+        for path in self.arenas:
+            if os.path.lexists(path):
+                os.unlink(path)
 
     def __call__(self, *args: str, env: dict | None = None, mountpoint=None) -> pathlib.Path:
         self.count += 1
