@@ -49,15 +49,18 @@ class Invalidator:
                                         name="fusefs-invalidate", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def stop(self, timeout: float = 2.0) -> bool:
+        """Stop the thread; False if it is still blocked in the kernel."""
         if self._thread is None:
-            return
+            return True
         self._queue.put(None)
         self._thread.join(timeout)
-        if self._thread.is_alive():
+        stopped = not self._thread.is_alive()
+        if not stopped:
             log.warning("invalidation thread still blocked at shutdown")
         self._thread = None
         self._token = None
+        return stopped
 
     def entry(self, parent_inode: int, name: bytes) -> None:
         """Queue: drop the kernel's cached entry *name* of *parent_inode*."""

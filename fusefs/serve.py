@@ -15,15 +15,18 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from typing import Awaitable, Callable, Iterable, Optional
 
 import pyfuse3
 import trio
 
+from . import guard
+from .guard import abort_connection, alive
 from .notify import invalidator
 from .ops import Filesystem
 
-__all__ = ["serve", "check_mountpoint", "mount_options"]
+__all__ = ["serve", "check_mountpoint", "mount_options", "mount_entry", "abort_connection"]
 
 log = logging.getLogger("fusefs")
 
@@ -38,7 +41,9 @@ def mount_options(fsname: str = "fusefs", options: Iterable[str] = ()) -> set[st
     direct_io a read of 1 MiB is one request (max_read is unlimited).
     """
     opts = set(pyfuse3.default_options)
-    opts.update(("allow_other", "default_permissions", f"fsname={fsname}"))
+    # The pid in the source lets the next daemon tell a stale mount from a
+    # live one by the mount table alone (see check_mountpoint).
+    opts.update(("allow_other", "default_permissions", f"fsname={fsname}:{os.getpid()}"))
     opts.update(options)
     return opts
 
@@ -62,10 +67,20 @@ def serve(fs: Filesystem, mountpoint: str, *, options: Iterable[str] = (),
     except RuntimeError as e:
         # libfuse has printed its reason (bad mount point...) on stderr.
         raise OSError(errno.EIO, f"cannot mount on {mountpoint}: {e}", mountpoint) from e
+    watchman = _start_guard(mountpoint)
     try:
         trio.run(_run, fs, on_ready, tasks)
     finally:
-        invalidator.stop()
+        if watchman is not None:
+            watchman.kill()
+            watchman.wait()
+        if not invalidator.stop():
+            # The invalidation thread waits on a directory lock that a lookup
+            # holds while it waits for the loop we just stopped: abort the
+            # connection, or the process could never exit.
+            mount = mount_entry(os.path.abspath(mountpoint))
+            if mount is not None and abort_connection(mount[2]):
+                log.warning("aborted the FUSE connection to free a blocked invalidation")
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
 
@@ -107,32 +122,75 @@ async def _terminate_on_signals() -> None:
             pyfuse3.terminate()
 
 
+def _start_guard(mountpoint: str) -> Optional[subprocess.Popen]:
+    """The guard process (guard.py): aborts our connection if we die stuck."""
+    mount = mount_entry(os.path.abspath(mountpoint))
+    if mount is None:
+        return None
+    return subprocess.Popen([sys.executable, "-S", guard.__file__, str(os.getpid()),
+                             str(mount[2])], stdin=subprocess.DEVNULL, close_fds=True)
+
+
 def check_mountpoint(path: str) -> None:
     """Make *path* usable as a mountpoint, or refuse.
 
-    - A stale FUSE mount (its daemon died: statvfs fails with ENOTCONN; a
-      plain stat may still be answered from the kernel's cache) is cleared
-      with ``fusermount3 -u -z`` and logged.
-    - A live mount of anything raises OSError(EBUSY) naming it: another
-      daemon's mount is never touched.
-    - A missing directory is created.
+    The mount table says what is there without touching the filesystem (a
+    call into a FUSE mount whose daemon died while the kernel waited on it
+    can block forever; even statvfs):
+    - a FUSE mount whose source names a pid (``serve`` mounts as
+      ``<fsname>:<pid>``) that is dead or a zombie is stale: its connection
+      is aborted through fusectl (which frees every process blocked on it,
+      including a dying daemon stuck in an entry invalidation) and it is
+      lazily unmounted, with a log line;
+    - any other FUSE mount is probed with statvfs: ENOTCONN means stale;
+    - a live mount of anything raises OSError(EBUSY) naming it: another
+      daemon's mount is never touched;
+    - a missing directory is created.
     """
     path = os.path.abspath(os.fspath(path))
-    try:
-        os.statvfs(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        if e.errno != errno.ENOTCONN:
-            raise
-        log.warning("%s: stale FUSE mount (its daemon is gone), clearing it", path)
+    mount = mount_entry(path)
+    if mount is not None:
+        source, fstype, minor = mount
+        pid = _source_pid(source)
+        if fstype.startswith("fuse") and pid is not None:
+            stale = not alive(pid)
+        elif fstype.startswith("fuse"):
+            try:
+                os.statvfs(path)
+                stale = False
+            except OSError as e:
+                if e.errno != errno.ENOTCONN:
+                    raise
+                stale = True
+        else:
+            stale = False
+        if not stale:
+            raise OSError(errno.EBUSY, f"{path} is already a live mount point ({source} "
+                          f"type {fstype}); not touching it", path)
+        log.warning("%s: stale FUSE mount (%s, its daemon is gone), clearing it", path, source)
+        abort_connection(minor)
         _lazy_unmount(path)
-    else:
-        if os.path.ismount(path):
-            raise OSError(errno.EBUSY,
-                          f"{path} is already a live mount point ({_mount_source(path)}); "
-                          "not touching it", path)
     os.makedirs(path, exist_ok=True)
+
+
+def mount_entry(path: str) -> tuple[str, str, int] | None:
+    """(source, fstype, device minor) of the topmost mount on *path*, or None."""
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, tail = left.split(), right.split()
+                if len(fields) >= 5 and len(tail) >= 2 and _unescape(fields[4]) == path:
+                    found = (_unescape(tail[1]), tail[0], int(fields[2].split(":")[1]))
+    except OSError:
+        pass
+    return found
+
+
+def _source_pid(source: str) -> int | None:
+    name, colon, pid = source.rpartition(":")
+    return int(pid) if colon and name and pid.isdigit() else None
 
 
 def _lazy_unmount(path: str) -> None:
@@ -142,20 +200,6 @@ def _lazy_unmount(path: str) -> None:
     if done.returncode != 0:
         raise OSError(errno.EBUSY, f"cannot clear the stale mount on {path}: "
                       f"{' '.join(argv)}: {done.stderr.strip()}", path)
-
-
-def _mount_source(path: str) -> str:
-    """'<source> type <fstype>' of the mount on *path*, from /proc/self/mounts."""
-    try:
-        with open("/proc/self/mounts") as f:
-            found = None
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 3 and _unescape(fields[1]) == path:
-                    found = f"{_unescape(fields[0])} type {fields[2]}"
-            return found or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _unescape(field: str) -> str:

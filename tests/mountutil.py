@@ -135,18 +135,25 @@ def lazy_unmount(path):
 
 def cleanup(proc, path, timeout=10):
     """Stop the daemon and make sure *path* is unmounted: SIGTERM and wait,
-    then a lazy unmount if still mounted, then SIGKILL if still running."""
+    SIGKILL if still running, then, if still mounted, abort the FUSE
+    connection (so nothing stays blocked on it) and unmount lazily."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
-    if is_mounted(path):
-        lazy_unmount(path)
     if proc.poll() is None:
         proc.kill()
-        proc.wait()
+    if is_mounted(path):
+        # A daemon killed while the kernel waited on it can hang everyone that
+        # touches the mount (itself included): abort the connection first.
+        from fusefs.serve import mount_entry, abort_connection
+        mount = mount_entry(os.path.abspath(path))
+        if mount is not None and mount[1].startswith("fuse"):
+            abort_connection(mount[2])
+        lazy_unmount(path)
+    proc.wait()
 
 
 @contextlib.contextmanager

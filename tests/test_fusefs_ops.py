@@ -8,6 +8,7 @@ readdir_reply is replaced by a collector with a fixed capacity.
 import errno
 import logging
 import os
+import time
 import stat
 from types import SimpleNamespace
 
@@ -596,3 +597,25 @@ def test_require_fuse_skips_or_fails(monkeypatch):
         mountutil.require_fuse()
     monkeypatch.setattr(mountutil, "fuse_available", lambda: (True, ""))
     mountutil.require_fuse()                   # available: nothing happens
+
+
+def test_stale_mount_detection_helpers(tmp_path):
+    """check_mountpoint tells a stale mount by the pid in its source, never by
+    touching it: a zombie counts as dead (it may be stuck exiting)."""
+    import subprocess
+
+    from fusefs.guard import alive as _alive
+    from fusefs.serve import _source_pid, mount_entry
+
+    assert _source_pid("cmad:1234") == 1234
+    assert _source_pid("cmad") is None and _source_pid(":12") is None
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while _alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)  # exited but not reaped: a zombie
+    assert not _alive(child.pid)
+    child.wait()
+    assert not _alive(child.pid) and _alive(os.getpid())
+    assert mount_entry(str(tmp_path)) is None
+    source, fstype, minor = mount_entry("/proc")
+    assert fstype == "proc" and minor >= 0
