@@ -217,20 +217,7 @@ class Cma:
         def request() -> str:
             return f"alloc {dev}/{type} {size:#x}/{alignment:#x}"
 
-        if not isinstance(size, int) or size <= 0 or size > U64_MAX:
-            raise einval(f"{request()}: size must be between 1 and 2^64-1")
-        alignment = (PAGE_SIZE if alignment == 0 or alignment == PAGE_SIZE
-                     else parse_alignment(alignment, f"{request()}: alignment"))
-        size = (size + PAGE_SIZE - 1) & -PAGE_SIZE
-        if bound is not None:
-            if not is_power_of_two(bound) or bound < PAGE_SIZE or size > bound or bound >= 1 << 63:
-                raise einval(f"{request()}: bound {bound:#x} must be a power of two "
-                             "no smaller than the page size or the chunk")
-            alignment = max(alignment, _next_pow2(size))
-        if label is not None:
-            check_label(label)
-            if self.chunks.by_label(label) is not None:
-                raise CmaError(errno.EEXIST, f"{request()}: label {label!r} is taken")
+        size, alignment = self._checked(request, size, alignment, bound, label)
         limit = self.limits.get(uid) if self.limits else None
         if limit is not None and self.held(uid) + size > limit:
             raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
@@ -258,6 +245,26 @@ class Cma:
         why = f"{request()}: no room; tried {tried}"
         log.info("%s", why)
         raise CmaError(errno.ENOMEM, why)
+
+    def _checked(self, request: Callable[[], str], size: int, alignment: int,
+                 bound: int | None, label: str | None) -> tuple[int, int]:
+        """The request's size and alignment as the allocators take them; EINVAL or
+        EEXIST for a bad one."""
+        if not isinstance(size, int) or size <= 0 or size > U64_MAX:
+            raise einval(f"{request()}: size must be between 1 and 2^64-1")
+        alignment = (PAGE_SIZE if alignment == 0 or alignment == PAGE_SIZE
+                     else parse_alignment(alignment, f"{request()}: alignment"))
+        size = (size + PAGE_SIZE - 1) & -PAGE_SIZE
+        if bound is not None:
+            if not is_power_of_two(bound) or bound < PAGE_SIZE or size > bound or bound >= 1 << 63:
+                raise einval(f"{request()}: bound {bound:#x} must be a power of two "
+                             "no smaller than the page size or the chunk")
+            alignment = max(alignment, _next_pow2(size))
+        if label is not None:
+            check_label(label)
+            if self.chunks.by_label(label) is not None:
+                raise CmaError(errno.EEXIST, f"{request()}: label {label!r} is taken")
+        return size, alignment
 
     def _fits(self, got: tuple[int, int], region: Region, bound: int | None,
               limit: int | None, uid: int, request: Callable[[], str]) -> bool:
