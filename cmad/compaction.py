@@ -68,28 +68,31 @@ def make_room(cma: Cma, region: Region, size: int, alignment: int,
               attempts: int = 8) -> tuple[int, int] | None:
     """Serve (size, alignment) from ``region`` by moving movable chunks: first by
     emptying the cheapest window, then, failing that, by sliding every movable
-    chunk down and trying again.  Returns the allocator's answer, or None."""
-    allocator = region.allocator
-    window, window_alignment = allocator.footprint(size, alignment)
+    chunk down and trying again.  Returns the allocator's answer, or None.
+
+    A slide that could not serve is not repeated until something is freed:
+    allocations alone never make room, and sliding is the expensive part."""
+    window, window_alignment = region.allocator.footprint(size, alignment)
     if region.free < window or walled(cma, region, window, window_alignment):
         return None  # pinned chunks wall every stretch off: moving cannot help
-    for cost, w, victims in _windows(cma, region, window, window_alignment)[:attempts]:
-        if cost and _evict(cma, region, w, w + window, victims):
-            region.compactions += 1
-            got = allocator.alloc(size, alignment)
-            if got is not None:
-                return got
-    if region.futile_at == region.freed:
-        return None  # sliding everything failed and nothing was freed since
-    region.futile_at = region.freed
-    if compact(cma, region):
-        got = allocator.alloc(size, alignment)
-        if got is not None:
-            return got
+
+    def by_windows() -> tuple[int, int] | None:
         for cost, w, victims in _windows(cma, region, window, window_alignment)[:attempts]:
             if cost and _evict(cma, region, w, w + window, victims):
-                return allocator.alloc(size, alignment)
-    return None
+                region.compactions += 1
+                got = region.allocator.alloc(size, alignment)
+                if got is not None:
+                    return got
+        return None
+
+    got = by_windows()
+    if got is not None or region.futile_at == region.freed:
+        return got
+    if compact(cma, region):
+        got = region.allocator.alloc(size, alignment) or by_windows()
+    if got is None:
+        region.futile_at = region.freed
+    return got
 
 
 def _evict(cma: Cma, region: Region, lo: int, hi: int, victims: list[Chunk]) -> bool:

@@ -230,6 +230,10 @@ def test_futile_compaction_is_not_repeated_until_something_is_freed(arena):
     with pytest.raises(CmaError):
         cma.alloc("x", 2 * M)
     assert region.compactions == compactions  # not tried again: nothing was freed
+    cma.free(cma.alloc("x", 4 * K).start)      # something freed: worth another try
+    with pytest.raises(CmaError):
+        cma.alloc("x", 2 * M)
+    assert region.compactions == compactions + 1 and region.futile_at == region.freed
     cma._check()
 
 
