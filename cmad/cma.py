@@ -20,7 +20,7 @@ from .chunks import Chunk, ChunkIndex, check_label
 from .errors import CmaError, einval
 from .map import DEFAULT_TYPE, Map
 from .memparse import U64_MAX, fmt_addr, human, is_power_of_two
-from .regions import (Region, RegionStats, fragmentation, layout,
+from .regions import (Region, RegionSpec, RegionStats, fragmentation, layout,
                       parse_alignment, parse_alloc_spec, parse_regions)
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,29 @@ def _locked(method: Callable) -> Callable:
     return wrapper
 
 
+def allocator_class(allocators: dict[str, type[Allocator]], name: str | None,
+                    what: str) -> type[Allocator]:
+    """The named allocator, or the default (first registered) for None; EINVAL if unknown."""
+    if name is None:
+        if not allocators:
+            raise einval(f"{what}: no allocator is registered")
+        return next(iter(allocators.values()))
+    try:
+        return allocators[name]
+    except KeyError:
+        raise einval(f"{what}: unknown allocator {name!r} (registered: "
+                     f"{' '.join(allocators)})") from None
+
+
+def plan_regions(text: str, base: int, arena_size: int | None,
+                 allocators: dict[str, type[Allocator]]) -> tuple[list[RegionSpec], dict[str, int]]:
+    """Parse and place the regions without building their allocators."""
+    specs = parse_regions(text)
+    granules = {s.name: allocator_class(allocators, s.alloc.name, f"region {s.name}")
+                .granule(**s.alloc.params) for s in specs}
+    return specs, layout(specs, base, arena_size, granules)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -70,14 +93,9 @@ class Cma:
             raise einval(f"base {base:#x} must be a positive multiple of the page size")
         self._lock = threading.RLock()
         self._allocators: dict[str, type[Allocator]] = dict(registry())
-        specs = parse_regions(regions)
-        granules = {}
-        for spec in specs:
-            cls = self._allocator_class(spec.alloc.name, f"region {spec.name}")
-            granules[spec.name] = cls.granule(**spec.alloc.params)
         if arena is not None and arena_size is None:
             arena_size = arena.size
-        starts = layout(specs, base, arena_size, granules)
+        specs, starts = plan_regions(regions, base, arena_size, self._allocators)
         self.base = base
         self.arena_size = arena_size if arena_size is not None else (
             max((starts[s.name] + s.size for s in specs), default=base) - base)
@@ -150,15 +168,7 @@ class Cma:
     # -- allocators ----------------------------------------------------
 
     def _allocator_class(self, name: str | None, what: str) -> type[Allocator]:
-        if name is None:
-            if not self._allocators:
-                raise einval(f"{what}: no allocator is registered")
-            return next(iter(self._allocators.values()))
-        try:
-            return self._allocators[name]
-        except KeyError:
-            raise einval(f"{what}: unknown allocator {name!r} (registered: "
-                         f"{' '.join(self._allocators)})") from None
+        return allocator_class(self._allocators, name, what)
 
     @_locked
     def set_allocator(self, region_name: str, text: str) -> None:

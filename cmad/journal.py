@@ -112,6 +112,14 @@ class Journal:
         self.db.close()
 
 
+def restore_record(cma: Cma, record: dict) -> Chunk:
+    """Put one journalled chunk back in ``cma`` (CmaError if it does not fit)."""
+    fields = {k: v for k, v in record.items()
+              if k not in ("id", "start", "size", "region", "dev", "type")}
+    return cma.restore(record["id"], record["start"], record["size"], record["region"],
+                       record["dev"], record["type"], **fields)
+
+
 def recover(cma: Cma, journal: Journal, *, arena_survived: bool) -> int:
     """Put every journalled chunk back in ``cma``; returns how many.
 
@@ -131,11 +139,8 @@ def recover(cma: Cma, journal: Journal, *, arena_survived: bool) -> int:
     for record in records:
         if record["transient"]:
             continue
-        fields = {k: v for k, v in record.items() if k not in ("id", "start", "size", "region",
-                                                                 "dev", "type")}
         try:
-            cma.restore(record["id"], record["start"], record["size"], record["region"],
-                        record["dev"], record["type"], **fields)
+            restore_record(cma, record)
         except CmaError as e:
             problems.append(e.why)
     if problems:

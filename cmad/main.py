@@ -14,11 +14,10 @@ from functools import partial
 from . import __version__, service
 from .arena import Arena, hugetlbfs_mounts
 from .allocator import registry
-from .cma import Cma
+from .cma import Cma, plan_regions
 from .config import Config, ConfigError, load
 from .errors import CmaError
 from .journal import Journal, recover
-from .regions import layout as place, parse_regions
 
 log = logging.getLogger("cmad")
 
@@ -122,15 +121,7 @@ def stop(cma: Cma, journal: Journal | None) -> None:
 def layout(config: Config) -> list[tuple]:
     """What a configuration makes of the regions (EINVAL etc. if it is bad), without
     building allocators (a typo like 1P:bitmap must not allocate a huge bitmap)."""
-    specs = parse_regions(config.regions)
-    allocators = registry()
-    granules = {}
-    for spec in specs:
-        name = spec.alloc.name or next(iter(allocators))
-        if name not in allocators:
-            raise CmaError(errno.EINVAL, f"region {spec.name}: unknown allocator {name!r}")
-        granules[spec.name] = allocators[name].granule(**spec.alloc.params)
-    starts = place(specs, config.base, config.arena_size, granules)
+    specs, starts = plan_regions(config.regions, config.base, config.arena_size, registry())
     return sorted((starts[s.name], s.name, s.size, s.alloc) for s in specs)
 
 

@@ -10,7 +10,7 @@ import sys
 
 from .cma import Cma
 from .errors import CmaError
-from .journal import JOURNAL, Journal
+from .journal import JOURNAL, Journal, restore_record
 from .memparse import human
 
 log = logging.getLogger("cmad")
@@ -31,11 +31,8 @@ def check(state_dir: str) -> list[str]:
         cma = Cma(regions, "", base=int(base))
         problems = []
         for record in journal.records():
-            fields = {k: v for k, v in record.items()
-                      if k not in ("id", "start", "size", "region", "dev", "type")}
             try:
-                cma.restore(record["id"], record["start"], record["size"], record["region"],
-                            record["dev"], record["type"], **fields)
+                restore_record(cma, record)
             except CmaError as e:
                 problems.append(e.why)
         try:

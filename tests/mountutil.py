@@ -77,27 +77,10 @@ def fuse():
 
 
 def is_mounted(path):
-    """Whether *path* is a mount point per /proc/self/mounts (true for a
-    stale FUSE mount too, where os.path.ismount fails with ENOTCONN)."""
-    path = os.path.abspath(path)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 1 and _unescape(fields[1]) == path:
-                return True
-    return False
-
-
-def _unescape(field):
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    """Whether *path* is a mount point per the mount table (true for a stale
+    FUSE mount too, where os.path.ismount fails with ENOTCONN)."""
+    from fusefs.serve import mount_entry
+    return mount_entry(os.path.abspath(path)) is not None
 
 
 def daemon_stderr(proc):
