@@ -217,3 +217,65 @@ def test_phys_without_cap_sys_admin_is_eacces():
         assert r.stdout.strip() == "EACCES", r.stderr
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+
+def test_futile_compaction_is_not_repeated_until_something_is_freed(arena):
+    K = 1024
+    cma = Cma("r=6M:bf", "*=r", arena=arena)
+    cma.alloc("x", 1536 * K, movable=True)  # [0, 1.5M): can only leave for a 1.5M hole
+    temps = [cma.alloc("x", M)]              # [1.5M, 2.5M), freed below
+    cma.alloc("x", 4 * K)                    # a wall at 2.5M
+    for _ in range(6):                       # 512K holes between 4K walls
+        temps.append(cma.alloc("x", 512 * K))
+        cma.alloc("x", 4 * K)
+    cma.alloc("x", 484 * K)
+    for c in temps:
+        cma.free(c.start)
+    region = cma.region("r")
+    assert region.free == 4 * M and region.largest_free() == M
+    with pytest.raises(CmaError):
+        cma.alloc("x", 2 * M)
+    assert region.futile_at == region.freed
+    compactions = region.compactions
+    with pytest.raises(CmaError):
+        cma.alloc("x", 2 * M)
+    assert region.compactions == compactions  # not tried again: nothing was freed
+    cma.free(cma.alloc("x", 4 * K).start)      # something freed: worth another try
+    with pytest.raises(CmaError):
+        cma.alloc("x", 2 * M)
+    assert region.compactions == compactions + 1 and region.futile_at == region.freed
+    cma._check()
+
+
+def test_a_failed_move_gives_everything_back(arena):
+    cma = Cma("r=16M:bf", "*=r", arena=arena)
+    live = checkerboard(cma)
+
+    class Failing:
+        def on_alloc(self, chunk):
+            pass
+
+        def on_free(self, chunk):
+            pass
+
+        def on_move(self, chunk, old_start):
+            raise CmaError(errno.EIO, "journal full")
+
+    cma.listeners.append(Failing())
+    starts = {c.id: c.start for c in live}
+    free = cma.region("r").free
+    with pytest.raises(CmaError):
+        cma.alloc("x", 2 * M)
+    assert {c.id: c.start for c in cma.chunks} == starts and cma.region("r").free == free
+    cma._check()
+
+
+def test_pin_of_a_freed_chunk_is_enxio(arena):
+    cma = Cma("r=16M:bf", "*=r", arena=arena)
+    c = cma.alloc("x", M, movable=True)
+    cma.free(c.start)
+    d = cma.alloc("x", M, movable=True)
+    with pytest.raises(CmaError) as e:
+        cma.pin(c)
+    assert e.value.errno == errno.ENXIO and d.movable and cma.region("r").movable_users == 1
