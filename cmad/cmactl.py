@@ -29,9 +29,10 @@ import json
 import os
 import sys
 import time
+from typing import Iterable, Iterator, Sequence
 
 from . import __version__
-from .client import ChunkInfo, Client, CmaError, NotMounted, RegionInfo, \
+from .client import T_CREATED, T_LABEL, T_SIZE, Client, CmaError, NotMounted, RegionInfo, \
     default_mountpoint, errno_name, parse_created
 from .memparse import human
 
@@ -43,7 +44,7 @@ HINTS = {
     ("alloc", errno.EEXIST): "that label is taken by a live chunk",
     ("alloc", errno.EDQUOT): "over your per-user limit of bytes held",
     ("alloc", errno.EACCES): "alloc needs root or the daemon's group (default cma)",
-    ("free", errno.ENOENT): "no chunk starts at, or is labelled, {}",
+    ("free", errno.ENOENT): "no chunk starts at, is labelled or has the id {}",
     ("free", errno.EPERM): "{} belongs to another user",
     ("free", errno.EACCES): "free needs root or the daemon's group (default cma)",
 }
@@ -82,31 +83,46 @@ class Out:
         sys.stdout.write(json.dumps(value, indent=2) + "\n")
 
 
-def grid(out: Out, headers: list[str], rows: list[list[str]], *, right=(), styles=None) -> None:
-    """An aligned table, fast for 10,000 rows (a rich Table takes ~7 s for those):
-    one header line, a rule, then the rows; ``styles`` colours columns on a terminal."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+#: Rows a table's column widths are measured on before it streams: a longer
+#: cell further down overflows its column (as ps does) rather than the whole
+#: table being held to measure it.
+GRID_WINDOW = 10_000
 
-    def cells(row: list[str]) -> list[str]:
-        return [c.rjust(w) if i in right else c.ljust(w)
-                for i, (c, w) in enumerate(zip(row, widths))]
 
-    head = " ".join(cells(headers)).rstrip()
+def grid(out: Out, headers: list[str], rows: Iterable[Sequence[str]], *, right=(),
+         styles=None) -> None:
+    """An aligned table, streamed: one header line, a rule, then the rows,
+    written a window at a time (a rich Table takes ~7 s for 10,000 rows);
+    ``styles`` colours columns on a terminal."""
+    rows = iter(rows)
+    window = list(itertools.islice(rows, GRID_WINDOW))
+    widths = [max([len(h)] + [len(r[i]) for r in window]) for i, h in enumerate(headers)]
+    last = len(headers) - 1
+    fmt = " ".join("{:>%d}" % w if i in right else "{}" if i == last else "{:<%d}" % w
+                   for i, w in enumerate(widths)).format
     rule = " ".join("─" * w for w in widths)
     if not out.colour:
-        lines = [head, rule] + [" ".join(cells(r)).rstrip() for r in rows]
-        sys.stdout.write("\n".join(lines) + "\n")
+        write = sys.stdout.write
+        write(fmt(*headers).rstrip() + "\n" + rule + "\n")
+        while window:
+            write("".join([fmt(*r) + "\n" for r in window]))
+            window = list(itertools.islice(rows, GRID_WINDOW))
         return
     from rich.text import Text
-    text = Text(no_wrap=True, overflow="ignore")
-    text.append(head + "\n", "bold")
-    text.append(rule + "\n", "dim")
+    head = Text(no_wrap=True, overflow="ignore")
+    head.append(fmt(*headers).rstrip() + "\n", "bold").append(rule + "\n", "dim")
+    out.console.print(head, end="", soft_wrap=True)
     styles = styles or {}
-    for row in rows:
-        for i, cell in enumerate(cells(row)):
-            text.append(cell, styles.get(i))
-            text.append(" " if i < len(row) - 1 else "\n")
-    out.console.print(text, end="", soft_wrap=True)
+    pads = [(lambda c, w=w: c.rjust(w)) if i in right else (lambda c, w=w: c.ljust(w))
+            for i, w in enumerate(widths)]
+    while window:
+        text = Text(no_wrap=True, overflow="ignore")
+        for row in window:
+            for i, cell in enumerate(row):
+                text.append(pads[i](cell) if i < last else cell, styles.get(i))
+                text.append(" " if i < last else "\n")
+        out.console.print(text, end="", soft_wrap=True)
+        window = list(itertools.islice(rows, GRID_WINDOW))
 
 
 def age(seconds: float) -> str:
@@ -121,14 +137,90 @@ def age(seconds: float) -> str:
 def region_json(r: RegionInfo) -> dict:
     return {"name": r.name, "start": r.dirname, "size": r.size, "used": r.used,
             "free": r.free, "users": r.users, "allocator": r.allocator, "kind": r.kind,
-            "fragmentation": r.stats.get("fragmentation"),
+            "contiguous": r.contiguous, "fragmentation": r.stats.get("fragmentation"),
             "largest_free": r.stats.get("largest_free"), "stats": r.stats}
 
 
-def chunk_json(c: ChunkInfo) -> dict:
-    return {"start": c.name, "size": c.size, "region": c.region, "dev": c.dev,
-            "type": c.type, "uid": c.uid, "pid": c.pid, "label": c.label,
-            "created": c.created, "movable": c.movable}
+#: The fields of a chunk table row from region to movable, as JSON members.
+CHUNK_JSON_MIDDLE = ('"region": %s, "dev": %s, "type": %s, "uid": %d, "pid": %d, '
+                     '"created": %s, "movable": %s')
+
+#: Rows per write when streaming.
+STREAM_BATCH = 4096
+
+#: Entries a listing's cache of converted texts (sizes, ages, JSON members)
+#: holds before it starts over: memory stays bounded on a table of all
+#: distinct values, where a cache only costs.
+CACHE_MAX = 4096
+
+
+def remember(cache: dict, key, value):
+    """``cache[key] = value``, the cache emptied first when full; returns value."""
+    if len(cache) >= CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def chunk_ident(fields: Sequence[str]) -> str | None:
+    """The ``id=<id>`` after a row's ten fields, as text; None if the daemon gives none."""
+    return fields[-1][3:] if len(fields) > 10 and fields[-1].startswith("id=") else None
+
+
+def chunk_json_lines(rows: Iterable[Sequence[str]]) -> Iterator[str]:
+    """Chunk table rows as JSON objects (keys as `cmad.client.ChunkInfo`), one
+    per row as it is parsed.  Strings go through the C encoder's escaping;
+    the members from region to movable repeat over a big table (one process
+    allocating in one region within one second), so each distinct run of
+    them is rendered once: 2.4 µs a row, where json.dumps of a dict is 6."""
+    quote = json.encoder.encode_basestring_ascii
+    sizes: dict[str, int] = {}
+    middles: dict[tuple, str] = {}
+    for f in rows:
+        size = sizes.get(f[1])
+        if size is None:
+            size = remember(sizes, f[1], int(f[1]))
+        key = (f[2], f[3], f[4], f[5], f[6], f[7], f[8])
+        middle = middles.get(key)
+        if middle is None:
+            middle = remember(middles, key, CHUNK_JSON_MIDDLE % (
+                quote(f[2]), quote(f[3]), quote(f[4]), int(f[5]), int(f[6]), quote(f[7]),
+                "true" if f[8] == "1" else "false"))
+        label = f[T_LABEL]
+        ident = chunk_ident(f)
+        yield '{"start": %s, "size": %d, %s, "label": %s, "id": %s}' % (
+            quote(f[0]), size, middle, "null" if label == "-" else quote(label),
+            "null" if ident is None else int(ident))
+
+
+def write_json_array(items: Iterable[str], write) -> None:
+    """``[item, ...]``, one item per line, written `STREAM_BATCH` items at a time."""
+    items = iter(items)
+    batch = list(itertools.islice(items, STREAM_BATCH))
+    if not batch:
+        write("[]\n")
+        return
+    write("[\n" + ",\n".join(batch))
+    while batch := list(itertools.islice(items, STREAM_BATCH)):
+        write(",\n" + ",\n".join(batch))
+    write("\n]\n")
+
+
+def chunk_cells(rows: Iterable[Sequence[str]], out: Out, now: float) -> Iterator[tuple]:
+    """Chunk table rows as `cmd_list` cells.  Sizes and ages repeat over a big
+    table, so each distinct text is converted once."""
+    sizes: dict[str, str] = {}
+    ages: dict[str, str] = {}
+    for f in rows:
+        size = sizes.get(f[T_SIZE])
+        if size is None:
+            size = remember(sizes, f[T_SIZE], out.size(int(f[T_SIZE])))
+        created = ages.get(f[T_CREATED])
+        if created is None:
+            created = remember(ages, f[T_CREATED], age(now - parse_created(f[T_CREATED])))
+        label = f[T_LABEL]
+        yield (f[0], size, f[2], f"{f[3]}/{f[4]}", f"{f[5]} {f[6]}",
+               "" if label == "-" else label, created)
 
 
 # -- Commands ----------------------------------------------------------------
@@ -141,21 +233,28 @@ def compact_table(**options):
 
 
 def cmd_regions(client: Client, args, out: Out) -> int:
+    """A ``contiguous`` column (physical or virtual) where the daemon says."""
     regions = client.regions()
     if args.json:
         out.json([region_json(r) for r in regions])
         return 0
+    columns = ["name", "start", "size", "used", "free", "chunks", "alloc", "kind"]
+    if any(r.contiguous is not None for r in regions):
+        columns.append("contiguous")
     rows = []
     for r in regions:
         frag = r.stats.get("fragmentation", 0.0)
         colour = "red" if frag >= 0.5 else "yellow" if frag > 0 else "green"
-        rows.append([r.name, r.dirname, out.size(r.size), out.size(r.used), out.size(r.free),
-                     str(r.users), r.allocator, r.kind, f"{frag:.1%}", colour])
+        row = [r.name, r.dirname, out.size(r.size), out.size(r.used), out.size(r.free),
+               str(r.users), r.allocator, r.kind]
+        if len(columns) > 8:
+            row.append(r.contiguous or "-")
+        rows.append(row + [f"{frag:.1%}", colour])
+    columns.append("frag")
     table = compact_table()
-    for i, name in enumerate(("name", "start", "size", "used", "free", "chunks", "alloc",
-                              "kind", "frag")):
+    for i, name in enumerate(columns):
         # On a narrow terminal the words may shrink, never the numbers.
-        words = name in ("name", "alloc", "kind")
+        words = name in ("name", "alloc", "kind", "contiguous")
         table.add_column(name, justify="left" if words or name == "start" else "right",
                          no_wrap=True, min_width=None if words else
                          max([len(name)] + [len(row[i]) for row in rows]))
@@ -166,15 +265,14 @@ def cmd_regions(client: Client, args, out: Out) -> int:
 
 
 def cmd_list(client: Client, args, out: Out) -> int:
-    chunks = client.chunks(args.region)
+    """Streams: each row is printed as it is parsed from the chunk table."""
+    rows = client.chunk_rows(args.region)
     if args.json:
-        out.json([chunk_json(c) for c in chunks])
+        write_json_array(chunk_json_lines(rows), sys.stdout.write)
         return 0
-    now = time.time()
-    rows = [[c.name, out.size(c.size), c.region, f"{c.dev}/{c.type}", f"{c.uid} {c.pid}",
-             c.label or "", age(now - parse_created(c.created))] for c in chunks]
-    grid(out, ["start", "size", "region", "dev/type", "owner", "label", "age"], rows,
-         right={1, 6}, styles={0: "cyan", 2: "bold", 5: "green"})
+    grid(out, ["start", "size", "region", "dev/type", "owner", "label", "age"],
+         chunk_cells(rows, out, time.time()), right={1, 6},
+         styles={0: "cyan", 2: "bold", 5: "green"})
     return 0
 
 
@@ -187,12 +285,14 @@ def cmd_alloc(client: Client, args, out: Out) -> int:
     else:
         dev, _, type = args.target.partition("/")
         buf = client.alloc(dev, size, alignment or None, type=type or None, **options)
+    start = buf.name
     if args.json:
-        out.json({"start": buf.name, "size": buf.size, "region": buf.region,
-                  "label": buf.label})
+        out.json({"start": start, "size": buf.size, "region": buf.region,
+                  "label": buf.label, "id": buf.id})
     else:
         label = f" {buf.label}" if buf.label else ""
-        print(f"{buf.name} {out.size(buf.size)} {buf.region}{label}")
+        ident = f" id={buf.id}" if buf.id is not None else ""
+        print(f"{start} {out.size(buf.size)} {buf.region}{label}{ident}")
     return 0
 
 
@@ -207,17 +307,23 @@ def cmd_free(client: Client, args, out: Out) -> int:
     return failed
 
 
-#: (glyph on a colour terminal, its style, plain glyph) per cell state.
-#: Glyphs differ too, so the map reads on a terminal with NO_COLOR.
+#: (glyph on a colour terminal, its style, plain glyph) per cell state, for a
+#: map drawn from a region's ``bitmap``.  Glyphs differ too, so the map reads
+#: on a terminal with NO_COLOR.
 CELLS = {"free": ("░", "bright_black", "."), "used": ("█", "blue", "#"),
          "partial": ("▄", "cyan", "+"), "movable": ("▒", "green", "m")}
 
+#: The same for a map drawn from ``pageblocks``: the plain glyph is the file's.
+BLOCK_CELLS = {"free": ("░", "bright_black", "."), "pinned": ("█", "blue", "P"),
+               "movable": ("▒", "green", "M"), "mixed": ("▓", "magenta", "X")}
+BLOCK_TYPES = {glyph: state for state, (_, _, glyph) in BLOCK_CELLS.items()}
+
 
 def movable_blocks(client: Client, region: RegionInfo, nblocks: int) -> set[int]:
-    """The blocks held by movable chunks (none if the daemon does not say)."""
+    """The blocks held by movable chunks."""
     block = region.size // nblocks
     held = set()
-    for start, size in client.movable_chunks(region.name) or ():
+    for start, size in client.movable_chunks(region.name):
         first = (start - region.start) // block
         held.update(range(first, first + size // block))
     return held
@@ -239,6 +345,36 @@ def map_cells(bitmap: str, ncells: int, movable: set[int] | None) -> list[str]:
     return out
 
 
+def pageblock_cells(blocks: str, ncells: int) -> list[str]:
+    """Each cell covers a run of pageblocks: free if all are, else the one type
+    its used blocks share, else mixed (an unknown type counts as mixed)."""
+    n = len(blocks)
+    out = []
+    for i in range(ncells):
+        kinds = set(blocks[i * n // ncells:(i + 1) * n // ncells]) - {"."}
+        if not kinds:
+            out.append("free")
+        elif len(kinds) == 1:
+            out.append(BLOCK_TYPES.get(kinds.pop(), "mixed"))
+        else:
+            out.append("mixed")
+    return out
+
+
+def region_cells(client: Client, r: RegionInfo, width: int, rows: int):
+    """(cells, their glyph table) for one region: by pageblock type where the
+    region has a ``pageblocks`` file, else by block from its ``bitmap``;
+    None when it has no allocator attached."""
+    blocks = client.pageblocks(r.dirname)
+    if blocks:
+        return pageblock_cells(blocks, min(len(blocks), width * rows)), BLOCK_CELLS
+    bitmap = client.bitmap(r.dirname)
+    if not bitmap:
+        return None
+    ncells = min(len(bitmap), width * rows)
+    return map_cells(bitmap, ncells, movable_blocks(client, r, len(bitmap))), CELLS
+
+
 def cmd_map(client: Client, args, out: Out) -> int:
     regions = client.regions()
     if not regions:
@@ -248,34 +384,37 @@ def cmd_map(client: Client, args, out: Out) -> int:
     width = max(10, out.columns - namew - 6) if args.width is None else max(1, args.width)
     if colour:
         from rich.text import Text
+    keys = []
     for r in regions:
-        bitmap = client.bitmap(r.dirname)
-        if not bitmap:
+        drawn = region_cells(client, r, width, args.rows)
+        if drawn is None:
             print(f"{r.name:{namew}} (no allocator attached: {r.allocator or 'default'})")
             continue
-        ncells = min(len(bitmap), width * args.rows)
-        cells = map_cells(bitmap, ncells, movable_blocks(client, r, len(bitmap)))
+        cells, glyphs = drawn
+        if glyphs not in keys:
+            keys.append(glyphs)
         pct = f"{r.used * 100 // r.size:3d}%" if r.size else "   -"
-        for row in range(0, ncells, width):
+        for row in range(0, len(cells), width):
             head = (r.name if row == 0 else "").ljust(namew)
             tail = f" {pct}" if row == 0 else ""
             part = cells[row:row + width]
             if colour:
                 line = Text().append(head, "bold").append(" ")
                 for state, run in itertools.groupby(part):
-                    glyph, style, _ = CELLS[state]
+                    glyph, style, _ = glyphs[state]
                     line.append(glyph * len(list(run)), style)
                 out.console.print(line.append(tail), no_wrap=True, overflow="ignore")
             else:
-                print(f"{head} {''.join(CELLS[s][2] for s in part)}{tail}")
-    note = "(a cell: 1+ blocks)"
-    if colour:
-        key = Text(" " * namew)
-        for state, (glyph, style, _) in CELLS.items():
-            key.append(" ").append(glyph, style).append(f" {state} ")
-        out.console.print(key.append(note, "dim"), no_wrap=True, overflow="ignore")
-    else:
-        print(" " * namew + "".join(f" {CELLS[s][2]} {s} " for s in CELLS) + note)
+                print(f"{head} {''.join(glyphs[s][2] for s in part)}{tail}")
+    for glyphs in keys:
+        note = "(a cell: 1+ pageblocks)" if glyphs is BLOCK_CELLS else "(a cell: 1+ blocks)"
+        if colour:
+            key = Text(" " * namew)
+            for state, (glyph, style, _) in glyphs.items():
+                key.append(" ").append(glyph, style).append(f" {state} ")
+            out.console.print(key.append(note, "dim"), no_wrap=True, overflow="ignore")
+        else:
+            print(" " * namew + "".join(f" {g[2]} {s} " for s, g in glyphs.items()) + note)
     return 0
 
 
@@ -367,7 +506,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s = sub.add_parser(
         "alloc", parents=[common, listing], help="allocate a chunk",
         description="Allocate one chunk (cma-test's 'a dev/kind size/align' and "
-        "'A regions size/align') and print '<start> <size> <region> [<label>]'.",
+        "'A regions size/align') and print '<start> <size> <region> [<label>] [id=<id>]'.",
         epilog="A --transient chunk is freed when the alloc file handle that made it closes, "
         "that is as soon as cmactl exits: useful only to test that path.")
     s.add_argument("target", metavar="DEV[/TYPE]|@REGION[,REGION...]",
@@ -383,8 +522,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     s = sub.add_parser("free", parents=[common], help="free chunks",
                        description="Free chunks by start address (%%p form, 0x hex or "
-                       "decimal) or label.")
-    s.add_argument("chunks", nargs="+", metavar="START|LABEL")
+                       "decimal: whatever is there now), label, or id=ID (exactly that "
+                       "chunk, wherever it moved).")
+    s.add_argument("chunks", nargs="+", metavar="START|LABEL|id=ID")
 
     s = sub.add_parser("map", parents=[common], help="block map of each region",
                        description="Each region as a row of cells, like a disk defragmenter's "

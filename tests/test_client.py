@@ -1,18 +1,22 @@
 """cmad.client against a real mount: zero-copy views, numpy, freeing, listings, errors."""
 
+import calendar
 import errno
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from cmad import CmaError
-from cmad.client import LIST_WORKERS, Buffer, Client, NotMounted
+import cmad.client as client_module
+from cmad.client import Buffer, ChunkInfo, Client, NotMounted, parse_created, parse_result
 from test_daemon import eventually
 
 M = 1 << 20
+MANY = 24
 
 
 def read(path) -> str:
@@ -171,9 +175,9 @@ def test_chunks_listing_matches_the_files(daemon):
     client = Client(mnt)
     assert client.chunks() == []
     bufs = [client.alloc("camera", 64 << 10, label=f"c{i}" if i % 3 == 0 else None,
-                         type="preview" if i % 2 else None) for i in range(3 * LIST_WORKERS)]
+                         type="preview" if i % 2 else None) for i in range(MANY)]
     bufs.append(client.alloc_from("dma", 8192))
-    chunks = client.chunks()  # enough for the threaded path
+    chunks = client.chunks()
     assert [c.start for c in chunks] == sorted(b.start for b in bufs)
     for c in chunks:
         d = mnt / "chunks" / c.name
@@ -184,9 +188,9 @@ def test_chunks_listing_matches_the_files(daemon):
         assert c.label == (read(d / "label") or None)
     assert [c.start for c in client.chunks("dma")] == [bufs[-1].start]
     assert {r.name: r.users for r in client.regions()} == \
-        {"video": 3 * LIST_WORKERS, "common": 0, "dma": 1}
+        {"video": MANY, "common": 0, "dma": 1}
     video = client.region("video")
-    assert video.used == 3 * LIST_WORKERS * (64 << 10) == video.stats["bytes_allocated"]
+    assert video.used == MANY * (64 << 10) == video.stats["bytes_allocated"]
     assert client.bitmap("video").count("#") * 4096 == video.used
     assert client.stats()["bytes_allocated"] == video.used + 8192
     for b in bufs:
@@ -214,3 +218,137 @@ def test_chunk_table_is_used_when_the_daemon_has_one(tmp_path, monkeypatch):
     assert client.chunks() == []
     assert repr(Buffer(client, 0x40000000, 4096, "video", "x")) == \
         "<Buffer 0000000040000000+0x1000 video x>"
+
+
+# -- Fake trees: a temporary directory laid out like the mount -----------------
+
+
+def fake_mount(root, regions=(("video", 0x40000000, 4 * M),), *, chunkinfo="\n",
+               monkeypatch=None, **region_files):
+    """A directory laid out like the mount: regions (name, start, size) with
+    their attributes, a ``chunkinfo``, a ``free`` file that records writes.
+    ``region_files`` maps a file name to {region name: content}."""
+    root.mkdir(exist_ok=True)
+    (root / "allocators").write_text("bf buddy bitmap\n")
+    (root / "chunkinfo").write_text(chunkinfo)
+    (root / "free").write_text("")
+    (root / "chunks").mkdir()
+    (root / "ids").mkdir()
+    for name, start, size in regions:
+        d = root / "regions" / f"{start:016x}"
+        d.mkdir(parents=True)
+        for attr, value in (("name", name), ("start", f"{start:016x}"), ("size", size),
+                            ("free", size), ("users", 0), ("alloc", "bf"),
+                            ("kind", "exclusive"), ("bitmap", "." * (size // 4096)),
+                            ("stats", "alloc_ok 0\nfragmentation 0.0\nlargest_free 0")):
+            (d / attr).write_text(f"{value}\n")
+        for attr, per_region in region_files.items():
+            if name in per_region:
+                (d / attr).write_text(per_region[name])
+        (root / "regions" / name).symlink_to(f"{start:016x}")
+    if monkeypatch is not None:
+        monkeypatch.setattr(Client, "check", lambda self: None)
+    return root
+
+
+def fake_chunk(root, ident: int, start: int, *, arena=None, offset=0, size=4096) -> None:
+    """``ids/<ident>/`` with start and mmap (into ``arena``)."""
+    d = root / "ids" / str(ident)
+    d.mkdir(exist_ok=True)
+    (d / "start").write_text(f"{start:016x}\n")
+    if arena is not None:
+        (d / "mmap").write_text(f"{arena} {offset} {size}\n")
+
+
+def test_result_line_gives_the_id():
+    assert parse_result("0000000040000000 4096 video id=7\n") == \
+        (0x40000000, 4096, "video", None, 7)
+    assert parse_result("0000000040000000 4096 video frame0 id=12\n") == \
+        (0x40000000, 4096, "video", "frame0", 12)
+    assert parse_result("0000000040000000 4096 video frame0\n") == \
+        (0x40000000, 4096, "video", "frame0", None)  # a daemon without ids
+
+
+def test_buffer_reaches_its_chunk_by_id_and_follows_a_move(tmp_path, monkeypatch):
+    mnt = fake_mount(tmp_path / "mnt", monkeypatch=monkeypatch)
+    arena = tmp_path / "arena"
+    arena.write_bytes(bytes(4 * 65536))
+    client = Client(mnt)
+    buf = Buffer(client, 0x40000000, 4096, "video", None, id=7, movable=True)
+    assert buf.path == str(mnt / "ids/7")
+    fake_chunk(mnt, 7, 0x40000000, arena=arena, offset=0)
+    assert buf.start == 0x40000000
+    fake_chunk(mnt, 7, 0x40020000, arena=arena, offset=0x20000)  # moved by compaction
+    assert (buf.start, buf.name) == (0x40020000, "0000000040020000")
+    buf.view[:5] = b"moved"  # maps where the chunk is now, not its first place
+    data = arena.read_bytes()
+    assert data[0x20000:0x20005] == b"moved" and data[:5] == bytes(5)
+    fake_chunk(mnt, 7, 0x40030000)  # cannot happen once mapped (mmap pins): not re-read
+    assert buf.start == 0x40020000
+    del data
+    buf.free()
+    assert (mnt / "free").read_text() == "id=7"  # its own chunk, wherever it is
+    assert repr(buf) == "<Buffer 0000000040020000+0x1000 video id=7 freed>"
+
+
+def test_buffer_of_a_vanished_chunk_is_enoent_and_frees_nothing_else(tmp_path, monkeypatch):
+    mnt = fake_mount(tmp_path / "mnt", monkeypatch=monkeypatch)
+    client = Client(mnt)
+    (mnt / "chunks/0000000040000000").mkdir()  # another chunk now at the old address
+    buf = Buffer(client, 0x40000000, 4096, "video", None, id=3, movable=True)
+    for touch in (lambda: buf.start, lambda: buf.view):
+        with pytest.raises(CmaError, match="chunk id=3 is gone") as e:
+            touch()
+        assert e.value.errno == errno.ENOENT
+    assert repr(buf) == "<Buffer 0000000040000000+0x1000 video id=3>"  # reads nothing
+    pinned = Buffer(client, 0x40001000, 4096, "video", "p", id=4)
+    assert pinned.start == 0x40001000  # a pinned chunk never moves: nothing read
+    client.free(pinned)
+    assert (mnt / "free").read_text() == "id=4"
+    old = Buffer(client, 0x40002000, 4096, "video", None)  # a daemon without ids
+    assert old.path == str(mnt / "chunks/0000000040002000")
+    client.free(old)
+    assert (mnt / "free").read_text() == "0000000040002000"
+
+
+TABLE = ("0000000040000000 6291456 video camera preview 0 42 2026-11-25T06:29:29Z 0 frame0 id=1\n"
+         "0000000043000000 4096 dma - - 1000 7 2026-11-25T06:30:00Z 1 - id=2\n")
+
+
+def test_chunk_table_is_parsed_as_it_is_read(tmp_path, monkeypatch):
+    mnt = fake_mount(tmp_path, chunkinfo=TABLE * 50, monkeypatch=monkeypatch)
+    monkeypatch.setattr(client_module, "TABLE_READ", 7)  # lines cut across reads
+    client = Client(mnt)
+    rows = client.chunk_rows()
+    assert next(rows)[:3] == ["0000000040000000", "6291456", "video"]
+    assert sum(1 for _ in rows) == 99
+    chunks = list(client.iter_chunks())
+    assert len(chunks) == 100
+    assert chunks[:2] == [
+        ChunkInfo(0x40000000, 6 * M, "video", "camera", "preview", 0, 42, "frame0",
+                  "2026-11-25T06:29:29Z", False, 1),
+        ChunkInfo(0x43000000, 4096, "dma", "-", "-", 1000, 7, None,
+                  "2026-11-25T06:30:00Z", True, 2)]
+    assert {c.id for c in client.iter_chunks("dma")} == {2}
+    (mnt / "chunkinfo").write_text(TABLE.replace(" id=1", "").replace(" id=2", ""))
+    assert [c.id for c in client.chunks()] == [None, None]  # a daemon without ids
+    (mnt / "chunkinfo").unlink()
+    assert client.chunks() == []
+
+
+def test_parse_created_is_utc_seconds():
+    assert parse_created("2026-11-25T06:29:29Z") == \
+        calendar.timegm(time.strptime("2026-11-25T06:29:29Z", "%Y-%m-%dT%H:%M:%SZ"))
+    assert parse_created("1970-01-01T00:01:00Z") == 60
+
+
+def test_region_facts_that_only_some_daemons_have(tmp_path, monkeypatch):
+    regions = (("video", 0x40000000, 4 * M), ("dma", 0x43000000, M))
+    mnt = fake_mount(tmp_path, regions, monkeypatch=monkeypatch,
+                     contiguous={"video": "physical\n"},
+                     pageblocks={"video": "P.M" + "." * 61 + "\nX\n"})
+    client = Client(mnt)
+    assert [(r.name, r.contiguous) for r in client.regions()] == \
+        [("video", "physical"), ("dma", None)]
+    assert client.pageblocks("video") == "P.M" + "." * 61 + "X"
+    assert client.pageblocks("dma") is None

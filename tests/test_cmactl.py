@@ -101,7 +101,7 @@ def test_alloc_list_free_round_trip(daemon):
     assert line == f"0000000043000000 {12 << 10} dma\n"
     made = json.loads(ok(mnt, "alloc", "net", "300K", "--movable", "--json"))
     assert made == {"start": "0000000042000000", "size": 300 << 10, "region": "common",
-                    "label": None}
+                    "label": None, "id": None}
     assert read(mnt / "chunks/0000000042000000/movable") == "1"
 
     table = rows(ok(mnt, "list"))
@@ -148,7 +148,7 @@ def test_errors_are_one_line_with_the_errno(daemon, tmp_path):
         (("alloc", "@nope", "4K"), "cmactl: alloc: No such file or directory (ENOENT); no map "
                                    "rule matches that device, or no such region\n"),
         (("free", "nope"), "cmactl: free: No such file or directory (ENOENT); no chunk starts "
-                           "at, or is labelled, 'nope'\n"),
+                           "at, is labelled or has the id 'nope'\n"),
         (("alloc", "camera", "4K/3000"), None),
         (("alloc", "camera", "4K", "--label", "two words"), None),
     ]
