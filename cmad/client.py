@@ -219,6 +219,7 @@ class Buffer:
         self._may_move = movable and id is not None
         self._handle = handle       # the alloc descriptor of a transient chunk
         self._mmap: mmap.mmap | None = None
+        self._lead = 0              # where the chunk starts in the mapping
         self._view: memoryview | None = None
         self._freed = False
 
@@ -276,7 +277,6 @@ class Buffer:
             self._may_move = False
         path, offset, length = text.rsplit(" ", 2)  # the path may hold spaces
         offset, length = int(offset), int(length)
-        lead = offset % mmap.ALLOCATIONGRANULARITY
         try:
             fd = os.open(path, os.O_RDWR)
         except PermissionError:
@@ -285,10 +285,15 @@ class Buffer:
                 f"accessible to uid {os.geteuid()}; zero-copy mapping needs read-write access "
                 f"to it (run as the daemon's user), or use {self.path}/data instead") from None
         try:
-            self._mmap = mmap.mmap(fd, lead + length, flags=mmap.MAP_SHARED,
+            # A hugetlb arena maps only whole huge pages (its st_blksize).
+            granule = max(mmap.ALLOCATIONGRANULARITY, os.fstat(fd).st_blksize)
+            lead = offset % granule
+            span = -(-(lead + length) // granule) * granule
+            self._mmap = mmap.mmap(fd, span, flags=mmap.MAP_SHARED,
                                    prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset - lead)
         finally:
             os.close(fd)
+        self._lead = lead
         self._view = memoryview(self._mmap)[lead:lead + length]
 
     def numpy(self, dtype="uint8", shape=None):
@@ -322,7 +327,7 @@ class Buffer:
         try:
             self._mmap.close()
         except BufferError:  # slices of the view outlived it: keep serving them
-            self._view = memoryview(self._mmap)[len(self._mmap) - self.size:]
+            self._view = memoryview(self._mmap)[self._lead:self._lead + self.size]
             raise busy from None
         self._mmap = self._view = None
 

@@ -13,7 +13,7 @@ import pytest
 from cmad import CmaError
 import cmad.client as client_module
 from cmad.client import Buffer, ChunkInfo, Client, NotMounted, parse_created, parse_result
-from test_daemon import eventually
+from test_daemon import alloc, eventually, write_errno
 
 M = 1 << 20
 MANY = 24
@@ -163,7 +163,7 @@ def test_unreadable_arena_file_says_so(daemon, monkeypatch):
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", refuse_arena)
-    with pytest.raises(PermissionError, match=f"cannot map chunk {buf.name}: the arena file "
+    with pytest.raises(PermissionError, match=f"cannot map chunk id={buf.id}: the arena file "
                        f"{arena} is not accessible to uid {os.geteuid()}"):
         buf.view
     monkeypatch.undo()
@@ -352,3 +352,50 @@ def test_region_facts_that_only_some_daemons_have(tmp_path, monkeypatch):
         [("video", "physical"), ("dma", None)]
     assert client.pageblocks("video") == "P.M" + "." * 61 + "X"
     assert client.pageblocks("dma") is None
+
+
+def test_a_moved_buffer_writes_and_frees_its_own_chunk(daemon):
+    """Issue 10 item 2: compaction moves a root Buffer's movable chunk and hands
+    its old address to W; the Buffer maps, writes and frees its own chunk."""
+    mnt = daemon("--regions", "r=2M:bf", "--map", "*=r")
+    client = Client(mnt)
+    buf = client.alloc("x", 256 << 10, movable=True)  # not mapped: free to move
+    first = buf.start
+    assert first == client.region("r").start and buf.id is not None
+    for request in ("x 512K label=pad", "x 256K label=wall", "x 1M label=wall2"):
+        alloc(mnt, request)
+    assert write_errno(mnt / "free", b"pad") == 0
+    w = alloc(mnt, "x 512K/512K label=W")
+    assert int(w.split()[0], 16) == first  # W took the buffer's old place...
+    assert buf.start != first  # ...because the buffer moved
+    w_bytes = b"W" * 20
+    (mnt / "chunks/W/data").write_bytes(w_bytes)
+
+    buf.view[:20] = b"root buffer, moved.."
+    assert (mnt / "chunks/W/data").read_bytes()[:20] == w_bytes
+    assert (mnt / "chunks" / buf.name / "data").read_bytes()[:20] == b"root buffer, moved.."
+    assert read(mnt / "chunks" / buf.name / "id") == str(buf.id)
+    assert read(mnt / "chunks" / buf.name / "movable") == "0"  # mapping pinned it
+
+    gone = buf.name
+    buf.free()
+    assert (mnt / "chunks/W").exists() and (mnt / "chunks/W/data").read_bytes()[:20] == w_bytes
+    assert not (mnt / "chunks" / gone).exists() and not (mnt / "ids" / str(buf.id)).exists()
+    assert read(mnt / "regions/r/users") == "3"  # wall, wall2, W
+
+
+def test_a_buffer_freed_behind_its_back_is_enoent_not_its_successor(daemon):
+    mnt = daemon("--regions", "r=2M:bf", "--map", "*=r")
+    client = Client(mnt)
+    buf = client.alloc("x", 256 << 10, movable=True)
+    start = buf.start
+    client.free(start)  # by address, behind the Buffer's back
+    successor = alloc(mnt, "x 256K label=next")
+    assert int(successor.split()[0], 16) == start  # the same address, another chunk
+    with pytest.raises(CmaError) as e:
+        buf.view
+    assert e.value.errno == errno.ENOENT
+    with pytest.raises(CmaError) as e:
+        buf.free()
+    assert e.value.errno == errno.ENOENT and buf.freed
+    assert (mnt / "chunks/next").exists() and read(mnt / "regions/r/users") == "1"

@@ -70,7 +70,7 @@ def rows(text: str) -> list[list[str]]:
 def test_regions_table_bytes_and_json(daemon):
     mnt = daemon()
     assert ok(mnt, "alloc", "camera/preview", "6M/1M", "--label", "frame0") == \
-        "0000000040000000 6.0 MiB video frame0\n"
+        "0000000040000000 6.0 MiB video frame0 id=1\n"
     table = {row[0]: row for row in rows(ok(mnt, "regions"))}
     assert table["video"] == ["video", "0000000040000000", "32.0", "MiB", "6.0", "MiB", "26.0",
                               "MiB", "1", "bf", "exclusive", "0.0%"]
@@ -96,12 +96,13 @@ def test_regions_table_bytes_and_json(daemon):
 def test_alloc_list_free_round_trip(daemon):
     mnt = daemon()
     assert ok(mnt, "alloc", "camera/preview", "6M/1M", "--label", "frame0") == \
-        "0000000040000000 6.0 MiB video frame0\n"
+        "0000000040000000 6.0 MiB video frame0 id=1\n"
     line = ok(mnt, "--bytes", "alloc", "@dma,common", "12K")  # global option before the command
-    assert line == f"0000000043000000 {12 << 10} dma\n"
+    assert line == f"0000000043000000 {12 << 10} dma id=2\n"
     made = json.loads(ok(mnt, "alloc", "net", "300K", "--movable", "--json"))
     assert made == {"start": "0000000042000000", "size": 300 << 10, "region": "common",
-                    "label": None, "id": None}
+                    "label": None, "id": 3}
+    assert read(mnt / "chunks/0000000042000000/id") == "3"
     assert read(mnt / "chunks/0000000042000000/movable") == "1"
 
     table = rows(ok(mnt, "list"))
@@ -124,7 +125,7 @@ def test_alloc_list_free_round_trip(daemon):
         assert f"{c['uid']} {c['pid']}" == read(d / "owner")
         assert c["label"] == (read(d / "label") or None)
 
-    assert ok(mnt, "free", "frame0", "0000000043000000") == ""
+    assert ok(mnt, "free", "frame0", "id=2") == ""
     assert ok(mnt, "free", "0x42000000") == ""
     assert json.loads(ok(mnt, "list", "--json")) == []
     assert rows(ok(mnt, "list")) == []
@@ -135,7 +136,7 @@ def test_alloc_list_free_round_trip(daemon):
 def test_transient_alloc_dies_with_cmactl(daemon):
     mnt = daemon()
     line = ok(mnt, "alloc", "camera", "1M", "--transient", "--label", "t")
-    assert line.endswith(" video t\n")
+    assert line.endswith(" video t id=1\n")
     assert eventually(lambda: read(mnt / "regions/video/users") == "0")
     r = cmactl(mnt, "alloc", "--help")
     assert "--transient" in r.stdout and "cmactl exits" in r.stdout
@@ -225,5 +226,6 @@ def test_top_draws_one_frame_on_a_terminal(daemon):
 def test_sizes_are_human(daemon):
     mnt = daemon()
     for size in (4096, 300 << 10, 5 * M):
-        assert ok(mnt, "alloc", "@dma", str(size)).split(" ", 1)[1] == f"{human(size)} dma\n"
+        assert ok(mnt, "alloc", "@dma", str(size)).split(" ", 1)[1].rsplit(" ", 1)[0] == \
+            f"{human(size)} dma"
     assert human(6 * M) == "6.0 MiB"
