@@ -1,5 +1,6 @@
 """cmactl against a real mount, run as a user would: a subprocess, on a pipe or a pty."""
 
+import io
 import json
 import os
 import pty
@@ -9,7 +10,10 @@ import subprocess
 import sys
 import time
 
+import cmad.cmactl as cmactl_module
+from cmad.client import Client
 from cmad.memparse import human
+from test_client import fake_mount
 from test_daemon import eventually
 
 M = 1 << 20
@@ -60,7 +64,7 @@ def read(path) -> str:
         return f.read().removesuffix("\n")
 
 
-def rows(text: str) -> list[list[str]]:
+def rows_of(text: str) -> list[list[str]]:
     """A table's rows, split into cells (the header and its rule left out)."""
     lines = text.splitlines()
     assert set(lines[1].replace(" ", "")) == {"─"}, lines[:2]
@@ -71,12 +75,12 @@ def test_regions_table_bytes_and_json(daemon):
     mnt = daemon()
     assert ok(mnt, "alloc", "camera/preview", "6M/1M", "--label", "frame0") == \
         "0000000040000000 6.0 MiB video frame0 id=1\n"
-    table = {row[0]: row for row in rows(ok(mnt, "regions"))}
+    table = {row[0]: row for row in rows_of(ok(mnt, "regions"))}
     assert table["video"] == ["video", "0000000040000000", "32.0", "MiB", "6.0", "MiB", "26.0",
                               "MiB", "1", "bf", "exclusive", "0.0%"]
     assert table["common"][9:] == ["buddy", "exclusive", "0.0%"]
     assert table["dma"][1] == "0000000043000000" and table["dma"][9] == "bitmap"
-    exact = {row[0]: row for row in rows(ok(mnt, "regions", "--bytes"))}
+    exact = {row[0]: row for row in rows_of(ok(mnt, "regions", "--bytes"))}
     assert exact["video"][2:6] == [str(32 * M), str(6 * M), str(26 * M), "1"]
     listed = json.loads(ok(mnt, "regions", "--json"))
     assert [r["name"] for r in listed] == ["video", "common", "dma"]
@@ -105,15 +109,15 @@ def test_alloc_list_free_round_trip(daemon):
     assert read(mnt / "chunks/0000000042000000/id") == "3"
     assert read(mnt / "chunks/0000000042000000/movable") == "1"
 
-    table = rows(ok(mnt, "list"))
+    table = rows_of(ok(mnt, "list"))
     assert [r[0] for r in table] == ["0000000040000000", "0000000042000000",
                                      "0000000043000000"]
     frame = table[0]
     assert frame[1:4] == ["6.0", "MiB", "video"] and frame[4] == "camera/preview"
     assert frame[5] == "0" and int(frame[6]) > 0 and frame[7] == "frame0"
     assert re.fullmatch(r"\d+s", frame[8])
-    assert rows(ok(mnt, "list", "--bytes"))[1][1] == str(300 << 10)
-    assert [r[0] for r in rows(ok(mnt, "list", "--region", "dma"))] == ["0000000043000000"]
+    assert rows_of(ok(mnt, "list", "--bytes"))[1][1] == str(300 << 10)
+    assert [r[0] for r in rows_of(ok(mnt, "list", "--region", "dma"))] == ["0000000043000000"]
 
     listed = json.loads(ok(mnt, "list", "--json"))
     assert len(listed) == 3
@@ -128,7 +132,7 @@ def test_alloc_list_free_round_trip(daemon):
     assert ok(mnt, "free", "frame0", "id=2") == ""
     assert ok(mnt, "free", "0x42000000") == ""
     assert json.loads(ok(mnt, "list", "--json")) == []
-    assert rows(ok(mnt, "list")) == []
+    assert rows_of(ok(mnt, "list")) == []
     assert not (mnt / "chunks/frame0").exists()
     assert read(mnt / "regions/video/free") == str(32 * M)
 
@@ -229,3 +233,116 @@ def test_sizes_are_human(daemon):
         assert ok(mnt, "alloc", "@dma", str(size)).split(" ", 1)[1].rsplit(" ", 1)[0] == \
             f"{human(size)} dma"
     assert human(6 * M) == "6.0 MiB"
+
+
+# -- In process, on fake trees (a temporary directory laid out like the mount) --
+
+
+def run_main(capsys, mnt, *args: str) -> str:
+    assert cmactl_module.main(["--mountpoint", str(mnt), *args]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    return out
+
+
+def test_regions_say_physical_or_virtual_where_the_daemon_does(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NO_COLOR", "1")
+    regions = (("video", 0x40000000, 4 * M), ("dma", 0x43000000, M))
+    plain = fake_mount(tmp_path / "plain", regions, monkeypatch=monkeypatch)
+    assert "contiguous" not in run_main(capsys, plain, "regions")  # today's daemon
+    assert [r["contiguous"] for r in json.loads(run_main(capsys, plain, "regions", "--json"))] \
+        == [None, None]
+    mnt = fake_mount(tmp_path / "mnt", regions, monkeypatch=monkeypatch,
+                     contiguous={"video": "physical\n", "dma": "virtual\n"})
+    lines = run_main(capsys, mnt, "regions").splitlines()
+    assert lines[0].split() == ["name", "start", "size", "used", "free", "chunks", "alloc",
+                                "kind", "contiguous", "frag"]
+    table = {line.split()[0]: line.split() for line in lines[2:]}
+    assert table["video"][-2:] == ["physical", "0.0%"] and table["dma"][-2] == "virtual"
+    assert [r["contiguous"] for r in json.loads(run_main(capsys, mnt, "regions", "--json"))] \
+        == ["physical", "virtual"]
+
+
+def test_map_draws_pageblocks_by_type_else_the_bitmap(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NO_COLOR", "1")
+    regions = (("video", 0x40000000, 16 * M), ("dma", 0x43000000, 32 << 10))
+    mnt = fake_mount(tmp_path, regions, monkeypatch=monkeypatch,
+                     pageblocks={"video": "PPMMXX..\n"})
+    (mnt / "regions/0000000043000000/bitmap").write_text("##......\n")
+    video, dma, block_key, bitmap_key = run_main(capsys, mnt, "map", "--width", "8") \
+        .splitlines()
+    assert video == "video PPMMXX..   0%"
+    assert dma == "dma   ##......   0%"  # no pageblocks file: the bitmap, as before
+    assert ". free  P pinned  M movable  X mixed" in block_key and "pageblocks" in block_key
+    assert "# used" in bitmap_key and "pageblocks" not in bitmap_key
+    assert run_main(capsys, mnt, "map", "--width", "4").splitlines()[0] == "video PMX.   0%"
+    assert cmactl_module.pageblock_cells("PM..MM?.", 4) == ["mixed", "free", "movable", "mixed"]
+
+
+def test_list_streams_rows_as_they_are_parsed(tmp_path, monkeypatch):
+    mnt = fake_mount(tmp_path, monkeypatch=monkeypatch)
+    monkeypatch.setattr(cmactl_module, "STREAM_BATCH", 10)
+    monkeypatch.setattr(cmactl_module, "GRID_WINDOW", 10)
+    pulled = []
+
+    def rows(self, region=None):
+        for i in range(100):
+            pulled.append(i)
+            yield [f"{0x40000000 + i * 4096:016x}", "4096", "video", "cam", "-", "0", "1",
+                   "2026-11-25T06:29:29Z", "0", f"l{i}" if i == 99 else "-", f"id={i + 1}"]
+
+    monkeypatch.setattr(Client, "chunk_rows", rows)
+    for args in (["list", "--json"], ["list"]):
+        writes = []
+        monkeypatch.setattr(sys, "stdout", io.StringIO())
+        real_write = sys.stdout.write
+        monkeypatch.setattr(sys.stdout, "write",
+                            lambda text: writes.append((len(pulled), text)) or real_write(text))
+        pulled.clear()
+        assert cmactl_module.main(["--mountpoint", str(mnt), "--bytes", *args]) == 0
+        text = "".join(t for _, t in writes)
+        assert len(pulled) == 100 and writes[1][0] < 100, args  # written before the end
+        if "--json" in args:
+            lines = text.splitlines()
+            assert lines[0] == "[" and lines[-1] == "]" and len(lines) == 102  # no indent
+            listed = json.loads(text)
+            assert listed[0] == {"start": "0000000040000000", "size": 4096, "region": "video",
+                                 "dev": "cam", "type": "-", "uid": 0, "pid": 1,
+                                 "label": None, "created": "2026-11-25T06:29:29Z",
+                                 "movable": False, "id": 1}
+            assert listed[99]["label"] == "l99" and listed[99]["id"] == 100
+        else:
+            table = rows_of(text)
+            assert len(table) == 100 and table[0][:4] == ["0000000040000000", "4096", "video",
+                                                          "cam/-"]
+            assert table[99][6] == "l99"  # past the window: printed, in its column or over
+
+
+def test_list_json_escapes_what_clients_named(tmp_path, monkeypatch, capsys):
+    table = ('0000000040000000 4096 video "cam\\ \u00e9t\u00e9\x01 0 1 2026-11-25T06:29:29Z 1 - id=5\n'
+             "0000000040001000 8192 video a b 1000 2 2026-11-25T06:29:30Z 0 frame0\n")
+    mnt = fake_mount(tmp_path, chunkinfo=table, monkeypatch=monkeypatch)
+    listed = json.loads(run_main(capsys, mnt, "list", "--json"))
+    assert (listed[0]["dev"], listed[0]["type"]) == ('"cam\\', "\u00e9t\u00e9\x01")
+    assert (listed[0]["movable"], listed[0]["id"]) == (True, 5)
+    assert (listed[1]["label"], listed[1]["id"], listed[1]["uid"]) == ("frame0", None, 1000)
+    assert json.loads(run_main(capsys, mnt, "list", "--json", "--region", "dma")) == []
+    (mnt / "chunkinfo").write_text("\n")
+    assert run_main(capsys, mnt, "list", "--json") == "[]\n"
+
+
+def test_list_of_thousands_through_a_daemon(daemon):
+    mnt = daemon("--regions", "r=64M:bf", "--map", "*=r")
+    fd = os.open(mnt / "alloc", os.O_RDWR)
+    try:
+        for i in range(3000):
+            os.write(fd, (f"x 4K label=c{i}" if i % 2 else "x 4K movable").encode())
+    finally:
+        os.close(fd)
+    table = rows_of(ok(mnt, "list", "--bytes"))
+    assert len(table) == 3000 and table[1][6] == "c1" and len(table[0]) == 7
+    assert [r[0] for r in table] == sorted(r[0] for r in table)
+    listed = json.loads(ok(mnt, "list", "--json"))
+    assert len(listed) == 3000
+    assert sum(c["movable"] for c in listed) == 1500
+    assert {c["label"] for c in listed[1::2]} == {f"c{i}" for i in range(1, 3000, 2)}
