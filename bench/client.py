@@ -97,9 +97,7 @@ def listing(mnt: str, client: Client) -> None:
     t0 = time.perf_counter()
     assert len(client.chunks()) == CHUNKS
     inproc = time.perf_counter() - t0
-    table = os.path.exists(f"{mnt}/{CHUNK_TABLE}")
-    how = f"from the daemon's {CHUNK_TABLE} table" if table else \
-        "from per-chunk files, threaded (the daemon has no chunk table)"
+    how = f"from the daemon's {CHUNK_TABLE} table, streamed"
     print(f"  cmactl regions --json  {statistics.median(start) * 1e3:6.0f} ms (start-up)")
     print(f"  cmactl list, {CHUNKS} chunks  first {times[0]:6.2f} s, again {times[1]:6.2f} s"
           f"   (target <= 2 s; {how})")
