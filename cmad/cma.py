@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
 from . import compaction, faults
-from .allocator import PAGE_SIZE, Allocator, registry
+from .allocators import PAGE_SIZE, Allocator, registry
 from .arena import Arena
 from .chunks import Chunk, ChunkIndex, check_label
 from .errors import CmaError, einval

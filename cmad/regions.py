@@ -15,7 +15,7 @@ import errno
 import re
 from dataclasses import dataclass, field
 
-from .allocator import PAGE_SIZE, Allocator
+from .allocators import PAGE_SIZE, Allocator
 from .errors import CmaError, einval
 from .memparse import fmt_addr, human, is_power_of_two, memparse
 

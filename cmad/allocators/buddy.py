@@ -42,8 +42,8 @@ import errno
 from heapq import heapify, heappop, heappush
 from typing import Iterator
 
-from .allocator import PAGE_SHIFT, PAGE_SIZE, Allocator, register
-from .errors import CmaError
+from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator, register
+from ..errors import CmaError
 
 _PAGE_MASK = PAGE_SIZE - 1
 

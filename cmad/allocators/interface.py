@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 from typing import Callable, Iterator
 
-from .errors import CmaError
+from ..errors import CmaError
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT

@@ -34,8 +34,8 @@ import errno
 import re
 from typing import Iterator
 
-from .allocator import PAGE_SHIFT, PAGE_SIZE, Allocator, register
-from .errors import CmaError
+from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator, register
+from ..errors import CmaError
 
 MAX_ORDER_PER_BIT = 20
 SUPER = 512  # blocks per superblock
