@@ -43,6 +43,7 @@ _LOW = (1 << _SHIFT) - 1
 @register
 class BestFit(Allocator):
     name = "bf"
+    groupable = True
     params = ()
 
     def __init__(self, start: int, size: int, **params: int):

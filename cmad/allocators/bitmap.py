@@ -69,6 +69,7 @@ def _aligned_up(first: int, at: int, mask: int) -> int:
 @register
 class Bitmap(Allocator):
     name = "bitmap"
+    groupable = True
     params = ("order_per_bit",)
     _super = SUPER  # class attributes so tests can shrink them (_limit >= _super)
     _limit = LIMIT

@@ -64,6 +64,7 @@ class Buddy(Allocator):
     """Binary buddy allocator over one region; see the module docstring."""
 
     name = "buddy"
+    groupable = True
     params = ()
 
     def __init__(self, start: int, size: int, **params: int):
