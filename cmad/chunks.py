@@ -112,6 +112,11 @@ class ChunkIndex:
         chunk = self._by_start.peekitem(i - 1)[1]
         return chunk if addr < chunk.end else None
 
+    def last_before(self, addr: int) -> Chunk | None:
+        """The chunk with the highest start below ``addr``, in O(log n)."""
+        i = self._by_start.bisect_left(addr)
+        return self._by_start.peekitem(i - 1)[1] if i else None
+
     def in_range(self, start: int, end: int) -> Iterator[Chunk]:
         for key in self._by_start.irange(start, end, inclusive=(True, False)):
             yield self._by_start[key]
