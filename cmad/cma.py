@@ -20,8 +20,8 @@ from .chunks import Chunk, ChunkIndex, check_label
 from .errors import CmaError, clip, einval
 from .map import DEFAULT_TYPE, Map
 from .memparse import U64_MAX, fmt_addr, human, is_power_of_two
-from .regions import (AllocSpec, Region, RegionSpec, RegionStats, fragmentation, layout,
-                      parse_alignment, parse_alloc_spec, parse_regions)
+from .regions import (AllocSpec, Region, RegionSpec, RegionStats, check_name, fragmentation,
+                      layout, parse_alignment, parse_alloc_spec, parse_regions)
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,8 @@ class Cma:
               **options) -> Chunk:
         """Allocate from the regions the map gives (dev, type), tried in order."""
         type = type or DEFAULT_TYPE
+        check_name(dev, "device")  # 1 to 64 of [A-Za-z0-9_.-]: no newline in chunkinfo
+        check_name(type, "type")
         names = self._map.lookup(dev, type)
         regions = [self._regions[n] for n in dict.fromkeys(names) if n in self._regions]
         if not regions:
@@ -267,21 +269,28 @@ class Cma:
         fields = dict(label=label, movable=movable, transient=transient, bound=bound, uid=uid,
                       pid=pid, alignment=alignment)
         failed: list[Region] = []
+        over_limit: list[Region] = []  # had room, but only past the caller's limit
         for region in regions:
             allocator = region.allocator
             got = allocator.alloc(size, alignment) if allocator and size <= region.free else None
-            if got is not None and self._fits(got, region, bound, limit, uid, request):
+            if got is not None and self._fits(got, region, bound, limit, uid, over_limit):
                 return self._new_chunk(got, region, dev, type, failed, **fields)
-            failed.append(region)
+            if region not in over_limit:
+                failed.append(region)
         for region in failed:  # fragmentation: make room by moving chunks
             if region.allocator and region.movable_users and region.free >= size:
                 got = compaction.make_room(self, region, size, alignment)
-                if got is not None and self._fits(got, region, bound, limit, uid, request):
+                if got is not None and self._fits(got, region, bound, limit, uid, over_limit):
                     log.info("%s: served after compacting region %s", request(), region.name)
                     return self._new_chunk(got, region, dev, type,
                                            [r for r in failed if r is not region], **fields)
         for region in failed:
             region.alloc_fail += 1
+        if over_limit:
+            raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
+                                         f"{human(self.held(uid))} of its {human(limit)} "
+                                         "limit; what " + ", ".join(r.name for r in over_limit)
+                                         + " could give would take it past")
         tried = ", ".join(r.describe() if r.allocator else f"{r.name} (no allocator: "
                           f"{r.alloc_text})" for r in regions)
         why = f"{request()}: no room; tried {tried}"
@@ -309,17 +318,20 @@ class Cma:
         return size, alignment
 
     def _fits(self, got: tuple[int, int], region: Region, bound: int | None,
-              limit: int | None, uid: int, request: Callable[[], str]) -> bool:
+              limit: int | None, uid: int, over_limit: list[Region]) -> bool:
         """Whether the chunk the allocator returned (rounded up to its block) still
-        keeps the request's bound and the caller's limit; if not it is given back."""
+        keeps the request's bound and the caller's limit; if not it is given back.
+        A region past the limit is skipped like a full one (SPEC 6) and noted in
+        ``over_limit``: the next region may still serve within the limit."""
         start, size = got
         if bound is not None and start // bound != (start + size - 1) // bound:
             region.allocator.free(start, size)
             return False
         if limit is not None and self.held(uid) + size > limit:
             region.allocator.free(start, size)
-            raise CmaError(errno.EDQUOT, f"{request()}: the allocator's {human(size)} would "
-                                         f"take uid {uid} past its {human(limit)} limit")
+            if region not in over_limit:
+                over_limit.append(region)
+            return False
         return True
 
     def _new_chunk(self, got: tuple[int, int], region: Region, dev: str, type: str,
@@ -512,7 +524,7 @@ class Cma:
         try:
             chunk = self.find(key)
         except CmaError as e:
-            log.warning("free: %s", e.why)
+            log.warning("free: %s", e.why, extra={"client": True})
             raise
         if uid is not None and uid != 0 and uid != chunk.uid:
             raise CmaError(errno.EPERM, f"free {chunk.name}: owned by uid {chunk.uid}, "

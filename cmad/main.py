@@ -11,7 +11,7 @@ import sqlite3
 import sys
 from functools import partial
 
-from . import __version__, service
+from . import __version__, ratelimit, service
 from .arena import Arena, hugetlbfs_mounts
 from .allocator import registry
 from .cma import Cma, plan_regions
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(stream=sys.stderr, format="cmad: %(levelname)s %(message)s",
                         level=logging.INFO)
+    ratelimit.install()  # bounded lines, client-caused warnings rate-limited
     if argv and argv[0] in ("check", "reset", "hugepages"):
         from . import offline
         return offline.main(argv)
