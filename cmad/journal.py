@@ -83,7 +83,13 @@ class Journal:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                       isolation_level=None)
         else:
-            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            if os.path.lexists(state_dir) and not os.path.isdir(state_dir):
+                raise CmaError(errno.ENOTDIR, f"state_dir {state_dir} is not a directory")
+            try:
+                os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            except OSError as e:  # a dangling link, no permission, a file on the way
+                raise CmaError(e.errno or errno.EIO,
+                               f"state_dir {state_dir}: {e.strerror}") from None
             self.db = sqlite3.connect(self.path, isolation_level=None,
                                       check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")

@@ -168,6 +168,9 @@ def layout(specs: list[RegionSpec], base: int, arena_size: int | None,
                 raise CmaError(errno.EADDRINUSE,
                                f"region {name} [{start:#x}, {start + size:#x}) overlaps "
                                f"region {other} [{s:#x}, {e:#x})")
+        if start + size > 1 << 64:
+            raise einval(f"region {name} ({human(size)} at {start:#x}) would end past 2^64: "
+                         "bus addresses are 64-bit")
         if limit is not None and start + size > limit:
             raise CmaError(errno.ENOMEM,
                            f"region {name} ({human(size)} at {start:#x}) does not fit in the "

@@ -227,3 +227,20 @@ def test_the_cores_unknown_free_warning_is_rate_limited(cma):
         assert len(handler.lines) == 10
     finally:
         restore(log, handler)
+
+
+# -- configuration mistakes are one line and exit 2, never a traceback ------------------
+
+@pytest.mark.parametrize("args, message", [
+    (("--regions", "a=32M;b=32M", "--base", "0xfffffffffe000000"), "past 2^64"),
+    (("--state-dir", "FILE"), "is not a directory"),
+    (("--regions", "video=4M;..=4M"), "region name '..'"),
+])
+def test_configuration_mistakes_are_one_line(tmp_path, args, message):
+    (tmp_path / "FILE").touch()
+    args = [str(tmp_path / "FILE") if a == "FILE" else a for a in args]
+    r = subprocess.run([sys.executable, "-m", "cmad.main", "--mountpoint",
+                        str(tmp_path / "mnt"), *args], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
