@@ -190,7 +190,9 @@ def test_errors_are_one_line_with_the_errno(daemon, tmp_path):
 
 
 def test_map_has_one_row_per_region(daemon):
-    mnt = daemon()
+    """From the bitmaps: pageblocks turned off (a daemon without them draws so)."""
+    mnt = daemon("--regions", "video=32M:bf(pageblock=0);common=16M:buddy(pageblock=0);"
+                 "dma=8M:bitmap")
     ok(mnt, "alloc", "@video", "16M")
     ok(mnt, "alloc", "@common", "4M", "--movable")
     out = ok(mnt, "map", "--width", "32").splitlines()
@@ -340,9 +342,21 @@ def test_list_of_thousands_through_a_daemon(daemon):
     finally:
         os.close(fd)
     table = rows_of(ok(mnt, "list", "--bytes"))
-    assert len(table) == 3000 and table[1][6] == "c1" and len(table[0]) == 7
-    assert [r[0] for r in table] == sorted(r[0] for r in table)
+    assert len(table) == 3000 and [r[0] for r in table] == sorted(r[0] for r in table)
+    assert {r[6] for r in table if len(r) == 8} == {f"c{i}" for i in range(1, 3000, 2)}
     listed = json.loads(ok(mnt, "list", "--json"))
     assert len(listed) == 3000
     assert sum(c["movable"] for c in listed) == 1500
-    assert {c["label"] for c in listed[1::2]} == {f"c{i}" for i in range(1, 3000, 2)}
+    assert {c["label"] for c in listed} == {None} | {f"c{i}" for i in range(1, 3000, 2)}
+    assert [c["start"] for c in listed] == [r[0] for r in table]
+
+
+def test_map_of_a_daemon_with_pageblocks(daemon):
+    mnt = daemon("--regions", "r=32M:bf;small=1M:bf", "--map", "*=r")
+    ok(mnt, "alloc", "@r", "1M")
+    ok(mnt, "alloc", "@r", "1M", "--movable")
+    assert read(mnt / "regions/r/pageblocks").startswith("PM")
+    r, small, *keys = ok(mnt, "map", "--width", "16").splitlines()
+    assert r == "r     PM" + "." * 14 + "   6%"
+    assert small == "small " + "." * 16 + "   0%"  # too small for pageblocks: its bitmap
+    assert any("P pinned" in k for k in keys) and any("# used" in k for k in keys)
