@@ -19,7 +19,7 @@ from typing import Iterator
 
 from sortedcontainers import SortedList
 
-from fusefs import Attr, Bytes, Caller, Dir, DynamicDir, LazyDir, Node, Stream, Symlink
+from fusefs import Attr, Bytes, Caller, Dir, DynamicDir, LazyDir, Node, Stream, Symlink, Table
 
 from . import request
 from .chunks import Chunk
@@ -202,7 +202,7 @@ class Tree:
         count = partial(len, cma.chunks)
         self.chunks = root.add("chunks", DynamicDir(ChunksByStart(self), dirs=count))
         self.ids = root.add("ids", DynamicDir(ChunksById(self), dirs=count))
-        root.add("chunkinfo", Attr(self._chunkinfo))
+        root.add("chunkinfo", Table(self._chunkinfo_rows))
         root.add("stats", Attr(lambda: show_stats(cma.stats(), self.extra_stats)))
         root.add("metrics", Attr(lambda: render(cma)))
         cma.listeners.append(self)
@@ -219,11 +219,14 @@ class Tree:
                                                                                  region)))
         self.regions.add(region.name, Symlink(fmt_addr(region.start)))
 
-    def _chunkinfo(self) -> str:
-        """Every chunk on one line, like /proc/slabinfo: one read lists them all."""
-        return "".join(
-            f"{fmt_addr(c.start)} {c.size} {c.region.name} {c.dev} {c.type} {c.uid} {c.pid} "
-            f"{c.created_iso()} {int(c.movable)} {c.label or '-'}\n" for c in self.cma.chunks)
+    def _chunkinfo_rows(self, after: int | None) -> Iterator[tuple[int, str]]:
+        """Every chunk on one line, like /proc/slabinfo, by start: each reader
+        renders only what it reads (fusefs.Table)."""
+        first = 0 if after is None else after + 1
+        for c in self.cma.chunks.in_range(first, ADDRESS_END):
+            yield c.start, (f"{fmt_addr(c.start)} {c.size} {c.region.name} {c.dev} {c.type} "
+                            f"{c.uid} {c.pid} {c.created_iso()} {int(c.movable)} "
+                            f"{c.label or '-'}\n")
 
     def _store_free(self, text: str, caller: Caller) -> None:
         if not text.strip():

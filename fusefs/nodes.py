@@ -12,8 +12,10 @@ A tree is built from plain objects and knows nothing of FUSE: the
   sequence numbers in the order given (so sorted) with a dict seq -> name:
   each child gets a monotonically increasing sequence number, which is also
   the readdir resume token, so a listing resumes by bisection in O(log n)
-  and survives concurrent additions and removals (nothing is listed twice
-  or skipped). A removal leaves a tombstone in the list, swept once they
+  and survives concurrent additions and removals (no entry is listed twice
+  or skipped; but a name removed and added again mid-listing is a new entry
+  and may be listed again: directories whose names are reused are
+  DynamicDirs). A removal leaves a tombstone in the list, swept once they
   are half of it, so add and remove are O(1) amortised.
 - A `LazyDir` creates its children on first use, so 100,000 directories do
   not each hold their attribute nodes until someone looks inside.
@@ -24,6 +26,9 @@ A tree is built from plain objects and knows nothing of FUSE: the
   a `find` over them is given back once the kernel forgets. Listings resume
   after the provider's sort key of the last entry sent (kept per open
   directory), so a name is never listed twice, whatever changes meanwhile.
+- A `Table` is a read-only file of rows rendered per open handle as it is
+  read (a cursor by the rows' sort key), so a read costs what it returns
+  and a big table never stalls the loop.
 - File nodes produce a per-open handle (`_open`); the handle holds the
   `Caller`, because pyfuse3 gives read/write/release no request context.
 - Node code reports errors by raising OSError (any subclass, with an
@@ -48,7 +53,7 @@ from .notify import invalidator
 
 __all__ = [
     "Attr", "Bytes", "Caller", "Dir", "DynamicDir", "File", "LazyDir", "Node", "Provider",
-    "Stream", "Symlink",
+    "Stream", "Symlink", "Table",
     "ATTR_SIZE", "MAX_STORE",
 ]
 
@@ -482,6 +487,72 @@ class _AttrHandle(_Handle):
     async def write(self, off: int, data: bytes) -> int:
         await self.node.parse_and_store(data, self.caller)
         return len(data)
+
+
+class Table(File):
+    """A read-only table: ``rows(after)`` yields (key, line) in ascending
+    key order, keys above *after* (all when None), each line ending in a
+    newline; it must not await, so each read sees one state of the rows.
+
+    Each open handle keeps a cursor (the key of the last row rendered) and
+    the rest of a row cut by the read size: a read renders only the rows it
+    returns (plus one), a read at offset 0 starts again from the first row.
+    A row changed while a reader is past it is not shown to that reader; a
+    row whose key moves past the cursor may be shown twice (a table read in
+    pieces is not a snapshot). st_size is 4096, like an attribute.
+    """
+
+    def __init__(self, rows: Callable[[Optional[Any]], Iterable[tuple[Any, str]]],
+                 mode: int = 0o444, uid: int = 0, gid: int = 0):
+        super().__init__(mode, uid, gid)
+        self.rows = rows
+
+    def size(self) -> int:
+        return ATTR_SIZE
+
+    def readable(self) -> bool:
+        return True
+
+    async def _open(self, caller: Caller, flags: int) -> "_TableHandle":
+        return _TableHandle(self, caller)
+
+
+class _TableHandle(_Handle):
+    __slots__ = ("cursor", "pending", "pos", "done")
+
+    def __init__(self, node: Table, caller: Caller):
+        super().__init__(node, caller)
+        self._restart()
+
+    def _restart(self) -> None:
+        self.cursor: Any = None
+        self.pending = bytearray()
+        self.pos = 0
+        self.done = False
+
+    async def read(self, off: int, size: int) -> bytes:
+        if off == 0:
+            self._restart()
+        elif off != self.pos:
+            raise OSError(errno.EINVAL, f"table read at {off}: reads go on from {self.pos} "
+                                        "or start again at 0")
+        self._render(size)
+        out = bytes(self.pending[:size])
+        del self.pending[:size]
+        self.pos += len(out)
+        return out
+
+    def _render(self, size: int) -> None:
+        """Rows after the cursor until *size* bytes are pending (or none are left)."""
+        pending = self.pending
+        if self.done or len(pending) >= size:
+            return
+        for key, line in self.node.rows(self.cursor):
+            pending += line.encode()
+            self.cursor = key
+            if len(pending) >= size:
+                return
+        self.done = True
 
 
 class Stream(File):

@@ -10,7 +10,7 @@ import weakref
 
 from sortedcontainers import SortedDict
 
-from fusefs import Attr, Dir, DynamicDir, Filesystem, LazyDir, Symlink
+from fusefs import Attr, Dir, DynamicDir, Filesystem, LazyDir, Symlink, Table
 from fusefs.notify import invalidator
 from test_fusefs_ops import ROOT, Collector, ctx, errno_of, list_dir, lookup
 
@@ -206,3 +206,73 @@ async def test_root_lookup_count_is_kept():
     provider, dyn, fs = setup()
     await fs.forget([(ROOT, 1)])
     assert fs.known(ROOT)
+
+
+# ---- Table ------------------------------------------------------------------
+
+class Rows:
+    """Rows "row <i>\\n" by key i, counting how many were rendered."""
+
+    def __init__(self, n):
+        self.keys = SortedDict((i, f"row {i:06d}\n") for i in range(n))
+        self.rendered = 0
+
+    def __call__(self, after):
+        keys = self.keys.irange(minimum=after, inclusive=(False, False)) \
+            if after is not None else iter(self.keys)
+        for key in keys:
+            self.rendered += 1
+            yield key, self.keys[key]
+
+
+def table(n):
+    rows = Rows(n)
+    root = Dir()
+    root.add("t", Table(rows))
+    return rows, Filesystem(root)
+
+
+async def read_all(fs, fh, size):
+    return await read_all_from(fs, fh, 0, size)
+
+
+async def test_a_table_read_costs_what_it_returns():
+    rows, fs = table(10_000)
+    fi = await fs.open(await lookup(fs, "t"), os.O_RDONLY, ctx())
+    first = await fs.read(fi.fh, 0, 4096)
+    assert rows.rendered <= 4096 // 11 + 2                # 11 bytes a row
+    whole = first + await read_all_from(fs, fi.fh, len(first), 4096)
+    assert whole == "".join(rows.keys.values()).encode()
+    assert rows.rendered <= 10_000 + (len(whole) // 4096 + 2)   # each row once, plus one a read
+    rows.rendered = 0
+    assert await fs.read(fi.fh, 0, 22) == b"row 000000\nrow 000001\n"   # offset 0: again
+    assert rows.rendered <= 3
+    assert await errno_of(fs.read(fi.fh, 5000, 10)) == errno.EINVAL
+    await fs.release(fi.fh)
+
+
+async def read_all_from(fs, fh, off, size):
+    out = b""
+    while True:
+        piece = await fs.read(fh, off, size)
+        if not piece:
+            return out
+        out += piece
+        off += len(piece)
+
+
+async def test_table_readers_have_their_own_cursors_and_see_changes_ahead():
+    rows, fs = table(100)
+    inode = await lookup(fs, "t")
+    a = await fs.open(inode, os.O_RDONLY, ctx())
+    b = await fs.open(inode, os.O_RDONLY, ctx())
+    head = await fs.read(a.fh, 0, 110)                    # rows 0..9
+    del rows.keys[50]
+    rows.keys[200] = "row 000200\n"
+    del rows.keys[5]                                      # behind a's cursor: already shown
+    rest = await read_all_from(fs, a.fh, len(head), 64)
+    text = (head + rest).decode()
+    assert "row 000005" in text and "row 000050" not in text and "row 000200" in text
+    assert (await read_all(fs, b.fh, 1000)).decode().count("\n") == 99
+    assert await read_all(fs, (await fs.open(await lookup(fs, "t"), os.O_RDONLY, ctx())).fh,
+                          7) == "".join(rows.keys.values()).encode()

@@ -166,3 +166,32 @@ async def test_a_freed_chunks_directory_answers_enxio():
     assert await errno_of(fs.read(fi.fh, 0, 100)) == errno.ENXIO
     assert fmt_addr(chunks[1].start) in [e[0].decode() for e in
                                          (await list_dir(fs, await lookup(fs, "chunks"), 5))[0]]
+
+
+async def test_chunkinfo_renders_only_what_each_read_returns():
+    cma, tree, fs, chunks = tree_with(3000)
+    node = tree.root.get("chunkinfo")
+    rendered = []
+    rows = node.rows
+
+    def counting(after):
+        for row in rows(after):
+            rendered.append(row[0])
+            yield row
+    node.rows = counting
+    inode = await lookup(fs, "chunkinfo")
+    fi = await fs.open(inode, os.O_RDONLY, ctx())
+    head = await fs.read(fi.fh, 0, 4096)
+    assert len(rendered) < 4096 // 40                   # not the 3,000 rows
+    rendered.clear()
+    assert await fs.read(fi.fh, 0, 4096) == head       # a re-read at 0 starts again
+    assert len(rendered) < 4096 // 40
+    text, off = b"", 0
+    while piece := await fs.read(fi.fh, off, 4096):
+        text += piece
+        off += len(piece)
+    lines = text.decode().splitlines()
+    assert len(lines) == 3000 and len(rendered) < 3000 + 3000 * 80 // 4096 + 10
+    c = chunks[5]
+    assert lines[5] == f"{c.name} 4096 r x {c.type} 0 0 {c.created_iso()} 0 l5"
+    await fs.release(fi.fh)
