@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import re
+from collections import deque
 from functools import partial
 from typing import Iterator
 
@@ -30,6 +31,7 @@ from .metrics import render, show_stats
 from .regions import Region
 
 MAX_REQUEST = 4096
+MAX_UNREAD = 256            # result lines an alloc handle keeps unread
 START_NAME = re.compile(r"[0-9a-f]{16}")       # only the %p form names a chunk
 ID_NAME = re.compile(r"0|[1-9][0-9]{0,19}")
 ADDRESS_END = 1 << 65                          # above every chunk start
@@ -85,31 +87,51 @@ def decode_request(data: bytes) -> str:
 
 
 class AllocHandle:
-    """One open ``alloc`` file: each write one request, reads return the results."""
+    """One open ``alloc`` file: each write one request, reads return the results.
 
-    def __init__(self, cma: Cma, caller: Caller):
-        self.cma = cma
+    What it keeps is bounded: the last MAX_UNREAD result lines not read yet
+    (older ones are dropped: a client that never reads cannot grow the
+    daemon), and its transient chunks by id, which the tree prunes when one
+    is freed explicitly.
+    """
+
+    def __init__(self, tree: "Tree", caller: Caller):
+        self.tree = tree
+        self.cma = tree.cma
         self.caller = caller
-        self.pending = bytearray()
-        self.transient: list[Chunk] = []
+        self.pending: deque[bytes] = deque(maxlen=MAX_UNREAD)
+        self.transient: dict[int, Chunk] = {}
 
     def write(self, data: bytes) -> None:
         chunk = request.run(self.cma, decode_request(data), uid=self.caller.uid,
                             pid=self.caller.pid)
-        self.pending += request.result_line(chunk).encode()
+        self.pending.append(request.result_line(chunk).encode())
         if chunk.transient:
-            self.transient.append(chunk)
+            self.tree.hold_transient(self, chunk)
 
     def read(self, size: int) -> bytes:
-        out = bytes(self.pending[:size])
-        del self.pending[:size]
-        return out
+        out = bytearray()
+        pending = self.pending
+        while pending and len(out) < size:
+            line = pending.popleft()
+            room = size - len(out)
+            if len(line) > room:
+                pending.appendleft(line[room:])     # the rest of a line cut by the read size
+                line = line[:room]
+            out += line
+        return bytes(out)
 
     def release(self) -> None:
-        """Transient chunks die with the handle that made them."""
-        for chunk in self.transient:
-            if self.cma.chunks.get(chunk.start) is chunk:
-                self.cma.free(chunk.start)
+        """Transient chunks die with the handle that made them (exactly
+        those: by id, wherever they moved)."""
+        failed = []
+        for chunk in list(self.transient.values()):
+            try:
+                self.cma.free(f"id={chunk.id}")
+            except CmaError as e:       # the others are still freed
+                failed.append(e)
+        if failed:
+            raise failed[0]
 
 
 class ChunksByStart:
@@ -197,7 +219,8 @@ class Tree:
         self._labels: SortedList | None = None     # sorted when chunks/ is first listed
         for region in cma.regions:
             self._add_region(region)
-        root.add("alloc", Stream(lambda caller: AllocHandle(cma, caller), mode=0o660, gid=gid))
+        self._transient_of: dict[int, AllocHandle] = {}   # chunk id -> the handle it dies with
+        root.add("alloc", Stream(lambda caller: AllocHandle(self, caller), mode=0o660, gid=gid))
         root.add("free", Attr(store=self._store_free, mode=0o220, gid=gid))
         count = partial(len, cma.chunks)
         self.chunks = root.add("chunks", DynamicDir(ChunksByStart(self), dirs=count))
@@ -280,11 +303,21 @@ class Tree:
 
     # -- Listener: keep the tree in step with the core ------------------
 
+    def hold_transient(self, handle: AllocHandle, chunk: Chunk) -> None:
+        handle.transient[chunk.id] = chunk
+        self._transient_of[chunk.id] = handle
+
+    def _drop_transient(self, chunk: Chunk) -> None:
+        handle = self._transient_of.pop(chunk.id, None)
+        if handle is not None:
+            del handle.transient[chunk.id]
+
     def on_alloc(self, chunk: Chunk) -> None:
         if chunk.label and self._labels is not None:
             self._labels.add(chunk.label)
 
     def on_free(self, chunk: Chunk) -> None:
+        self._drop_transient(chunk)
         self.chunks.invalidate(chunk.name)
         self.ids.invalidate(str(chunk.id))
         self.region_chunks[chunk.region.name].invalidate(chunk.name)

@@ -195,3 +195,57 @@ async def test_chunkinfo_renders_only_what_each_read_returns():
     c = chunks[5]
     assert lines[5] == f"{c.name} 4096 r x {c.type} 0 0 {c.created_iso()} 0 l5"
     await fs.release(fi.fh)
+
+
+async def open_alloc(fs):
+    fi = await fs.open(await lookup(fs, "alloc"), os.O_RDWR, ctx())
+    return fi.fh, fs._handles[fi.fh].inner
+
+
+async def test_a_long_lived_alloc_handle_forgets_transient_chunks_freed_explicitly():
+    cma, tree, fs, _ = tree_with(0)
+    fh, handle = await open_alloc(fs)
+    for i in range(2000):
+        await fs.write(fh, 0, b"x 4K transient")
+        line = (await fs.read(fh, 0, 4096)).decode()
+        cma.free(line.split()[-1])                      # id=<n>
+    assert len(handle.transient) == 0 and len(tree._transient_of) == 0
+    await fs.write(fh, 0, b"x 4K transient label=kept")
+    await fs.write(fh, 0, b"x 4K label=stays")
+    assert len(handle.transient) == 1
+    await fs.release(fh)
+    assert cma.chunks.by_label("kept") is None and cma.chunks.by_label("stays") is not None
+    assert len(tree._transient_of) == 0
+
+
+async def test_answers_never_read_are_bounded():
+    from cmad.tree import MAX_UNREAD
+    cma, tree, fs, _ = tree_with(0)
+    fh, handle = await open_alloc(fs)
+    lines = []
+    for i in range(MAX_UNREAD + 500):
+        await fs.write(fh, 0, b"x 4K")
+        lines.append(cma.chunks.by_id(max(c.id for c in cma.chunks)))
+    assert len(handle.pending) == MAX_UNREAD            # the oldest were dropped
+    text = b""
+    while piece := await fs.read(fh, 0, 100):          # small reads cut lines
+        text += piece
+    assert text.decode().splitlines()[0].endswith(f"id={lines[500].id}")
+    assert len(text.decode().splitlines()) == MAX_UNREAD and len(handle.pending) == 0
+    await fs.release(fh)
+
+
+async def test_transient_chunks_are_freed_by_id_after_a_move():
+    cma = Cma("r=320K:bf", "*=r")
+    tree = Tree(cma)
+    fs = Filesystem(tree.root)
+    run(cma, "x 64K label=pad"), run(cma, "x 64K label=p1")
+    fh, handle = await open_alloc(fs)
+    await fs.write(fh, 0, b"x 64K movable transient label=t")
+    run(cma, "x 64K label=hole"), run(cma, "x 64K label=p2")
+    cma.free("pad"), cma.free("hole")
+    old = cma.chunks.by_label("t").start
+    run(cma, "@r 128K label=other")                     # t moves; other takes its start
+    assert cma.chunks.get(old).label == "other"
+    await fs.release(fh)
+    assert cma.chunks.by_label("t") is None and cma.chunks.by_label("other") is not None
