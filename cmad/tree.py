@@ -254,7 +254,12 @@ class Tree:
     def _store_free(self, text: str, caller: Caller) -> None:
         if not text.strip():
             raise einval("free: empty write; expected a start address, id=<id> or a label")
-        self.cma.free(text, uid=caller.uid)
+        try:
+            self.cma.free(text, uid=caller.uid)
+        except CmaError as e:
+            if e.errno in (errno.ENOENT, errno.EINVAL):
+                e.logged = True     # Cma.free warned already: "no such chunk" once
+            raise
 
     def _store_compact(self, region: Region, text: str, caller: Caller) -> None:
         if caller.uid != 0:

@@ -7,7 +7,8 @@ shape it:
   loop, and with it the daemon, on any exception other than FUSEError, so
   FUSEError passes, an OSError (the tree's way to refuse; it may carry a
   `.why`) becomes its errno with one log line naming the operation, the node
-  and the reason, and anything else becomes EIO with a logged traceback.
+  and the reason (none if it has a true `.logged`: it was logged where it
+  was raised), and anything else becomes EIO with a logged traceback.
 - The kernel's view of inodes is tracked exactly: a node enters the inode
   table when a reply hands it to the kernel (lookup, readdirplus entry) and
   leaves it when `forget` brings its lookup count to zero (a `DynamicDir`
@@ -63,9 +64,10 @@ def _boundary(op: str, target: str = "inode") -> Callable:
                 raise
             except OSError as e:
                 code = e.errno if e.errno else errno.EIO
-                level = logging.WARNING if code in _WARN_ERRNOS else logging.INFO
-                log.log(level, "%s %s: %s", op, self._where(target, args, opened),
-                        describe_error(e))
+                if not getattr(e, "logged", False):
+                    level = logging.WARNING if code in _WARN_ERRNOS else logging.INFO
+                    log.log(level, "%s %s: %s", op, self._where(target, args, opened),
+                            describe_error(e))
                 raise FUSEError(code) from None
             except Exception:
                 log.exception("%s %s: unexpected error, answering EIO",

@@ -249,3 +249,16 @@ async def test_transient_chunks_are_freed_by_id_after_a_move():
     assert cma.chunks.get(old).label == "other"
     await fs.release(fh)
     assert cma.chunks.by_label("t") is None and cma.chunks.by_label("other") is not None
+
+
+async def test_an_unknown_chunks_free_is_logged_once(caplog):
+    cma, tree, fs, chunks = tree_with(1)
+    fi = await fs.open(await lookup(fs, "free"), os.O_WRONLY, ctx(uid=1000))
+    caplog.clear()
+    assert await errno_of(fs.write(fi.fh, 0, b"nosuchlabel")) == errno.ENOENT
+    assert [r.getMessage() for r in caplog.records if "nosuchlabel" in r.getMessage()] == [
+        "free: no chunk labelled 'nosuchlabel'"]
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    caplog.clear()
+    assert await errno_of(fs.write(fi.fh, 0, b"l0")) == errno.EPERM   # root's chunk
+    assert len([r for r in caplog.records if "owned by uid 0" in r.getMessage()]) == 1
