@@ -5,6 +5,7 @@ The chunk directories store nothing: nodes exist while the kernel holds them.
 
 import errno
 import gc
+import logging
 import os
 
 from fusefs import Filesystem, Node
@@ -254,6 +255,7 @@ async def test_transient_chunks_are_freed_by_id_after_a_move():
 async def test_an_unknown_chunks_free_is_logged_once(caplog):
     cma, tree, fs, chunks = tree_with(1)
     fi = await fs.open(await lookup(fs, "free"), os.O_WRONLY, ctx(uid=1000))
+    caplog.set_level(logging.INFO)
     caplog.clear()
     assert await errno_of(fs.write(fi.fh, 0, b"nosuchlabel")) == errno.ENOENT
     assert [r.getMessage() for r in caplog.records if "nosuchlabel" in r.getMessage()] == [
