@@ -250,11 +250,15 @@ class Buffer:
         return f"chunk id={self.id}" if self.id is not None else f"chunk {fmt_addr(self._start)}"
 
     def _attr(self, name: str) -> str:
+        """One of the chunk's files.  Gone is ENOENT: a fresh lookup of a freed
+        chunk's directory fails so, its files once looked up answer ENXIO."""
         try:
             return read_value(os.path.join(self.path, name))
-        except FileNotFoundError:
-            raise CmaError(errno.ENOENT, f"{self._what()} is gone: it was freed behind this "
-                           "Buffer") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENXIO):
+                raise
+        raise CmaError(errno.ENOENT, f"{self._what()} is gone: it was freed behind this "
+                       "Buffer")
 
     @property
     def view(self) -> memoryview:

@@ -399,3 +399,17 @@ def test_a_buffer_freed_behind_its_back_is_enoent_not_its_successor(daemon):
         buf.free()
     assert e.value.errno == errno.ENOENT and buf.freed
     assert (mnt / "chunks/next").exists() and read(mnt / "regions/r/users") == "1"
+
+
+def test_a_buffer_whose_files_answer_enxio_is_gone(tmp_path, monkeypatch):
+    """A freed chunk's files, once looked up, answer ENXIO: the Buffer says gone."""
+    mnt = fake_mount(tmp_path, monkeypatch=monkeypatch)
+    buf = Buffer(Client(mnt), 0x40000000, 4096, "video", None, id=9, movable=True)
+
+    def enxio(path):
+        raise OSError(errno.ENXIO, "No such device or address", path)
+
+    monkeypatch.setattr(client_module, "read_value", enxio)
+    with pytest.raises(CmaError, match="chunk id=9 is gone") as e:
+        buf.start
+    assert e.value.errno == errno.ENOENT
