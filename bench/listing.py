@@ -4,10 +4,11 @@ The client's side of a listing only (the daemon's rendering of ``chunkinfo``
 is measured elsewhere): a temporary directory laid out like the mount holds
 a ``chunkinfo`` of N lines, and ``cmactl list`` runs on it in a subprocess
 (Python start-up included, output to /dev/null) with the mount check
-skipped.  Printed per command: the wall time (median of the runs) and the
-child's peak RSS.  ``--tree DIR`` runs another checkout's cmactl on the
-same table (``--tree /work/main`` gives the figure before a change), so
-both are measured side by side, alternating.  Target at 1,000,000 chunks:
+skipped.  Printed per command: the wall and CPU time (medians of the runs;
+CPU is the steadier figure on a shared machine) and the child's peak RSS.
+``--tree DIR`` runs another checkout's cmactl on the same table (a checkout
+from before a change gives the figure before it), so both are measured side
+by side, alternating.  Target at 1,000,000 chunks:
 at most 3 s per command.  Prints, never asserts.
 
     python bench/listing.py [--chunks N] [--runs R] [--tree DIR ...]
@@ -59,8 +60,9 @@ def write_table(path: str, chunks: int) -> None:
         f.write("".join(lines))
 
 
-def run(tree: str, mnt: str, args: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB) of one cmactl run on ``tree``'s code."""
+def run(tree: str, mnt: str, args: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system: steadier on a shared machine)
+    and peak RSS (KiB) of one cmactl run on ``tree``'s code."""
     env = {**os.environ, "PYTHONPATH": tree}
     with open(os.devnull, "w") as null:
         t0 = time.perf_counter()
@@ -70,7 +72,7 @@ def run(tree: str, mnt: str, args: list[str]) -> tuple[float, int]:
         elapsed = time.perf_counter() - t0
     if status:
         raise SystemExit(f"cmactl {' '.join(args)} on {tree} failed: status {status}")
-    return elapsed, usage.ru_maxrss
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 
 def main() -> None:
@@ -87,18 +89,21 @@ def main() -> None:
         print(f"chunk table: {args.chunks:,} rows, {size / 1e6:.0f} MB; "
               f"median of {args.runs} runs, alternating trees")
         for command in (["list"], ["list", "--json"]):
-            figures: dict[str, list[tuple[float, int]]] = {t: [] for t in trees}
+            figures: dict[str, list[tuple[float, float, int]]] = {t: [] for t in trees}
             for _ in range(args.runs):
                 for tree in trees:
                     figures[tree].append(run(tree, mnt, command))
-            own = statistics.median(s for s, _ in figures[OWN_TREE])
+            own = statistics.median(c for _, c, _ in figures[OWN_TREE])
             for tree in trees:
-                secs = statistics.median(s for s, _ in figures[tree])
-                rss = max(r for _, r in figures[tree]) / 1024
-                ratio = "" if tree == OWN_TREE else f"  ({secs / own:.1f}x this tree)"
-                print(f"cmactl {' '.join(command):12} {tree:24} {secs:7.2f} s  "
-                      f"peak RSS {rss:7.0f} MiB{ratio}")
-        print("target at 1,000,000 chunks: at most 3 s per command")
+                wall = statistics.median(w for w, _, _ in figures[tree])
+                cpu = statistics.median(c for _, c, _ in figures[tree])
+                rss = max(r for _, _, r in figures[tree]) / 1024
+                ratio = "" if tree == OWN_TREE else f"  ({cpu / own:.1f}x this tree's CPU)"
+                print(f"cmactl {' '.join(command):12} {tree:24} {wall:7.2f} s wall "
+                      f"{cpu:7.2f} s CPU  peak RSS {rss:6.0f} MiB{ratio}")
+        load = os.getloadavg()[0]
+        print(f"target at 1,000,000 chunks: at most 3 s per command (load average {load:.1f} "
+              f"on {os.cpu_count()} CPUs while measuring)")
 
 
 if __name__ == "__main__":
