@@ -285,7 +285,6 @@ def test_buffer_reaches_its_chunk_by_id_and_follows_a_move(tmp_path, monkeypatch
     assert data[0x20000:0x20005] == b"moved" and data[:5] == bytes(5)
     fake_chunk(mnt, 7, 0x40030000)  # cannot happen once mapped (mmap pins): not re-read
     assert buf.start == 0x40020000
-    del data
     buf.free()
     assert (mnt / "free").read_text() == "id=7"  # its own chunk, wherever it is
     assert repr(buf) == "<Buffer 0000000040020000+0x1000 video id=7 freed>"
