@@ -76,9 +76,14 @@ def test_regions_table_bytes_and_json(daemon):
     assert ok(mnt, "alloc", "camera/preview", "6M/1M", "--label", "frame0") == \
         "0000000040000000 6.0 MiB video frame0 id=1\n"
     table = {row[0]: row for row in rows_of(ok(mnt, "regions"))}
+    # A contiguous column exactly where the daemon has the file (SPEC §4a).
+    def contiguous(name: str) -> list[str]:
+        path = mnt / "regions" / name / "contiguous"
+        return [read(path)] if path.exists() else []
+
     assert table["video"] == ["video", "0000000040000000", "32.0", "MiB", "6.0", "MiB", "26.0",
-                              "MiB", "1", "bf", "exclusive", "0.0%"]
-    assert table["common"][9:] == ["buddy", "exclusive", "0.0%"]
+                              "MiB", "1", "bf", "exclusive", *contiguous("video"), "0.0%"]
+    assert table["common"][9:] == ["buddy", "exclusive", *contiguous("common"), "0.0%"]
     assert table["dma"][1] == "0000000043000000" and table["dma"][9] == "bitmap"
     exact = {row[0]: row for row in rows_of(ok(mnt, "regions", "--bytes"))}
     assert exact["video"][2:6] == [str(32 * M), str(6 * M), str(26 * M), "1"]
