@@ -227,6 +227,8 @@ def test_top_draws_one_frame_on_a_terminal(daemon):
     assert rc == 0 and "video" in out and not COLOUR.search(out)  # ...unless NO_COLOR
     rc, out = in_pty(mnt, "map")
     assert rc == 0 and COLOUR.search(out) and "█" in out
+    rc, out = in_pty(mnt, "list")
+    assert rc == 0 and COLOUR.search(out) and "0000000040000000" in out and "camera/" in out
     assert "\x1b" not in ok(mnt, "regions") + ok(mnt, "list") + ok(mnt, "map")  # a pipe
     frames = ok(mnt, "top", "--iterations", "2", "--interval", "0.1")  # a pipe: like top -b
     assert frames.count("cmad at") == 2 and "\x1b" not in frames
@@ -365,3 +367,21 @@ def test_map_of_a_daemon_with_pageblocks(daemon):
     assert r == "r     PM" + "." * 14 + "   6%"
     assert small == "small " + "." * 16 + "   0%"  # too small for pageblocks: its bitmap
     assert any("P pinned" in k for k in keys) and any("# used" in k for k in keys)
+
+
+def test_grid_in_colour_streams_window_by_window(monkeypatch, capsys):
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setattr(cmactl_module, "GRID_WINDOW", 3)
+    out = cmactl_module.Out(False)
+    assert out.colour
+    cells = [(f"r{i}", str(10 ** (i % 4)), "x" * (i % 5)) for i in range(10)]
+    cmactl_module.grid(out, ["name", "n", "tail"], iter(cells), right={1},
+                       styles={0: "cyan"})
+    text = capsys.readouterr().out
+    assert COLOUR.search(text)
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()
+    assert lines[0].split() == ["name", "n", "tail"] and len(lines) == 12
+    assert lines[2:5] == ["r0     1 ", "r1    10 x", "r2   100 xx"]  # the first window's widths
+    assert lines[5] == "r3   1000 xxx"  # wider than the window measured: overflows its column
+    assert lines[11] == "r9    10 xxxx"
