@@ -345,6 +345,11 @@ class Buffer:
         self._freed = True
         try:
             self.client.free(self)
+        except CmaError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            raise CmaError(errno.ENOENT, f"free {self._what()}: it is gone (freed behind "
+                           "this Buffer); nothing else was freed") from None
         finally:
             self._close_handle()
 

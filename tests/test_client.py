@@ -394,7 +394,7 @@ def test_a_buffer_freed_behind_its_back_is_enoent_not_its_successor(daemon):
     with pytest.raises(CmaError) as e:
         buf.view
     assert e.value.errno == errno.ENOENT
-    with pytest.raises(CmaError) as e:
+    with pytest.raises(CmaError, match=f"free chunk id={buf.id}: it is gone") as e:
         buf.free()
     assert e.value.errno == errno.ENOENT and buf.freed
     assert (mnt / "chunks/next").exists() and read(mnt / "regions/r/users") == "1"
