@@ -7,11 +7,12 @@ import errno
 import grp
 import logging
 import os
+import signal
 import sqlite3
 import sys
 from functools import partial
 
-from . import __version__, service
+from . import __version__, privileges, service
 from .arena import Arena, hugetlbfs_mounts
 from .allocator import registry
 from .cma import Cma, plan_regions
@@ -159,23 +160,95 @@ class Reloader:
         log.info("reload: map %r, limits %s", self.cma.map, self.cma.limits or "none")
 
 
-def serve_tree(cma: Cma, config: Config, args: argparse.Namespace) -> None:
-    from fusefs import Filesystem, serve
-
+def serve_tree(mount, cma: Cma, config: Config, args: argparse.Namespace) -> None:
+    """Hand the tree to the mount made at start (`start`), drop what serving does
+    not need (privileges.py), and answer requests until unmounted."""
     from .tree import Tree
 
     arena = cma.arena
     tree = Tree(cma, gid=group_id(config.group), extra_stats={
         "backing": arena.backing, "page_size": 4096, "arena_size": arena.size,
         "base": f"{cma.base:#x}", "arena_file": arena.path})
+    mount.fs.replace_root(tree.root)
 
     def ready() -> None:
         log.info("ready: %s, mounted at %s", service.status(cma), config.mountpoint)
         service.notify(READY=1, STATUS=service.status(cma))
 
-    serve(Filesystem(tree.root), config.mountpoint, fsname="cmad", on_ready=ready, tasks=[
+    privileges.drop(privileges.SERVING)
+    mount.serve(on_ready=ready, tasks=[
         partial(service.heartbeat, cma, service.watchdog_interval()),
         partial(service.reload_on_sighup, Reloader(cma, config, args))])
+
+
+def state_dir_problem(state_dir: str | None) -> str | None:
+    """Why *state_dir* cannot hold a journal, found before anything is mounted."""
+    if state_dir is None or not os.path.lexists(state_dir):
+        return None
+    if not os.path.isdir(state_dir):
+        return f"state_dir {state_dir} exists and is not a directory"
+    return None
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT while the tree is built: unmount, serve nothing."""
+
+
+def build_interruptibly(config: Config) -> tuple[Cma, Journal | None]:
+    """`build`, with SIGTERM/SIGINT ending it cleanly: the mount is already made,
+    and a plain death would leave it stale."""
+    def interrupt(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return build(config)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def start(config: Config, args: argparse.Namespace) -> int:
+    """Mount, then recover and build the tree, then serve.
+
+    Mounting comes first: from then on the kernel holds every client request
+    until the tree answers (a client's ``echo L > free`` waits instead of
+    landing in the bare directory), however long recovery takes; the
+    bare directory itself is sealed by check_mountpoint for the few
+    milliseconds before.
+    """
+    from fusefs import Dir, Filesystem, Mount
+
+    privileges.pagemap_fd()  # opened while privileged: see privileges.py
+    try:
+        mount = Mount(Filesystem(Dir()), config.mountpoint, fsname="cmad",
+                      privileged=privileges.raised)
+    except OSError as e:
+        log.error("%s", getattr(e, "why", None) or e)
+        return 1
+    try:
+        cma, journal = build_interruptibly(config)
+    except BaseException as e:
+        mount.close()
+        if isinstance(e, (CmaError, sqlite3.Error)):
+            log.error("configuration: %s", getattr(e, "why", e))
+            return 2
+        if isinstance(e, OSError):
+            log.error("start-up: %s", getattr(e, "why", None) or e)
+            return 1
+        if isinstance(e, Interrupted):
+            log.info("%s during start-up: unmounted before serving", e)
+            return 0
+        raise
+    try:
+        serve_tree(mount, cma, config, args)
+    except OSError as e:
+        log.error("%s", getattr(e, "why", None) or e)
+        return 1
+    finally:
+        mount.close()
+        stop(cma, journal)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,25 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return 2
+    problem = state_dir_problem(config.state_dir)
+    if problem:
+        log.error("configuration: %s", problem)
+        return 2
     try:  # before anything is touched: another daemon's live mount (and arena) stays
         from fusefs import check_mountpoint
-        check_mountpoint(config.mountpoint)
+        config.mountpoint = check_mountpoint(config.mountpoint)
     except OSError as e:
         log.error("%s", getattr(e, "why", None) or e)
         return 1
-    try:
-        cma, journal = build(config)
-    except (CmaError, sqlite3.Error) as e:
-        log.error("configuration: %s", getattr(e, "why", e))
-        return 2
-    try:
-        serve_tree(cma, config, args)
-    except OSError as e:
-        log.error("%s", getattr(e, "why", None) or e)
-        return 1
-    finally:
-        stop(cma, journal)
-    return 0
+    return start(config, args)
 
 
 if __name__ == "__main__":

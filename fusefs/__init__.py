@@ -8,10 +8,10 @@ what the tree is for.
 from .nodes import (ATTR_SIZE, MAX_STORE, Attr, Bytes, Caller, Dir, File,
                     LazyDir, Node, Stream, Symlink)
 from .ops import Filesystem, describe_error
-from .serve import check_mountpoint, mount_options, serve
+from .serve import Mount, check_mountpoint, mount_options, serve, unseal_mountpoint
 
 __all__ = [
     "ATTR_SIZE", "MAX_STORE", "Attr", "Bytes", "Caller", "Dir", "File",
-    "Filesystem", "LazyDir", "Node", "Stream", "Symlink", "check_mountpoint",
-    "describe_error", "mount_options", "serve",
+    "Filesystem", "LazyDir", "Mount", "Node", "Stream", "Symlink", "check_mountpoint",
+    "describe_error", "mount_options", "serve", "unseal_mountpoint",
 ]

@@ -240,7 +240,7 @@ def test_second_daemon_refuses_a_live_mount(mnt):
     r = subprocess.run(demo_argv(mnt, "--many", "1"), capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
     assert re.search(rf"{re.escape(str(mnt))} is already a live mount point "
-                     r"\(fusefs-demo:\d+ type fuse\)", r.stderr)
+                     r"\(fusefs-demo:\d+:\d+ type fuse\)", r.stderr)
     assert (mnt / "ro").read_text() == "read only\n"           # still ours
 
 
