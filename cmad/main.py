@@ -172,7 +172,7 @@ def serve_tree(mount, cma: Cma, config: Config, args: argparse.Namespace) -> Non
     mount.fs.replace_root(tree.root)
 
     def ready() -> None:
-        log.info("ready: %s, mounted at %s", service.status(cma), config.mountpoint)
+        log.info("ready: %s, mounted at %s", service.status(cma), mount.mountpoint)
         service.notify(READY=1, STATUS=service.status(cma))
 
     privileges.drop(privileges.SERVING)
@@ -208,8 +208,24 @@ def build_interruptibly(config: Config) -> tuple[Cma, Journal | None]:
             signal.signal(signum, handler)
 
 
-def start(config: Config, args: argparse.Namespace) -> int:
-    """Mount, then recover and build the tree, then serve.
+def start_failed(e: BaseException) -> int | None:
+    """Log why the tree could not be built and return the exit status; None for
+    a bug, whose traceback says more than a line could."""
+    if isinstance(e, (CmaError, sqlite3.Error)):
+        log.error("configuration: %s", getattr(e, "why", e))
+        return 2
+    if isinstance(e, OSError):
+        log.error("start-up: %s", getattr(e, "why", None) or e)
+        return 1
+    if isinstance(e, Interrupted):
+        log.info("%s during start-up: unmounted before serving", e)
+        return 0
+    return None
+
+
+def start(config: Config, args: argparse.Namespace, fs, mountpoint: str) -> int:
+    """Mount *fs* on *mountpoint* (resolved and checked), then recover and build
+    the tree, then serve.
 
     Mounting comes first: from then on the kernel holds every client request
     until the tree answers (a client's ``echo L > free`` waits instead of
@@ -217,11 +233,10 @@ def start(config: Config, args: argparse.Namespace) -> int:
     bare directory itself is sealed by check_mountpoint for the few
     milliseconds before.
     """
-    from fusefs import Dir, Filesystem, Mount
+    from fusefs import Mount
 
-    privileges.pagemap_fd()  # opened while privileged: see privileges.py
     try:
-        mount = Mount(Filesystem(Dir()), config.mountpoint, fsname="cmad",
+        mount = Mount(fs, mountpoint, fsname="cmad",
                       privileged=privileges.raised)
     except OSError as e:
         log.error("%s", getattr(e, "why", None) or e)
@@ -230,16 +245,10 @@ def start(config: Config, args: argparse.Namespace) -> int:
         cma, journal = build_interruptibly(config)
     except BaseException as e:
         mount.close()
-        if isinstance(e, (CmaError, sqlite3.Error)):
-            log.error("configuration: %s", getattr(e, "why", e))
-            return 2
-        if isinstance(e, OSError):
-            log.error("start-up: %s", getattr(e, "why", None) or e)
-            return 1
-        if isinstance(e, Interrupted):
-            log.info("%s during start-up: unmounted before serving", e)
-            return 0
-        raise
+        status = start_failed(e)
+        if status is None:
+            raise
+        return status
     try:
         serve_tree(mount, cma, config, args)
     except OSError as e:
@@ -269,13 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         log.error("configuration: %s", problem)
         return 2
+    from fusefs import Dir, Filesystem, check_mountpoint
+
+    try:
+        privileges.pagemap_fd()  # opened while privileged: see privileges.py
+    except OSError as e:
+        log.warning("%s: phys will not work", e)
+    fs = Filesystem(Dir())  # ready before a stale mount goes: then mount at once
     try:  # before anything is touched: another daemon's live mount (and arena) stays
-        from fusefs import check_mountpoint
-        config.mountpoint = check_mountpoint(config.mountpoint)
+        mountpoint = check_mountpoint(config.mountpoint)
     except OSError as e:
         log.error("%s", getattr(e, "why", None) or e)
         return 1
-    return start(config, args)
+    return start(config, args, fs, mountpoint)
 
 
 if __name__ == "__main__":

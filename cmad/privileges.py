@@ -111,8 +111,9 @@ def drop(keep: Iterable[int] = SERVING) -> None:
         log.debug("no CAP_SETPCAP: the bounding set stays as given")
     _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     _set(set(), permitted & keep, set())
-    log.info("serving with capabilities %s permitted, none effective",
-             ", ".join(_NAMES.get(c, str(c)) for c in sorted(permitted & keep)) or "no")
+    kept = ", ".join(_NAMES.get(c, str(c)) for c in sorted(permitted & keep))
+    log.info("serving with %s", f"{kept} permitted, no capability effective" if kept
+             else "no capabilities")
 
 
 @contextlib.contextmanager

@@ -282,3 +282,35 @@ def test_a_dead_daemons_late_guard_never_aborts_the_next_daemons_mount(daemon, t
     assert not alive(old_guard)
     assert read(mnt / "chunks/keep/size") == f"{1 << 20}\n"
     assert daemon.proc.poll() is None
+
+
+def test_the_bare_mountpoint_refuses_writes_after_a_stop_and_leftovers_are_named(daemon,
+                                                                                 tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (mnt / "free").write_text("left by an older daemon")
+    daemon(mountpoint=mnt)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=20) == 0
+    assert "holds free: while no daemon serves it" in daemon_stderr(daemon.proc)
+    with pytest.raises(PermissionError):
+        (mnt / "alloc").write_text("x")
+    assert os.listdir(mnt) == ["free"]
+
+
+def test_raised_gives_a_permitted_capability_back_for_a_block_only():
+    script = textwrap.dedent("""
+        from cmad import privileges as p
+        p.drop()
+        before = p.current()[0]
+        with p.raised(p.CAP_SYS_ADMIN):
+            inside = p.current()[0]
+        with p.raised(p.CAP_LINUX_IMMUTABLE):  # dropped: not given back
+            other = p.current()[0]
+        print(sorted(before), sorted(inside), sorted(other), sorted(p.current()[0]))
+    """)
+    if os.geteuid() != 0:
+        pytest.skip("needs root's capabilities")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["[]", f"[{CAP_SYS_ADMIN}]", "[]", "[]"]
