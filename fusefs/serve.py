@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -25,7 +24,7 @@ from typing import Awaitable, Callable, ContextManager, Iterable, Optional
 import pyfuse3
 import trio
 
-from . import guard
+from . import guard, mountapi
 from .guard import abort_connection, alive, start_time
 from .notify import invalidator
 from .ops import Filesystem
@@ -37,8 +36,6 @@ log = logging.getLogger("fusefs")
 
 FS_IOC_GETFLAGS, FS_IOC_SETFLAGS = 0x80086601, 0x40086602  # <linux/fs.h>, 64-bit
 FS_IMMUTABLE_FL = 0x00000010
-MNT_DETACH = 2
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def mount_options(fsname: str = "fusefs", options: Iterable[str] = ()) -> set[str]:
@@ -65,14 +62,17 @@ def mount_owner(pid: int | None = None) -> str:
 
 
 class Mount:
-    """A filesystem mounted on *mountpoint*, from `pyfuse3.init` to the unmount.
+    """A filesystem mounted on *mountpoint*, from the mount to the unmount.
 
     From the mount on, the kernel holds every request (the lookup of a
     client's ``echo L > mnt/free`` included) until `serve` answers its INIT:
     a daemon mounts first and builds its tree afterwards, on the root it then
     hands to `Filesystem.replace_root`, so no request reaches the bare
-    directory while it starts.  *privileged* wraps the unmount: a daemon
-    serving without capabilities raises the one unmount needs there.
+    directory while it starts.  A stale mount that `check_mountpoint` left
+    on *mountpoint* is replaced with no moment in between (mountapi.py);
+    where the kernel cannot, it is detached just before mounting.
+    *privileged* wraps the unmount: a daemon serving without capabilities
+    raises the one unmount needs there.
     """
 
     def __init__(self, fs: Filesystem, mountpoint: str, *, options: Iterable[str] = (),
@@ -82,14 +82,41 @@ class Mount:
         self.privileged = privileged
         opts = mount_options(fsname, options)
         log.debug("mounting %s on %s with %s", fsname, self.mountpoint, ",".join(sorted(opts)))
+        fuse = self._replace(self.mountpoint, opts)
+        self.own_mount = fuse is not None
         try:
-            pyfuse3.init(fs, self.mountpoint, opts)
+            pyfuse3.init(fs, f"/dev/fd/{fuse}" if self.own_mount else self.mountpoint, opts)
         except RuntimeError as e:
             # libfuse has printed its reason (bad mount point...) on stderr.
             raise OSError(errno.EIO, f"cannot mount on {self.mountpoint}: {e}",
                           self.mountpoint) from e
+        mount = mount_entry(self.mountpoint)
+        self.minor = mount[2] if mount is not None else None
         self.watchman = _start_guard(self.mountpoint)
 
+    @staticmethod
+    def _replace(path: str, opts: set[str]) -> int | None:
+        """Mount through the kernel's mount API, beneath a stale mount if there is
+        one, then detach that: the /dev/fuse descriptor.  None where the kernel
+        or the options do not allow it: the stale mount is then detached and
+        libfuse mounts."""
+        stale = mount_entry(path)
+        if stale is not None and not _stale(path, stale[0], stale[1]):
+            raise OSError(errno.EBUSY, f"{path} became a live mount point ({stale[0]} type "
+                          f"{stale[1]}); not touching it", path)
+        fuse = None
+        if mountapi.supported(opts):
+            try:
+                fuse = mountapi.mount_fuse(path, opts, beneath=stale is not None)
+            except OSError as e:
+                log.log(logging.INFO if stale else logging.DEBUG, "mount API on %s: %s; "
+                        "mounting through libfuse%s", path, e.strerror,
+                        ", after detaching the stale mount" if stale else "")
+        if stale is not None:
+            _lazy_unmount(path)
+            if fuse is None:
+                seal_mountpoint(path)
+        return fuse
     def serve(self, *, on_ready: Optional[Callable[[], None]] = None,
               tasks: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
         """Answer requests until the filesystem is unmounted or a signal ends the loop.
@@ -113,8 +140,19 @@ class Mount:
                 mount = mount_entry(self.mountpoint)
                 if mount is not None and abort_connection(mount[2]):
                     log.warning("aborted the FUSE connection to free a blocked invalidation")
-            pyfuse3.close(unmount=True)
+            if self.own_mount:
+                self._unmount_own()
+            pyfuse3.close(unmount=not self.own_mount)
         log.info("unmounted %s", self.mountpoint)
+
+    def _unmount_own(self) -> None:
+        mount = mount_entry(self.mountpoint)
+        if mount is None or mount[2] != self.minor:
+            return  # unmounted already (fusermount3 -u), or covered: leave the rest alone
+        try:
+            mountapi.detach(self.mountpoint)
+        except OSError as e:
+            log.error("%s", e)
 
 
 def serve(fs: Filesystem, mountpoint: str, *, options: Iterable[str] = (),
@@ -202,11 +240,12 @@ def check_mountpoint(path: str) -> str:
       ``<fsname>:<pid>:<start time>``) is stale when that pid is dead, a
       zombie, or now another process (another start time): its connection
       is aborted through fusectl (which frees every process blocked on it,
-      including a dying daemon stuck in an entry invalidation) and it is
-      lazily unmounted, with a log line;
+      including a dying daemon stuck in an entry invalidation), with a log
+      line;
     - any other FUSE mount is probed with statvfs: ENOTCONN means stale;
     - a live mount of anything raises OSError(EBUSY) naming it: another
       daemon's mount is never touched;
+    - a stale mount is left for `Mount` to replace;
     - a missing directory is created; the bare directory is sealed
       (`seal_mountpoint`), so that nothing lands in it while no daemon serves.
     """
@@ -221,9 +260,7 @@ def check_mountpoint(path: str) -> str:
                           f"type {fstype}); not touching it", path)
         log.warning("%s: stale FUSE mount (%s, its daemon is gone), clearing it", shown, source)
         abort_connection(minor)
-        _lazy_unmount(path)
-        if mount_entry(path) is not None:  # mounts stacked by older daemons
-            return check_mountpoint(path)
+        return path  # Mount replaces it
     os.makedirs(path, exist_ok=True)
     seal_mountpoint(path)
     return path
@@ -367,8 +404,10 @@ def _source_owner(source: str) -> tuple[int, int | None] | None:
 def _lazy_unmount(path: str) -> None:
     """Detach the mount on *path*: umount2 directly (no process to wait for: the
     next mount follows at once), fusermount3 where that is not permitted."""
-    if _libc.umount2(os.fsencode(path), MNT_DETACH) == 0:
-        return
+    try:
+        return mountapi.detach(path)
+    except OSError:
+        pass
     tool = shutil.which("fusermount3")
     argv = [tool, "-u", "-z", path] if tool else ["umount", "-l", path]
     done = subprocess.run(argv, capture_output=True, text=True)

@@ -22,16 +22,17 @@ CAP_SYS_ADMIN = 21
 CYCLES = int(os.environ.get("CMAD_RESTART_CYCLES", "8"))
 
 WRITER = textwrap.dedent("""
-    import os, sys
+    import errno, os, sys
     mnt, stop = sys.argv[1], sys.argv[2]
-    ok = failed = 0
+    ok = failed = bare = 0
     while not os.path.exists(stop):
         for name in ("free", "alloc"):
             try:
                 fd = os.open(os.path.join(mnt, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                              0o644)
-            except OSError:
+            except OSError as e:
                 failed += 1
+                bare += e.errno == errno.EPERM  # the sealed bare directory
                 continue
             try:
                 os.write(fd, b"x\\n")  # refused by a live daemon: 'x' is no chunk, no request
@@ -43,7 +44,7 @@ WRITER = textwrap.dedent("""
                     os.close(fd)
                 except OSError:
                     pass
-    print(ok, failed)
+    print(ok, failed, bare)
 """)
 
 
@@ -62,11 +63,19 @@ def test_no_write_succeeds_while_no_daemon_serves(daemon, tmp_path):
     finally:
         stop.touch()
         out, _ = writer.communicate(timeout=60)
-    ok, failed = map(int, out.split())
+    ok, failed, bare = map(int, out.split())
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=20) == 0
     assert (ok, os.listdir(mnt)) == (0, []), f"{ok} false successes, {failed} refusals"
     assert failed > 0
+    if mount_beneath_supported():  # each stale mount was replaced in place
+        assert bare == 0, f"{bare} writes met the bare directory"
+
+
+def mount_beneath_supported() -> bool:
+    """move_mount(MOVE_MOUNT_BENEATH) is Linux 6.5 (fusefs/mountapi.py)."""
+    release = os.uname().release.split("-")[0].split(".")
+    return tuple(int(n) for n in release[:2]) >= (6, 5)
 
 
 def mounts_on(path) -> int:
