@@ -79,7 +79,7 @@ class Mount:
                  fsname: str = "fusefs",
                  privileged: Callable[[], ContextManager] = contextlib.nullcontext):
         self.fs, self.mountpoint = fs, os.fspath(mountpoint)
-        self.privileged = privileged
+        self.privileged, self.served = privileged, False
         opts = mount_options(fsname, options)
         log.debug("mounting %s on %s with %s", fsname, self.mountpoint, ",".join(sorted(opts)))
         fuse = self._replace(self.mountpoint, opts)
@@ -125,6 +125,7 @@ class Mount:
         handshake (the mount is live). *tasks* are async callables run in the
         same nursery as the FUSE loop and cancelled when it ends.
         """
+        self.served = True
         trio.run(_run, self.fs, on_ready, list(tasks))
 
     def close(self) -> None:
@@ -143,7 +144,8 @@ class Mount:
             if self.own_mount:
                 self._unmount_own()
             pyfuse3.close(unmount=not self.own_mount)
-        log.info("unmounted %s", self.mountpoint)
+        # A start that failed before serving has said why: no second line.
+        log.log(logging.INFO if self.served else logging.DEBUG, "unmounted %s", self.mountpoint)
 
     def _unmount_own(self) -> None:
         mount = mount_entry(self.mountpoint)
