@@ -104,14 +104,15 @@ class Mount:
         if stale is not None and not _stale(path, stale[0], stale[1]):
             raise OSError(errno.EBUSY, f"{path} became a live mount point ({stale[0]} type "
                           f"{stale[1]}); not touching it", path)
-        fuse = None
+        fuse, why = None, "options the mount API cannot express"
         if mountapi.supported(opts):
             try:
                 fuse = mountapi.mount_fuse(path, opts, beneath=stale is not None)
             except OSError as e:
-                log.log(logging.INFO if stale else logging.DEBUG, "mount API on %s: %s; "
-                        "mounting through libfuse%s", path, e.strerror,
-                        ", after detaching the stale mount" if stale else "")
+                why = f"mount API: {e.strerror}"
+        if fuse is None:
+            log.log(logging.INFO if stale else logging.DEBUG, "%s: %s; mounting through "
+                    "libfuse%s", path, why, ", after detaching the stale mount" if stale else "")
         if stale is not None:
             _lazy_unmount(path)
             if fuse is None:

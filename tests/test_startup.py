@@ -14,7 +14,7 @@ import pytest
 
 from fusefs.guard import alive, start_time
 from fusefs.serve import _source_owner, mount_owner, resolve
-from mountutil import daemon_stderr
+from mountutil import cleanup, daemon_stderr, mounted, require_fuse, wait_for_mount
 from test_daemon import alloc, cmad, read
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -323,3 +323,56 @@ def test_raised_gives_a_permitted_capability_back_for_a_block_only():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["[]", f"[{CAP_SYS_ADMIN}]", "[]", "[]"]
+
+
+def test_replace_root_hands_the_mount_its_tree_before_init():
+    from fusefs import Dir, Filesystem
+
+    fs = Filesystem(Dir())
+    tree = Dir(mode=0o750)
+    fs.replace_root(tree)
+    assert fs.root is tree and fs.known(1) and fs.lookup_count(1) == 1
+    with pytest.raises(ValueError):
+        fs.replace_root(tree.add("sub", Dir()))  # not a root
+
+
+LIBFUSE_ONLY = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv.pop(1))
+    import fusefs.mountapi
+    fusefs.mountapi.supported = lambda options: False  # as on a kernel before 6.5
+    import fusefs_demo
+    sys.exit(fusefs_demo.main(sys.argv[1:]))
+""")
+
+
+def test_without_the_mount_api_a_stale_mount_is_detached_then_mounted(tmp_path):
+    require_fuse()
+    mnt = tmp_path / "mnt"
+
+    def argv(path):
+        return [sys.executable, "-c", LIBFUSE_ONLY, str(ROOT / "tests"), str(path), "--many",
+                "3"]
+
+    first = subprocess.Popen(argv(mnt), stderr=subprocess.DEVNULL)
+    try:
+        wait_for_mount(first, mnt)
+        first.kill()
+        first.wait()
+        with mounted(argv(tmp_path / "other"), tmp_path / "other"):  # a fresh directory
+            assert (tmp_path / "other/ro").read_text() == "read only\n"
+        second = subprocess.Popen(argv(mnt), stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(mnt / "ro") and time.monotonic() < deadline:
+                time.sleep(0.02)  # ENOTCONN from the stale mount until it is replaced
+            assert (mnt / "ro").read_text() == "read only\n" and mounts_on(mnt) == 1
+        finally:
+            second.send_signal(signal.SIGTERM)
+            _, err = second.communicate(timeout=20)
+        assert second.returncode == 0 and "stale FUSE mount" in err
+        assert "mounting through libfuse, after detaching the stale mount" in err
+        with pytest.raises(PermissionError):  # detached, sealed, mounted, unmounted
+            (mnt / "free").write_text("x")
+    finally:
+        cleanup(first, str(mnt))
