@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import grp
 import logging
@@ -11,6 +12,7 @@ import signal
 import sqlite3
 import sys
 from functools import partial
+from typing import Iterator
 
 from . import __version__, privileges, ratelimit, service
 from .arena import Arena, hugetlbfs_mounts
@@ -163,9 +165,8 @@ class Reloader:
         log.info("reload: map %r, limits %s", self.cma.map, self.cma.limits or "none")
 
 
-def serve_tree(mount, cma: Cma, config: Config, args: argparse.Namespace) -> None:
-    """Hand the tree to the mount made at start (`start`), drop what serving does
-    not need (privileges.py), and answer requests until unmounted."""
+def plant_tree(mount, cma: Cma, config: Config) -> None:
+    """Build the tree and hand it to the mount made at start (`start`)."""
     from .tree import Tree
 
     arena = cma.arena
@@ -174,6 +175,10 @@ def serve_tree(mount, cma: Cma, config: Config, args: argparse.Namespace) -> Non
         "base": f"{cma.base:#x}", "arena_file": arena.path})
     mount.fs.replace_root(tree.root)
 
+
+def serve_tree(mount, cma: Cma, config: Config, args: argparse.Namespace) -> None:
+    """Drop what serving does not need (privileges.py) and answer requests until
+    unmounted."""
     def ready() -> None:
         log.info("ready: %s, mounted at %s", service.status(cma), mount.mountpoint)
         service.notify(READY=1, STATUS=service.status(cma))
@@ -206,16 +211,24 @@ class Interrupted(Exception):
     """SIGTERM or SIGINT while the tree is built: unmount, serve nothing."""
 
 
-def build_interruptibly(config: Config) -> tuple[Cma, Journal | None]:
-    """`build`, with SIGTERM/SIGINT ending it cleanly: the mount is already made,
-    and a plain death would leave it stale."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM/SIGINT raise Interrupted in the block.  Outside such blocks start()
+    keeps them blocked, from before the mount until the serving loop's own
+    receiver takes them (fusefs.serve): a death in between would leave the mount
+    stale, an ignored signal would keep the daemon running."""
     def interrupt(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
 
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
-        return build(config)
+        yield
     finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -239,22 +252,23 @@ def start(config: Config, args: argparse.Namespace, fs, mountpoint: str) -> int:
     """Mount *fs* on *mountpoint* (resolved and checked), then recover and build
     the tree, then serve.
 
-    Mounting comes first: from then on the kernel holds every client request
-    until the tree answers (a client's ``echo L > free`` waits instead of
-    landing in the bare directory), however long recovery takes; the
-    bare directory itself is sealed by check_mountpoint for the few
-    milliseconds before.
+    Mounting comes first (in place of a stale mount, see fusefs.Mount): from
+    then on the kernel holds every client request until the tree answers, so
+    a client's ``echo L > free`` waits instead of landing in the bare
+    directory, however long recovery takes.  SIGTERM/SIGINT end start-up
+    cleanly at any point (`interruptible`).
     """
     from fusefs import Mount
 
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        mount = Mount(fs, mountpoint, fsname="cmad",
-                      privileged=privileges.raised)
+        mount = Mount(fs, mountpoint, fsname="cmad", privileged=privileges.raised)
     except OSError as e:
         log.error("%s", getattr(e, "why", None) or e)
         return 1
     try:
-        cma, journal = build_interruptibly(config)
+        with interruptible():
+            cma, journal = build(config)
     except BaseException as e:
         mount.close()
         status = start_failed(e)
@@ -262,7 +276,11 @@ def start(config: Config, args: argparse.Namespace, fs, mountpoint: str) -> int:
             raise
         return status
     try:
+        with interruptible():
+            plant_tree(mount, cma, config)
         serve_tree(mount, cma, config, args)
+    except Interrupted as e:
+        return start_failed(e)
     except OSError as e:
         log.error("%s", getattr(e, "why", None) or e)
         return 1

@@ -202,6 +202,8 @@ async def _terminate_on_signals() -> None:
     # a second signal during shutdown cannot kill us before the unmount.
     terminated = False
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # A daemon may block them while it starts (cmad/main.py): ours from now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
         async for signum in signals:
             name = signal.Signals(signum).name
             if terminated:

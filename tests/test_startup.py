@@ -376,3 +376,30 @@ def test_without_the_mount_api_a_stale_mount_is_detached_then_mounted(tmp_path):
             (mnt / "free").write_text("x")
     finally:
         cleanup(first, str(mnt))
+
+
+def test_sigterm_while_the_tree_is_built_unmounts_and_exits_0(daemon, tmp_path):
+    args = ("--state-dir", str(tmp_path / "state"))
+    mnt = daemon(*args)
+    fd = os.open(mnt / "alloc", os.O_RDWR)
+    try:
+        for i in range(3000):  # recovery and the tree build take a while
+            os.write(fd, f"@common 4K label=c{i}".encode())
+            os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=20) == 0
+    proc = subprocess.Popen(daemon.argv(mnt, args), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not mounts_on(mnt) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)  # mounted, not yet serving
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "SIGTERM during start-up: unmounted before serving" in err
+    assert mounts_on(mnt) == 0
