@@ -524,7 +524,7 @@ class Cma:
         try:
             chunk = self.find(key)
         except CmaError as e:
-            log.warning("free: %s", e.why, extra={"client": True})
+            log.warning("free: %s", e.why, extra={"client": True, "why": e.why})
             raise
         if uid is not None and uid != 0 and uid != chunk.uid:
             raise CmaError(errno.EPERM, f"free {chunk.name}: owned by uid {chunk.uid}, "
