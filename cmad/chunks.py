@@ -72,6 +72,7 @@ class ChunkIndex:
     def __init__(self) -> None:
         self._by_start: SortedDict = SortedDict()
         self._by_label: dict[str, Chunk] = {}
+        self._by_id: SortedDict = SortedDict()
 
     def add(self, chunk: Chunk) -> None:
         if chunk.label is not None:
@@ -80,9 +81,11 @@ class ChunkIndex:
                                              f"{self._by_label[chunk.label].name}")
             self._by_label[chunk.label] = chunk
         self._by_start[chunk.start] = chunk
+        self._by_id[chunk.id] = chunk
 
     def remove(self, chunk: Chunk) -> None:
         del self._by_start[chunk.start]
+        del self._by_id[chunk.id]
         if chunk.label is not None:
             del self._by_label[chunk.label]
 
@@ -92,6 +95,15 @@ class ChunkIndex:
     def by_label(self, label: str) -> Chunk | None:
         return self._by_label.get(label)
 
+    def by_id(self, id: int) -> Chunk | None:
+        return self._by_id.get(id)
+
+    def ids_after(self, id: int) -> Iterator[Chunk]:
+        """Live chunks with an id above ``id``, in id order (O(log n) to start)."""
+        by_id = self._by_id
+        for key in by_id.irange(minimum=id, inclusive=(False, False)):
+            yield by_id[key]
+
     def holding(self, addr: int) -> Chunk | None:
         """The chunk whose bytes include ``addr``, in O(log n)."""
         i = self._by_start.bisect_right(addr)
@@ -99,6 +111,11 @@ class ChunkIndex:
             return None
         chunk = self._by_start.peekitem(i - 1)[1]
         return chunk if addr < chunk.end else None
+
+    def last_before(self, addr: int) -> Chunk | None:
+        """The chunk with the highest start below ``addr``, in O(log n)."""
+        i = self._by_start.bisect_left(addr)
+        return self._by_start.peekitem(i - 1)[1] if i else None
 
     def in_range(self, start: int, end: int) -> Iterator[Chunk]:
         for key in self._by_start.irange(start, end, inclusive=(True, False)):

@@ -11,10 +11,10 @@ import functools
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from . import compaction, faults
-from .allocator import PAGE_SIZE, Allocator, registry
+from .allocators import PAGE_SIZE, Allocator, registry
 from .arena import Arena
 from .chunks import Chunk, ChunkIndex, check_label
 from .errors import CmaError, clip, einval
@@ -272,16 +272,23 @@ class Cma:
         over_limit: list[Region] = []  # had room, but only past the caller's limit
         for region in regions:
             allocator = region.allocator
-            got = allocator.alloc(size, alignment) if allocator and size <= region.free else None
-            if got is not None and self._fits(got, region, bound, limit, uid, over_limit):
+            got = (allocator.alloc_for(size, alignment, movable)
+                   if allocator and size <= region.free else None)
+            if got is not None and self._fits(got, region, bound, limit, uid, over_limit,
+                                              movable):
                 return self._new_chunk(got, region, dev, type, failed, **fields)
             if region not in over_limit:
                 failed.append(region)
-        for region in failed:  # fragmentation: make room by moving chunks
-            if region.allocator and region.movable_users and region.free >= size:
-                got = compaction.make_room(self, region, size, alignment)
-                if got is not None and self._fits(got, region, bound, limit, uid, over_limit):
-                    log.info("%s: served after compacting region %s", request(), region.name)
+        # The slow paths, as __rmqueue's: moving movable chunks out of the way,
+        # then, last before ENOMEM, space kept for the other mobility.
+        for why, serve in (("compacting", self._make_room), ("a fallback in", self._fallback)):
+            for region in failed:
+                if region.allocator is None or region.free < size:
+                    continue
+                got = serve(region, size, alignment, movable)
+                if got is not None and self._fits(got, region, bound, limit, uid, over_limit,
+                                                  movable):
+                    log.info("%s: served after %s region %s", request(), why, region.name)
                     return self._new_chunk(got, region, dev, type,
                                            [r for r in failed if r is not region], **fields)
         for region in failed:
@@ -317,18 +324,30 @@ class Cma:
                 raise CmaError(errno.EEXIST, f"{request()}: label {label!r} is taken")
         return size, alignment
 
+    def _make_room(self, region: Region, size: int, alignment: int,
+                   movable: bool) -> tuple[int, int] | None:
+        if not region.movable_users:
+            return None
+        return compaction.make_room(self, region, size, alignment, movable)
+
+    @staticmethod
+    def _fallback(region: Region, size: int, alignment: int,
+                  movable: bool) -> tuple[int, int] | None:
+        return region.allocator.fallback(size, alignment, movable)
+
     def _fits(self, got: tuple[int, int], region: Region, bound: int | None,
-              limit: int | None, uid: int, over_limit: list[Region]) -> bool:
+              limit: int | None, uid: int, over_limit: list[Region],
+              movable: bool = False) -> bool:
         """Whether the chunk the allocator returned (rounded up to its block) still
         keeps the request's bound and the caller's limit; if not it is given back.
         A region past the limit is skipped like a full one (SPEC 6) and noted in
         ``over_limit``: the next region may still serve within the limit."""
         start, size = got
         if bound is not None and start // bound != (start + size - 1) // bound:
-            region.allocator.free(start, size)
+            region.allocator.free_for(start, size, movable)
             return False
         if limit is not None and self.held(uid) + size > limit:
-            region.allocator.free(start, size)
+            region.allocator.free_for(start, size, movable)
             if region not in over_limit:
                 over_limit.append(region)
             return False
@@ -363,7 +382,7 @@ class Cma:
         if fields.get("label") is not None and self.chunks.by_label(fields["label"]):
             raise CmaError(errno.EEXIST, f"chunk {fmt_addr(start)}: label {fields['label']!r} "
                                          "is taken")
-        if not r.allocator.reserve(start, size):
+        if not r.allocator.reserve_for(start, size, bool(fields.get("movable"))):
             raise CmaError(errno.EADDRINUSE, f"chunk {fmt_addr(start)}+{size:#x} overlaps "
                                              f"another chunk or is not free in region {region}")
         chunk = Chunk(id, start, size, r, dev, type, **fields)
@@ -419,7 +438,7 @@ class Cma:
     def _forget(self, chunk: Chunk) -> None:
         self.chunks.remove(chunk)
         region = chunk.region
-        region.allocator.free(chunk.start, chunk.size)
+        region.allocator.free_for(chunk.start, chunk.size, chunk.movable)
         if region.kind == "sticky" and self.arena is not None:
             self.arena.release(chunk.start - self.base, chunk.size)
         region.users -= 1
@@ -460,9 +479,9 @@ class Cma:
                 self.chunks.remove(chunk)
                 chunk.start = old
                 self.chunks.add(chunk)
-            region.allocator.free(new, size)
+            region.allocator.free_for(new, size, chunk.movable)
             raise
-        region.allocator.free(old, size)
+        region.allocator.free_for(old, size, chunk.movable)
         if region.kind == "sticky" and self.arena is not None:
             self.arena.release(old - self.base, size)
         region.moved += 1
@@ -477,27 +496,47 @@ class Cma:
             return
         chunk.movable = False
         chunk.region.movable_users -= 1
+        chunk.region.allocator.retype(chunk.start, chunk.size, movable=False)
         for listener in self.listeners:
             listener.on_move(chunk, chunk.start)
         log.info("chunk %s pinned: a zero-copy mapping of it was handed out", chunk.name)
 
     @_locked
     def compact(self, region_name: str) -> int:
-        """Slide the region's movable chunks down now; returns how many moved."""
-        region = self.region(region_name)
-        if region.allocator is None:
-            raise CmaError(errno.ENODEV, f"region {region.name} has no allocator")
-        moved = compaction.compact(self, region)
-        log.info("compacted region %s: %d chunks moved", region.name, moved)
+        """Move the region's movable chunks down now; returns how many moved."""
+        moved = 0
+        for moved in self.compact_steps(region_name):
+            pass
         return moved
+
+    def compact_steps(self, region_name: str) -> Iterator[int]:
+        """``compact`` as steps of bounded work (at most one move each), the lock
+        held only within a step: a caller may let others in between steps.
+        Yields the moves so far."""
+        with self._lock:
+            region = self.region(region_name)
+            if region.allocator is None:
+                raise CmaError(errno.ENODEV, f"region {region.name} has no allocator")
+            steps = compaction.compact_steps(self, region)
+        moved = 0
+        while True:
+            with self._lock:
+                moved = next(steps, None)
+            if moved is None:
+                break
+            yield moved
+        log.info("compacted region %s: %d chunks moved", region.name, region.last_compact)
 
     # -- free ----------------------------------------------------------
 
     def find(self, key: int | str) -> Chunk:
         """A chunk by start address or by the text the ``free`` file takes:
-        the %p form (16 hex digits), 0x hex, decimal, or a label."""
+        the %p form (16 hex digits), 0x hex, decimal, ``id=<n>`` (exactly that
+        chunk, wherever it moved), or a label."""
         if isinstance(key, str):
             text = key.strip()
+            if text.startswith("id="):
+                return self._find_id(text[3:])
             if len(text) == 16 and all(c in "0123456789abcdefABCDEF" for c in text):
                 key = int(text, 16)
             elif text[:2].lower() == "0x" and text[2:] and all(
@@ -515,6 +554,14 @@ class Cma:
             inside = self.chunks.holding(key)
             hint = f" (it is inside chunk {inside.name})" if inside else ""
             raise CmaError(errno.ENOENT, f"no chunk starts at {fmt_addr(key)}{hint}")
+        return chunk
+
+    def _find_id(self, text: str) -> Chunk:
+        if not (text.isdigit() and text.isascii() and len(text) <= 20):
+            raise CmaError(errno.EINVAL, f"chunk id {text[:40]!r}: expected a decimal number")
+        chunk = self.chunks.by_id(int(text))
+        if chunk is None:
+            raise CmaError(errno.ENOENT, f"no chunk with id {text}")
         return chunk
 
     @_locked
@@ -557,9 +604,10 @@ class Cma:
         free = sum(r.free for r in self._regions.values())
         total = {k: sum(getattr(s, k) for s in all_stats)
                  for k in ("alloc_ok", "alloc_fail", "freed", "bytes_allocated", "peak_used",
-                           "moved", "compactions")}
+                           "moved", "compactions", "blocks_free", "blocks_pinned",
+                           "blocks_movable", "blocks_mixed", "fallbacks")}
         return RegionStats(largest_free=largest, fragmentation=fragmentation(free, largest),
-                           **total)
+                           pageblock=max((s.pageblock for s in all_stats), default=0), **total)
 
     def check_live(self, chunk: Chunk) -> None:
         """ENXIO for a chunk object whose chunk was freed (an old open file)."""
@@ -595,6 +643,9 @@ class Cma:
             assert region.used == sum(c.size for c in chunks)
             if region.allocator is not None:
                 region.allocator._check()
+                check_chunks = getattr(region.allocator, "check_chunks", None)
+                if check_chunks is not None:
+                    check_chunks((c.start, c.size, c.movable) for c in chunks)
                 assert region.allocator.free_bytes == region.free
                 for start, size in region.allocator.holes():
                     assert self.chunks.holding(start) is None

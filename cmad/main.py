@@ -13,7 +13,7 @@ from functools import partial
 
 from . import __version__, ratelimit, service
 from .arena import Arena, hugetlbfs_mounts
-from .allocator import registry
+from .allocators import registry
 from .cma import Cma, plan_regions
 from .config import Config, ConfigError, load
 from .errors import CmaError

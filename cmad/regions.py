@@ -15,7 +15,8 @@ import errno
 import re
 from dataclasses import dataclass, field
 
-from .allocator import PAGE_SIZE, Allocator
+from .allocators import PAGE_SIZE, Allocator
+from .allocators.pageblocks import make_allocator
 from .errors import CmaError, clip, einval
 from .memparse import fmt_addr, human, is_power_of_two, memparse
 
@@ -218,6 +219,12 @@ class RegionStats:
     peak_used: int
     moved: int
     compactions: int
+    pageblock: int = 0  # grouping by mobility (SPEC 4b); 0: off
+    blocks_free: int = 0
+    blocks_pinned: int = 0
+    blocks_movable: int = 0
+    blocks_mixed: int = 0
+    fallbacks: int = 0
 
 
 def fragmentation(free: int, largest_free: int) -> float:
@@ -238,7 +245,7 @@ class Region:
         self.users = 0
         self.used = 0
         self.movable_users = 0
-        self.futile_at = -1  # region.freed when a full compaction last failed
+        self.last_compact = 0  # chunks the latest compact moved
         self.alloc_ok = self.alloc_fail = self.freed = 0
         self.peak_used = self.moved = self.moved_bytes = self.compactions = 0
 
@@ -262,7 +269,7 @@ class Region:
         if self.users:
             raise CmaError(errno.EBUSY, f"region {self.name} has {self.users} chunks; "
                                         "its allocator can change only when it has none")
-        allocator = cls(self.start, self.size, **params)
+        allocator = make_allocator(cls, self.start, self.size, params)
         self.detach()
         self.allocator = allocator
 
@@ -280,7 +287,23 @@ class Region:
         largest = self.largest_free()
         return RegionStats(self.alloc_ok, self.alloc_fail, self.freed, self.used, largest,
                            fragmentation(self.free, largest), self.peak_used, self.moved,
-                           self.compactions)
+                           self.compactions, **self.pageblock_stats())
+
+    def pageblock_stats(self) -> dict[str, int]:
+        """The pageblock keys of stats: O(1), the allocator keeps the counts."""
+        allocator = self.allocator
+        blocks = getattr(allocator, "block_counts", None)
+        if blocks is None:
+            return {}
+        free, pinned, movable, mixed = blocks()
+        return dict(pageblock=allocator.pageblock, blocks_free=free, blocks_pinned=pinned,
+                    blocks_movable=movable, blocks_mixed=mixed, fallbacks=allocator.fallbacks)
+
+    def pageblocks(self) -> str:
+        """The ``pageblocks`` file: one character per block, '.' free, 'P' pinned,
+        'M' movable, 'X' mixed, 64 per line; empty when grouping is off."""
+        picture = getattr(self.allocator, "picture", None)
+        return picture() if picture is not None else ""
 
     def describe(self) -> str:
         """For log lines: name, free bytes and largest hole."""

@@ -33,8 +33,8 @@ from typing import Iterator
 
 from sortedcontainers import SortedList
 
-from .allocator import PAGE_SIZE, Allocator, register
-from .errors import CmaError
+from .interface import PAGE_SIZE, Allocator, register
+from ..errors import CmaError
 
 _SHIFT = 64
 _LOW = (1 << _SHIFT) - 1
@@ -43,6 +43,7 @@ _LOW = (1 << _SHIFT) - 1
 @register
 class BestFit(Allocator):
     name = "bf"
+    groupable = True
     params = ()
 
     def __init__(self, start: int, size: int, **params: int):
