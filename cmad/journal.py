@@ -142,6 +142,10 @@ class Journal:
                         region, value)
             return None
 
+    def runtime_allocator_regions(self) -> list[str]:
+        return [key[len(ALLOC_KEY):] for (key,) in self.db.execute(
+            "SELECT key FROM meta WHERE substr(key, 1, ?) = ?", (len(ALLOC_KEY), ALLOC_KEY))]
+
     def forget_allocator(self, region: str) -> None:
         self.db.execute("DELETE FROM meta WHERE key = ?", (ALLOC_KEY + region,))
 
@@ -244,6 +248,10 @@ def restore_allocators(cma: Cma, journal: Journal) -> None:
     chunks: those were made by the runtime allocator and could not be put back
     by another, so it stays, with a warning, until a start finds the region empty.
     """
+    names = {region.name for region in cma.regions}
+    for gone in set(journal.runtime_allocator_regions()) - names:
+        if not journal.readonly:  # a region the configuration no longer has
+            journal.forget_allocator(gone)
     for region in cma.regions:
         saved = journal.runtime_allocator(region.name)
         if saved is None:
