@@ -119,13 +119,14 @@ class Journal:
     def on_allocator(self, region: Region) -> None:
         """Record the region's allocator when it differs from the configuration's,
         with the configuration it overrode (which decides at the next start)."""
-        runtime, configured = alloc_spec_text(region.wanted), alloc_spec_text(region.configured)
+        wanted, configured = region.wanted, region.configured
         key = ALLOC_KEY + region.name
         try:
-            if runtime == configured:
+            if (wanted.name, wanted.params) == (configured.name, configured.params):
                 self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
             else:
-                self.set(**{key: json.dumps({"alloc": runtime, "configured": configured})})
+                self.set(**{key: json.dumps({"alloc": alloc_spec_text(wanted),
+                                             "configured": alloc_spec_text(configured)})})
         except sqlite3.Error as e:
             raise _failure(e, f"the allocator of region {region.name}") from e
 

@@ -278,3 +278,13 @@ def test_runtime_allocator_of_a_region_the_configuration_dropped_is_forgotten(tm
     cma3, journal3 = session(tmp_path)  # dma is back as configured, not as written then
     assert cma3.region("dma").alloc_text == "bitmap"
     journal3.close()
+
+
+def test_writing_back_the_configured_allocator_of_a_sticky_region_drops_the_record(tmp_path):
+    regions = "video=32M:bf(sticky);common=16M:buddy"
+    cma, journal = session(tmp_path, regions)
+    cma.set_allocator("video", "buddy")
+    assert journal.runtime_allocator("video") == ("buddy", "bf(sticky)")
+    cma.set_allocator("video", "bf")  # the kind is the configuration's, not the write's
+    assert journal.runtime_allocator("video") is None
+    journal.close()
