@@ -123,12 +123,14 @@ class Grouped(Allocator):
         self._shift = pageblock.bit_length() - 1
         self.nblocks = n = size >> self._shift
         self._pool = BestFit(start, size)
-        self._typed = {PINNED: inner.full(start, size, **params),
-                       MOVABLE: inner.full(start, size, **params)}
+        # each type's allocator, indexed by type (a tuple: the hot path indexes it)
+        self._typed = (None, inner.full(start, size, **params), inner.full(start, size, **params))
         self._owner = bytearray(n)
-        self._bytes = {PINNED: array("q", bytes(8 * n)), MOVABLE: array("q", bytes(8 * n))}
+        # bytes of pinned and movable chunks per block, indexed by type (FALLBACKS is 3 - type)
+        self._bytes = (None, array("q", bytes(8 * n)), array("q", bytes(8 * n)))
         self._counts = [n, 0, 0, 0]  # blocks per shown type
         self.fallbacks = 0
+        self._freed_hole: tuple[int, int] | None = None  # what the last free merged into
 
     # -- blocks ----------------------------------------------------------
 
@@ -156,19 +158,33 @@ class Grouped(Allocator):
         return self.start + (i << self._shift)
 
     def _account(self, lo: int, hi: int, kind: int, sign: int) -> None:
-        """Add (sign 1) or take (-1) the bytes [lo, hi) of a chunk of ``kind``."""
-        counts = self._counts
-        held = self._bytes[kind]
-        for i in self._span(lo, hi):
-            b = self._block(i)
-            before = self.block_type(i)
-            held[i] += sign * (min(hi, b + self.pageblock) - max(lo, b))
-            after = self.block_type(i)
-            if after != before:
-                counts[before] -= 1
-                counts[after] += 1
-            if sign < 0 and not held[i] and not self._bytes[FALLBACKS[kind]][i]:
+        """Add (sign 1) or take (-1) the bytes [lo, hi) of a chunk of ``kind``.
+
+        A block's shown type only changes here when it belongs to the other
+        type and the chunk's type comes or goes (mixed); an emptied block
+        goes back to the pool.  O(blocks spanned); the hot path is one block."""
+        start, shift = self.start, self._shift
+        i = (lo - start) >> shift
+        if i == (hi - 1 - start) >> shift:
+            held = self._bytes[kind]
+            before = held[i]
+            after = held[i] = before + sign * (hi - lo)
+            if self._owner[i] != kind:
+                self._mixed(i, before, after)
+            if not after and not self._bytes[3 - kind][i]:
                 self._reclaim(i)
+            return
+        for i in self._span(lo, hi):
+            b = start + (i << shift)
+            self._account(max(lo, b), min(hi, b + self.pageblock), kind, sign)
+
+    def _mixed(self, i: int, before: int, after: int) -> None:
+        """Bytes of the other type came to or left block i: it turns mixed or back."""
+        if (not before) != (not after):
+            counts = self._counts
+            was, now = (self._owner[i], MIXED) if after else (MIXED, self._owner[i])
+            counts[was] -= 1
+            counts[now] += 1
 
     def _set_owner(self, i: int, owner: int) -> None:
         counts = self._counts
@@ -177,10 +193,24 @@ class Grouped(Allocator):
         counts[self.block_type(i)] += 1
 
     def _reclaim(self, i: int) -> None:
-        """An emptied block goes back to the pool (not while compaction holds part of it)."""
+        """An emptied block goes back to the pool (not while compaction holds part of it).
+        The hole the last free merged into holds the block: carving it out of
+        that hole needs no search where the allocator can (bf)."""
         owner = self._owner[i]
         b = self._block(i)
-        if owner != FREE and self._typed[owner].reserve(b, self.pageblock):
+        if owner == FREE:
+            return
+        typed = self._typed[owner]
+        hole = self._freed_hole
+        carve = getattr(typed, "carve", None)
+        if hole is not None and carve is not None and hole[0] <= b \
+                and b + self.pageblock <= hole[0] + hole[1]:
+            taken = carve(hole[0], hole[1], b, self.pageblock)
+            rest = hole[0] + hole[1] - b - self.pageblock  # the next block may be in the tail
+            self._freed_hole = (b + self.pageblock, rest) if taken and rest else None
+        else:
+            taken = typed.reserve(b, self.pageblock)
+        if taken:
             self._pool.free(b, self.pageblock)
             self._set_owner(i, FREE)
 
@@ -227,14 +257,20 @@ class Grouped(Allocator):
                   claim: bool = True) -> tuple[int, int] | None:
         """Own type's blocks first, then a claimed run of free blocks.  O(log n)
         plus the claim's O(log blocks)."""
-        kind = mobility(movable)
+        kind = MOVABLE if movable else PINNED
         got = self._typed[kind].alloc(size, alignment)
-        if got is not None:
-            self._account(got[0], got[0] + got[1], kind, 1)
-        elif claim:
-            got = self._claim(kind, size, alignment)
-        if got is not None:
-            self.free_bytes -= got[1]
+        if got is None:
+            got = self._claim(kind, size, alignment) if claim else None
+            if got is not None:
+                self.free_bytes -= got[1]
+            return got
+        lo, n = got
+        i = (lo - self.start) >> self._shift
+        if self._owner[i] == kind and i == (lo + n - 1 - self.start) >> self._shift:
+            self._bytes[kind][i] += n  # _account's hot path, inline
+        else:
+            self._account(lo, lo + n, kind, 1)
+        self.free_bytes -= n
         return got
 
     def fallback(self, size: int, alignment: int, movable: bool) -> tuple[int, int] | None:
@@ -249,14 +285,25 @@ class Grouped(Allocator):
 
     def free_for(self, start: int, size: int, movable: bool) -> None:
         """Give a chunk back to the type whose blocks hold it.  O(log n + blocks)."""
-        if start < self.start or start + size > self.start + self.size or size <= 0:
+        offset = start - self.start
+        if offset < 0 or offset + size > self.size or size <= 0:
             raise CmaError(errno.EINVAL, f"{self.name}: free of {start:#x}+{size:#x} "
                                          "outside the region")
-        owner = self._owner[(start - self.start) >> self._shift]
-        assert owner != FREE, f"free of {start:#x} in a free block"
-        self._typed[owner].free(start, size)
+        i = offset >> self._shift
+        owner = self._owner[i]
+        if owner == FREE:
+            raise CmaError(errno.EINVAL, f"{self.name}: free of {start:#x} in a free block")
+        self._freed_hole = self._typed[owner].free(start, size)
         self.free_bytes += size
-        self._account(start, start + size, mobility(movable), -1)
+        kind = MOVABLE if movable else PINNED
+        if owner == kind and i == (offset + size - 1) >> self._shift:
+            held = self._bytes[kind]  # _account's hot path, inline
+            left = held[i] = held[i] - size
+            if not left and not self._bytes[3 - kind][i]:
+                self._reclaim(i)
+        else:
+            self._account(start, start + size, kind, -1)
+        self._freed_hole = None
 
     def reserve_for(self, start: int, size: int, movable: bool) -> bool:
         """Claim exactly [start, start + size) for a chunk of that mobility.
@@ -402,7 +449,7 @@ class Grouped(Allocator):
                    self._typed[MOVABLE].largest_free())
 
     def cleanup(self) -> None:
-        for allocator in self._typed.values():
+        for allocator in self._typed[1:]:
             allocator.cleanup()
 
     def check_chunks(self, chunks) -> None:
@@ -430,7 +477,7 @@ class Grouped(Allocator):
                 f"pool hole {start:#x}+{size:#x} is not whole blocks"
             for i in self._span(start, start + size):
                 assert self._owner[i] == FREE, f"pool holds block {i} of owner {self._owner[i]}"
-        for kind, allocator in self._typed.items():
+        for kind, allocator in ((PINNED, self._typed[PINNED]), (MOVABLE, self._typed[MOVABLE])):
             allocator._check()
             for start, size in allocator.holes():
                 for i in self._span(start, start + size):
@@ -452,4 +499,4 @@ class Grouped(Allocator):
         assert counts == self._counts, (counts, self._counts)
         assert self._pool.free_bytes == counts[FREE] * pb
         assert self.free_bytes == self._pool.free_bytes + sum(
-            a.free_bytes for a in self._typed.values()), "free bytes disagree with the owners"
+            a.free_bytes for a in self._typed[1:]), "free bytes disagree with the owners"
