@@ -13,7 +13,7 @@ move.  Here a region is cut into *pageblocks* (2 MiB by default) and:
   blocks: the per-type free lists of the kernel, so a request of one type
   never lands in the other's blocks by accident, and every search stays the
   allocator's own logarithmic one;
-- the pool of whole free blocks is a best fit over block runs.
+- the pool of whole free blocks is a bitmap with one bit per block.
 
 A request (``alloc_for``) follows ``__rmqueue``: its own type's space first;
 then whole free blocks claimed for it (a run of them for a request that
@@ -37,8 +37,8 @@ from heapq import merge
 from typing import Iterator
 
 from ..errors import CmaError
-from .bf import BestFit
-from .interface import PAGE_SIZE, Allocator
+from .bitmap import MAX_ORDER_PER_BIT, Bitmap
+from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator
 
 FREE, PINNED, MOVABLE, MIXED = 0, 1, 2, 3
 TYPE_CHARS = ".PMX"
@@ -47,6 +47,7 @@ DEFAULT_PAGEBLOCK = 2 << 20
 MIN_BLOCKS = 8          # grouping by default only where a region holds this many blocks
 DEFAULT_MAX_BLOCKS = 1 << 16  # the default block grows past 2 MiB to keep to this many
 MAX_BLOCKS = 1 << 22    # an explicit pageblock may not cut a region finer
+MAX_PAGEBLOCK = PAGE_SIZE << MAX_ORDER_PER_BIT  # the pool is a bitmap of blocks
 
 # Policy as data: the type a request may borrow from as its last resort.
 FALLBACKS = {PINNED: MOVABLE, MOVABLE: PINNED}
@@ -70,7 +71,8 @@ def pageblock_size(cls: type[Allocator], start: int, size: int, params: dict) ->
     granule = cls.granule(**params)
     if "pageblock" not in params:
         block = max(DEFAULT_PAGEBLOCK, _pow2_at_least(-(-size // DEFAULT_MAX_BLOCKS)))
-        fits = start % block == 0 and size % block == 0 and size >= MIN_BLOCKS * block
+        fits = (start % block == 0 and size % block == 0 and size >= MIN_BLOCKS * block
+                and block <= MAX_PAGEBLOCK)
         return block if getattr(cls, "groupable", False) and fits and granule <= block else 0
     block = params["pageblock"]
     if block == 0:
@@ -78,7 +80,7 @@ def pageblock_size(cls: type[Allocator], start: int, size: int, params: dict) ->
     what = f"{cls.name}: pageblock={block:#x}"
     if not getattr(cls, "groupable", False):
         raise CmaError(errno.EINVAL, f"{what}: allocator {cls.name!r} cannot group by mobility")
-    if block & (block - 1) or block < max(granule, PAGE_SIZE):
+    if block & (block - 1) or block < max(granule, PAGE_SIZE) or block > MAX_PAGEBLOCK:
         raise CmaError(errno.EINVAL, f"{what} must be a power of two no smaller than the "
                                      f"allocator's block {granule:#x}")
     if start % block or size % block:
@@ -122,7 +124,7 @@ class Grouped(Allocator):
         self.pageblock = pageblock
         self._shift = pageblock.bit_length() - 1
         self.nblocks = n = size >> self._shift
-        self._pool = BestFit(start, size)
+        self._pool = Bitmap(start, size, order_per_bit=self._shift - PAGE_SHIFT)
         # each type's allocator, indexed by type (a tuple: the hot path indexes it)
         self._typed = (None, inner.full(start, size, **params), inner.full(start, size, **params))
         self._owner = bytearray(n)
@@ -228,6 +230,22 @@ class Grouped(Allocator):
         for i in self._span(lo, hi):
             self._set_owner(i, FREE)
 
+    def _highest_free(self) -> tuple[int, int] | None:
+        """The free block at the highest address, taken from the pool.  O(blocks) in C.
+
+        Small pinned requests claim from the top of the region and everything
+        else from the bottom (the pool's first fit), so the blocks that pin
+        memory for long gather at one end and leave long runs of free and
+        movable blocks for the large requests."""
+        i = len(self._owner)
+        while True:
+            i = self._owner.rfind(FREE, 0, i)
+            if i < 0:
+                return None
+            b = self._block(i)
+            if self._pool.reserve(b, self.pageblock):  # not held by compaction
+                return b, self.pageblock
+
     def claim_shape(self, size: int, alignment: int, kind: int) -> tuple[int, int]:
         """The run of whole blocks (bytes, alignment) a request of ``kind`` claims."""
         need, align = self._typed[kind].footprint(size, alignment)
@@ -237,7 +255,8 @@ class Grouped(Allocator):
     def _claim(self, kind: int, size: int, alignment: int) -> tuple[int, int] | None:
         """try_to_claim_block: take a run of whole free blocks for the request."""
         span, align = self.claim_shape(size, alignment, kind)
-        run = self._pool.alloc(span, align)
+        run = self._highest_free() if kind == PINNED and span == self.pageblock \
+            else self._pool.alloc(span, align)
         if run is None:
             return None
         self._assign(run[0], run[0] + span, kind)
