@@ -8,7 +8,10 @@ core and adds or removes a chunk's directory when the chunk comes or goes.
 from __future__ import annotations
 
 import errno
+import time
 from functools import partial
+
+import trio
 
 from fusefs import Attr, Bytes, Caller, Dir, LazyDir, Stream, Symlink
 
@@ -21,6 +24,7 @@ from .metrics import render, show_stats
 from .regions import Region
 
 MAX_REQUEST = 4096
+COMPACT_SLICE = 0.005  # seconds of compaction between letting other clients in
 
 REGION_ATTRS = {
     "name": lambda r: r.name,
@@ -145,10 +149,16 @@ class Tree:
             raise einval("free: empty write; expected a start address or a label")
         self.cma.free(text, uid=caller.uid)
 
-    def _store_compact(self, region: Region, text: str, caller: Caller) -> None:
+    async def _store_compact(self, region: Region, text: str, caller: Caller) -> None:
+        """Compaction runs in steps of bounded work; every COMPACT_SLICE the loop
+        serves other clients, so a long compaction stalls nobody."""
         if caller.uid != 0:
             raise CmaError(errno.EPERM, f"compact {region.name}: root only")
-        self.cma.compact(region.name)
+        deadline = time.monotonic() + COMPACT_SLICE
+        for _ in self.cma.compact_steps(region.name):
+            if time.monotonic() >= deadline:
+                await trio.sleep(0)
+                deadline = time.monotonic() + COMPACT_SLICE
 
     def _chunk_dir(self, chunk: Chunk) -> LazyDir:
         def populate(d: LazyDir) -> None:

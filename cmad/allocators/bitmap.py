@@ -38,6 +38,7 @@ from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator, register
 from ..errors import CmaError
 
 MAX_ORDER_PER_BIT = 20
+MAX_BITS = 1 << 32  # one byte each: a bigger map is refused, not left to MemoryError
 SUPER = 512  # blocks per superblock
 LIMIT = 1 << 16  # free runs are measured up to this many blocks
 
@@ -85,8 +86,19 @@ class Bitmap(Allocator):
                 f"bitmap: region start {start:#x} and size {size:#x} must be multiples "
                 f"of the block size {block:#x} (order_per_bit={self.order_per_bit})",
             )
+        if start < 0 or start + size > 1 << 64:
+            raise CmaError(errno.EINVAL, f"bitmap: region {start:#x}+{size:#x} is not within "
+                                         "64-bit bus addresses")
+        if size >> shift > MAX_BITS:
+            raise CmaError(errno.EINVAL, f"bitmap: region of {size:#x} bytes needs "
+                                         f"{size >> shift} bits, more than {MAX_BITS}; raise "
+                                         "order_per_bit")
         self._first = start >> shift  # bus block number of block 0
-        self._map = bytearray(size >> shift)
+        try:
+            self._map = bytearray(size >> shift)
+        except MemoryError:
+            raise CmaError(errno.ENOMEM, f"bitmap: no memory for a map of {size >> shift} "
+                                         "blocks; raise order_per_bit") from None
         nsuper = -(-len(self._map) // self._super)
         leaves = 1
         while leaves < nsuper:

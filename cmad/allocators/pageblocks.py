@@ -70,9 +70,10 @@ def pageblock_size(cls: type[Allocator], start: int, size: int, params: dict) ->
     allocator's block, or does not divide the region."""
     granule = cls.granule(**params)
     if "pageblock" not in params:
-        block = max(DEFAULT_PAGEBLOCK, _pow2_at_least(-(-size // DEFAULT_MAX_BLOCKS)))
+        block = min(max(DEFAULT_PAGEBLOCK, _pow2_at_least(-(-size // DEFAULT_MAX_BLOCKS))),
+                    MAX_PAGEBLOCK)
         fits = (start % block == 0 and size % block == 0 and size >= MIN_BLOCKS * block
-                and block <= MAX_PAGEBLOCK)
+                and size // block <= MAX_BLOCKS)
         return block if getattr(cls, "groupable", False) and fits and granule <= block else 0
     block = params["pageblock"]
     if block == 0:
