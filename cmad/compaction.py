@@ -37,7 +37,7 @@ from bisect import bisect_left, bisect_right
 from itertools import accumulate
 from typing import TYPE_CHECKING, Iterator
 
-from .allocators.pageblocks import MOVABLE, PINNED, Grouped
+from .allocators.pageblocks import LARGE, MOVABLE, Grouped
 from .regions import Region, align_up
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def make_room(cma: Cma, region: Region, size: int, alignment: int,
     if isinstance(allocator, Grouped):
         if movable:
             return None  # movable requests take free blocks or fall back, never move others
-        span, align = allocator.claim_shape(size, alignment, PINNED)
+        span, align = allocator.claim_shape(size, alignment, LARGE)
         windows = allocator.windows(span, align, budget)
     else:
         window, window_alignment = allocator.footprint(size, alignment)

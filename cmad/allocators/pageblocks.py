@@ -40,8 +40,16 @@ from ..errors import CmaError
 from .bitmap import MAX_ORDER_PER_BIT, Bitmap
 from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator
 
+# What a block shows: free, pinned, movable, mixed (both, after a fallback).
 FREE, PINNED, MOVABLE, MIXED = 0, 1, 2, 3
 TYPE_CHARS = ".PMX"
+# Who owns a block: the pool (FREE), or one of three kinds of chunk, each with
+# an allocator of its own.  Pinned chunks of a block or more (frames) are
+# LARGE: they show as pinned, but the tails of their blocks are kept for
+# other large ones, so a small long-lived pinned chunk never settles in the
+# blocks a frame leaves and pins them after the frame is gone.
+LARGE = 4
+KINDS = (PINNED, MOVABLE, LARGE)
 
 DEFAULT_PAGEBLOCK = 2 << 20
 MIN_BLOCKS = 8          # grouping by default only where a region holds this many blocks
@@ -49,12 +57,9 @@ DEFAULT_MAX_BLOCKS = 1 << 16  # the default block grows past 2 MiB to keep to th
 MAX_BLOCKS = 1 << 22    # an explicit pageblock may not cut a region finer
 MAX_PAGEBLOCK = PAGE_SIZE << MAX_ORDER_PER_BIT  # the pool is a bitmap of blocks
 
-# Policy as data: the type a request may borrow from as its last resort.
-FALLBACKS = {PINNED: MOVABLE, MOVABLE: PINNED}
-
-
-def mobility(movable: bool) -> int:
-    return MOVABLE if movable else PINNED
+# Policy as data, as the kernel's fallbacks[]: where a request may borrow
+# space, in order, as its last resort; borrowing across mobility is counted.
+FALLBACKS = {PINNED: (LARGE, MOVABLE), LARGE: (PINNED, MOVABLE), MOVABLE: (PINNED, LARGE)}
 
 
 def _pow2_at_least(n: int) -> int:
@@ -125,24 +130,41 @@ class Grouped(Allocator):
         self.pageblock = pageblock
         self._shift = pageblock.bit_length() - 1
         self.nblocks = n = size >> self._shift
+        self._granule = inner.granule(**params)
         self._pool = Bitmap(start, size, order_per_bit=self._shift - PAGE_SHIFT)
-        # each type's allocator, indexed by type (a tuple: the hot path indexes it)
-        self._typed = (None, inner.full(start, size, **params), inner.full(start, size, **params))
+        # each kind's allocator and bytes per block, indexed by kind (tuples: the
+        # hot path indexes them)
+        self._typed = tuple(inner.full(start, size, **params) if k in KINDS else None
+                            for k in range(LARGE + 1))
         self._owner = bytearray(n)
-        # bytes of pinned and movable chunks per block, indexed by type (FALLBACKS is 3 - type)
-        self._bytes = (None, array("q", bytes(8 * n)), array("q", bytes(8 * n)))
+        self._bytes = tuple(array("q", bytes(8 * n)) if k in KINDS else None
+                            for k in range(LARGE + 1))
         self._counts = [n, 0, 0, 0]  # blocks per shown type
         self.fallbacks = 0
         self._freed_hole: tuple[int, int] | None = None  # what the last free merged into
 
     # -- blocks ----------------------------------------------------------
 
+    def kind(self, size: int, movable: bool) -> int:
+        """The kind of a chunk (or request) of that size and mobility."""
+        if movable:
+            return MOVABLE
+        granule = self._granule
+        return LARGE if (size + granule - 1) & -granule >= self.pageblock else PINNED
+
     def block_type(self, i: int) -> int:
         """The shown type of block i.  O(1)."""
         owner = self._owner[i]
-        if owner == FREE or not self._bytes[FALLBACKS[owner]][i]:
-            return owner
-        return MIXED
+        held = self._bytes
+        if owner == FREE:
+            return FREE
+        if owner == MOVABLE:
+            return MIXED if held[PINNED][i] or held[LARGE][i] else MOVABLE
+        return MIXED if held[MOVABLE][i] else PINNED
+
+    def _empty(self, i: int) -> bool:
+        held = self._bytes
+        return not (held[PINNED][i] or held[MOVABLE][i] or held[LARGE][i])
 
     def block_counts(self) -> tuple[int, int, int, int]:
         """Blocks that are free, pinned, movable, mixed.  O(1)."""
@@ -161,33 +183,23 @@ class Grouped(Allocator):
         return self.start + (i << self._shift)
 
     def _account(self, lo: int, hi: int, kind: int, sign: int) -> None:
-        """Add (sign 1) or take (-1) the bytes [lo, hi) of a chunk of ``kind``.
-
-        A block's shown type only changes here when it belongs to the other
-        type and the chunk's type comes or goes (mixed); an emptied block
-        goes back to the pool.  O(blocks spanned); the hot path is one block."""
-        start, shift = self.start, self._shift
-        i = (lo - start) >> shift
-        if i == (hi - 1 - start) >> shift:
-            held = self._bytes[kind]
-            before = held[i]
-            after = held[i] = before + sign * (hi - lo)
-            if self._owner[i] != kind:
-                self._mixed(i, before, after)
-            if not after and not self._bytes[3 - kind][i]:
-                self._reclaim(i)
-            return
+        """Add (sign 1) or take (-1) the bytes [lo, hi) of a chunk of ``kind``;
+        the shown types follow, an emptied block goes back to the pool.
+        O(blocks spanned).  (alloc_for and free_for inline the common case: one
+        block of the chunk's own kind, whose shown type cannot change.)"""
+        start, shift, pb = self.start, self._shift, self.pageblock
+        held = self._bytes[kind]
+        counts = self._counts
         for i in self._span(lo, hi):
             b = start + (i << shift)
-            self._account(max(lo, b), min(hi, b + self.pageblock), kind, sign)
-
-    def _mixed(self, i: int, before: int, after: int) -> None:
-        """Bytes of the other type came to or left block i: it turns mixed or back."""
-        if (not before) != (not after):
-            counts = self._counts
-            was, now = (self._owner[i], MIXED) if after else (MIXED, self._owner[i])
-            counts[was] -= 1
-            counts[now] += 1
+            before = self.block_type(i)
+            held[i] += sign * (min(hi, b + pb) - max(lo, b))
+            after = self.block_type(i)
+            if after != before:
+                counts[before] -= 1
+                counts[after] += 1
+            if sign < 0 and self._empty(i):
+                self._reclaim(i)
 
     def _set_owner(self, i: int, owner: int) -> None:
         counts = self._counts
@@ -267,7 +279,7 @@ class Grouped(Allocator):
             return None
         self._account(got[0], got[0] + got[1], kind, 1)
         for i in self._span(run[0], run[0] + span):  # a claimed block the chunk missed
-            if not self._bytes[kind][i]:
+            if self._empty(i):
                 self._reclaim(i)
         return got
 
@@ -277,7 +289,7 @@ class Grouped(Allocator):
                   claim: bool = True) -> tuple[int, int] | None:
         """Own type's blocks first, then a claimed run of free blocks.  O(log n)
         plus the claim's O(log blocks)."""
-        kind = MOVABLE if movable else PINNED
+        kind = MOVABLE if movable else self.kind(size, False)
         got = self._typed[kind].alloc(size, alignment)
         if got is None:
             got = self._claim(kind, size, alignment) if claim else None
@@ -294,14 +306,17 @@ class Grouped(Allocator):
         return got
 
     def fallback(self, size: int, alignment: int, movable: bool) -> tuple[int, int] | None:
-        """The last resort: space in blocks of the other type (they become mixed)."""
-        kind = mobility(movable)
-        got = self._typed[FALLBACKS[kind]].alloc(size, alignment)
-        if got is not None:
-            self._account(got[0], got[0] + got[1], kind, 1)
-            self.free_bytes -= got[1]
-            self.fallbacks += 1
-        return got
+        """The last resort: space kept for the other kinds, in FALLBACKS order;
+        a block of the other mobility becomes mixed, and that is counted."""
+        kind = self.kind(size, movable)
+        for other in FALLBACKS[kind]:
+            got = self._typed[other].alloc(size, alignment)
+            if got is not None:
+                self._account(got[0], got[0] + got[1], kind, 1)
+                self.free_bytes -= got[1]
+                self.fallbacks += (other == MOVABLE) != (kind == MOVABLE)
+                return got
+        return None
 
     def free_for(self, start: int, size: int, movable: bool) -> None:
         """Give a chunk back to the type whose blocks hold it.  O(log n + blocks)."""
@@ -315,11 +330,11 @@ class Grouped(Allocator):
             raise CmaError(errno.EINVAL, f"{self.name}: free of {start:#x} in a free block")
         self._freed_hole = self._typed[owner].free(start, size)
         self.free_bytes += size
-        kind = MOVABLE if movable else PINNED
+        kind = MOVABLE if movable else self.kind(size, False)
         if owner == kind and i == (offset + size - 1) >> self._shift:
             held = self._bytes[kind]  # _account's hot path, inline
-            left = held[i] = held[i] - size
-            if not left and not self._bytes[3 - kind][i]:
+            held[i] -= size
+            if not held[i] and self._empty(i):
                 self._reclaim(i)
         else:
             self._account(start, start + size, kind, -1)
@@ -334,7 +349,7 @@ class Grouped(Allocator):
         first one are always still free."""
         if size <= 0 or start < self.start or start + size > self.start + self.size:
             return False
-        kind = mobility(movable)
+        kind = self.kind(size, movable)
         span = self._span(start, start + size)
         owners = {self._owner[i] for i in span} - {FREE}
         if len(owners) > 1:
@@ -358,9 +373,9 @@ class Grouped(Allocator):
 
     def retype(self, start: int, size: int, movable: bool) -> None:
         """A chunk changed mobility (a movable chunk was pinned): its bytes change sides."""
-        kind = mobility(movable)
-        self._account(start, start + size, FALLBACKS[kind], -1)
-        self._account(start, start + size, kind, 1)
+        was, now = self.kind(size, not movable), self.kind(size, movable)
+        self._account(start, start + size, now, 1)
+        self._account(start, start + size, was, -1)
 
     def owner_of(self, addr: int) -> int:
         """The type that owns the block holding ``addr`` (FREE for the pool).  O(1)."""
@@ -376,13 +391,14 @@ class Grouped(Allocator):
         n, k = self.nblocks, span >> self._shift
         step = max(align >> self._shift, 1)
         first = (-(self.start >> self._shift)) % step
-        owner, pinned, movable = self._owner, self._bytes[PINNED], self._bytes[MOVABLE]
+        owner, movable = self._owner, self._bytes[MOVABLE]
+        pinned, large = self._bytes[PINNED], self._bytes[LARGE]
         cost = [0] * (n + 1)
         walls = [0] * (n + 1)   # blocks holding pinned bytes
         frees = [0] * (n + 1)   # pool blocks
         for i in range(n):
             cost[i + 1] = cost[i] + movable[i]
-            walls[i + 1] = walls[i] + (pinned[i] > 0 or owner[i] == PINNED)
+            walls[i + 1] = walls[i] + (pinned[i] > 0 or large[i] > 0 or owner[i] in (PINNED, LARGE))
             frees[i + 1] = frees[i] + (owner[i] == FREE)
         room_m = self._typed[MOVABLE].free_bytes
         room_pool = self._pool.free_bytes
@@ -431,8 +447,7 @@ class Grouped(Allocator):
             (self._pool if owner == FREE else self._typed[owner]).free(start, size)
         for owner, start, size in holds:
             for i in self._span(start, start + size):
-                if self._owner[i] != FREE and not self._bytes[PINNED][i] \
-                        and not self._bytes[MOVABLE][i]:
+                if self._owner[i] != FREE and self._empty(i):
                     self._reclaim(i)
 
     # -- the plain interface: a chunk of unknown mobility is pinned ----------
@@ -452,8 +467,8 @@ class Grouped(Allocator):
     def holes(self) -> Iterator[tuple[int, int]]:
         """Free ranges of all three owners in address order, adjacent ones merged."""
         cur = end = None
-        for start, size in merge(self._pool.holes(), self._typed[PINNED].holes(),
-                                 self._typed[MOVABLE].holes()):
+        for start, size in merge(self._pool.holes(),
+                                 *(self._typed[k].holes() for k in KINDS)):
             if start == end:
                 end += size
                 continue
@@ -465,39 +480,39 @@ class Grouped(Allocator):
 
     def largest_free(self) -> int:
         """The largest request that succeeds now: in a type's blocks, or as free blocks."""
-        return max(self._pool.largest_free(), self._typed[PINNED].largest_free(),
-                   self._typed[MOVABLE].largest_free())
+        return max(self._pool.largest_free(), *(self._typed[k].largest_free() for k in KINDS))
 
     def cleanup(self) -> None:
-        for allocator in self._typed[1:]:
-            allocator.cleanup()
+        for k in KINDS:
+            self._typed[k].cleanup()
 
     def check_chunks(self, chunks) -> None:
         """Assert that block types agree with the chunks inside them:
         ``chunks`` is every (start, size, movable) of the region."""
-        held = {PINNED: [0] * self.nblocks, MOVABLE: [0] * self.nblocks}
+        held = {k: [0] * self.nblocks for k in KINDS}
         for start, size, movable in chunks:
-            kind = mobility(movable)
+            kind = self.kind(size, movable)
             owners = {self._owner[i] for i in self._span(start, start + size)}
             assert len(owners) == 1 and FREE not in owners, \
                 f"chunk {start:#x}+{size:#x} lies in blocks of owners {owners}"
             for i in self._span(start, start + size):
                 b = self._block(i)
                 held[kind][i] += min(start + size, b + self.pageblock) - max(start, b)
-        for kind in (PINNED, MOVABLE):
+        for kind in KINDS:
             assert list(self._bytes[kind]) == held[kind], f"type {kind} bytes disagree with chunks"
 
     def _check(self) -> None:
         """Every pageblock invariant, and each owner's allocator's own."""
         self._pool._check()
         pb, n = self.pageblock, self.nblocks
-        free_in = {PINNED: [0] * n, MOVABLE: [0] * n}
+        free_in = {k: [0] * n for k in KINDS}
         for start, size in self._pool.holes():
             assert (start - self.start) % pb == 0 and size % pb == 0, \
                 f"pool hole {start:#x}+{size:#x} is not whole blocks"
             for i in self._span(start, start + size):
                 assert self._owner[i] == FREE, f"pool holds block {i} of owner {self._owner[i]}"
-        for kind, allocator in ((PINNED, self._typed[PINNED]), (MOVABLE, self._typed[MOVABLE])):
+        for kind in KINDS:
+            allocator = self._typed[kind]
             allocator._check()
             for start, size in allocator.holes():
                 for i in self._span(start, start + size):
@@ -508,8 +523,8 @@ class Grouped(Allocator):
         counts = [0, 0, 0, 0]
         for i in range(n):
             owner = self._owner[i]
-            used = self._bytes[PINNED][i] + self._bytes[MOVABLE][i]
-            assert min(self._bytes[PINNED][i], self._bytes[MOVABLE][i]) >= 0
+            used = sum(self._bytes[k][i] for k in KINDS)
+            assert min(self._bytes[k][i] for k in KINDS) >= 0
             if owner == FREE:
                 assert used == 0, f"free block {i} holds {used} bytes"
             else:
@@ -519,4 +534,4 @@ class Grouped(Allocator):
         assert counts == self._counts, (counts, self._counts)
         assert self._pool.free_bytes == counts[FREE] * pb
         assert self.free_bytes == self._pool.free_bytes + sum(
-            a.free_bytes for a in self._typed[1:]), "free bytes disagree with the owners"
+            self._typed[k].free_bytes for k in KINDS), "free bytes disagree with the owners"
