@@ -136,7 +136,10 @@ def evacuate(cma: Cma, region: Region, lo: int, hi: int) -> bool:
     try:
         placed = []
         for c in sorted(victims, key=lambda c: -c.size):
-            got = allocator.alloc_for(c.size, c.alignment, True)
+            # Movable or free blocks first; then the holes of pinned blocks,
+            # which no large request could use anyway (the block turns mixed).
+            got = allocator.alloc_for(c.size, c.alignment, True) or \
+                allocator.fallback(c.size, c.alignment, True)
             if got is None or got[1] != c.size:
                 if got is not None:
                     allocator.free_for(got[0], got[1], True)

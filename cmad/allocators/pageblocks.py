@@ -386,7 +386,7 @@ class Grouped(Allocator):
     def windows(self, span: int, align: int, budget: int) -> list[tuple[int, int, int]]:
         """Runs of ``span`` bytes at ``align`` made of free and movable-only blocks
         whose movable bytes (the cost of emptying them) are at most ``budget``
-        and fit in the movable and free space outside the run: (cost, lo, hi),
+        and fit in the free space outside the run: (cost, lo, hi),
         cheapest first.  O(blocks)."""
         n, k = self.nblocks, span >> self._shift
         step = max(align >> self._shift, 1)
@@ -402,6 +402,9 @@ class Grouped(Allocator):
             frees[i + 1] = frees[i] + (owner[i] == FREE)
         room_m = self._typed[MOVABLE].free_bytes
         room_pool = self._pool.free_bytes
+        # movable chunks may also go to the holes of pinned blocks (a fallback,
+        # so such windows come after those that need none)
+        room_pinned = sum(self._typed[k].free_bytes for k in (PINNED, LARGE))
         out = []
         for i in range(first, n - k + 1, step):
             j = i + k
@@ -411,11 +414,12 @@ class Grouped(Allocator):
             free_in = frees[j] - frees[i]
             # The movable space inside the run is given up while it is emptied.
             m_in = (k - free_in) * self.pageblock - c
-            if room_m - m_in + room_pool - free_in * self.pageblock < c:
+            room = room_m - m_in + room_pool - free_in * self.pageblock
+            if room + room_pinned < c:
                 continue
-            out.append((c, self._block(i), self._block(j)))
+            out.append((room < c, c, self._block(i), self._block(j)))
         out.sort()
-        return out
+        return [w[1:] for w in out]
 
     def isolate(self, lo: int, hi: int, used: list[tuple[int, int]]) -> list[tuple[int, int, int]] | None:
         """Hold every free byte of [lo, hi) (``used`` lists the chunks' ranges, sorted)
