@@ -24,7 +24,7 @@ fall back to the plain scan from block 0.
 
 Costs, N blocks, S = SUPER, L = LIMIT: alloc O(log N + S + L) (the scans
 in C), plus O(S) per superblock skipped for misalignment; free and reserve
-O(size + log N + S + L); largest_free O(1) unless a run reaches L; holes
+O(size + log N + S + L); largest_free O(1), past LIMIT cached per map version; holes
 O(N).
 """
 
