@@ -39,6 +39,7 @@ REGION_ATTRS = {
 }
 
 CHUNK_ATTRS = {
+    "id": lambda c: str(c.id),
     "start": lambda c: fmt_addr(c.start),
     "size": lambda c: str(c.size),
     "region": lambda c: c.region.name,
@@ -120,6 +121,7 @@ class Tree:
         root.add("alloc", Stream(lambda caller: AllocHandle(cma, caller), mode=0o660, gid=gid))
         root.add("free", Attr(store=self._store_free, mode=0o220, gid=gid))
         self.chunks = root.add("chunks", Dir())
+        self.ids = root.add("ids", Dir())
         root.add("chunkinfo", Attr(self._chunkinfo))
         root.add("stats", Attr(lambda: show_stats(cma.stats(), self.extra_stats)))
         root.add("metrics", Attr(lambda: render(cma)))
@@ -146,7 +148,7 @@ class Tree:
 
     def _store_free(self, text: str, caller: Caller) -> None:
         if not text.strip():
-            raise einval("free: empty write; expected a start address or a label")
+            raise einval("free: empty write; expected a start address, id=<id> or a label")
         self.cma.free(text, uid=caller.uid)
 
     async def _store_compact(self, region: Region, text: str, caller: Caller) -> None:
@@ -189,21 +191,30 @@ class Tree:
     # -- Listener: keep the tree in step with the core ------------------
 
     def on_alloc(self, chunk: Chunk) -> None:
+        """chunks/<start> is the address; ids/<id> and every link is the chunk itself."""
         self.chunks.add(chunk.name, self._chunk_dir(chunk))
+        self.ids.add(str(chunk.id), self._chunk_dir(chunk))
         if chunk.label:
-            self.chunks.add(chunk.label, Symlink(chunk.name))
-        self.region_chunks[chunk.region.name].add(
-            chunk.name, Symlink(f"../../../chunks/{chunk.name}"))
+            self.chunks.add(chunk.label, Symlink(f"../ids/{chunk.id}"))
+        self._add_region_link(chunk)
 
-    def on_free(self, chunk: Chunk, name: str | None = None) -> None:
-        name = name or chunk.name
-        self.chunks.remove(name)
+    def _add_region_link(self, chunk: Chunk) -> None:
+        self.region_chunks[chunk.region.name].add(chunk.name,
+                                                  Symlink(f"../../../ids/{chunk.id}"))
+
+    def on_free(self, chunk: Chunk) -> None:
+        self.chunks.remove(chunk.name)
+        self.ids.remove(str(chunk.id))
         if chunk.label:
             self.chunks.remove(chunk.label)
-        self.region_chunks[chunk.region.name].remove(name)
+        self.region_chunks[chunk.region.name].remove(chunk.name)
 
     def on_move(self, chunk: Chunk, old_start: int) -> None:
-        """The directory follows the chunk; its label symlink points at the new name."""
-        if old_start != chunk.start:
-            self.on_free(chunk, fmt_addr(old_start))
-            self.on_alloc(chunk)
+        """Only the address names change; ids/<id> and the label stay as they are."""
+        if old_start == chunk.start:
+            return
+        old = fmt_addr(old_start)
+        self.chunks.remove(old)
+        self.chunks.add(chunk.name, self._chunk_dir(chunk))
+        self.region_chunks[chunk.region.name].remove(old)
+        self._add_region_link(chunk)
