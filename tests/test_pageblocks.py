@@ -312,3 +312,11 @@ class Grouping(RuleBasedStateMachine):
 TestGrouping = Grouping.TestCase
 TestGrouping.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                  suppress_health_check=list(HealthCheck))
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+def test_a_small_pinned_request_aligned_past_a_block_is_served(allocator):
+    cma = Cma(f"r=64M:{allocator}", "*=r")
+    c = cma.alloc("x", 4 * K, alignment=16 * M)
+    assert c.start % (16 * M) == 0
+    cma._check()

@@ -268,8 +268,8 @@ class Grouped(Allocator):
     def _claim(self, kind: int, size: int, alignment: int) -> tuple[int, int] | None:
         """try_to_claim_block: take a run of whole free blocks for the request."""
         span, align = self.claim_shape(size, alignment, kind)
-        run = self._highest_free() if kind == PINNED and span == self.pageblock \
-            else self._pool.alloc(span, align)
+        top = kind == PINNED and span == align == self.pageblock
+        run = self._highest_free() if top else self._pool.alloc(span, align)
         if run is None:
             return None
         self._assign(run[0], run[0] + span, kind)
