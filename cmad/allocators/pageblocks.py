@@ -130,7 +130,8 @@ class Grouped(Allocator):
         self.pageblock = pageblock
         self._shift = pageblock.bit_length() - 1
         self.nblocks = n = size >> self._shift
-        self._granule = inner.granule(**params)
+        self._granule = granule = inner.granule(**params)
+        self._large = pageblock - granule + 1  # sizes from here round up to a block or more
         self._pool = Bitmap(start, size, order_per_bit=self._shift - PAGE_SHIFT)
         # each kind's allocator and bytes per block, indexed by kind (tuples: the
         # hot path indexes them)
@@ -149,8 +150,7 @@ class Grouped(Allocator):
         """The kind of a chunk (or request) of that size and mobility."""
         if movable:
             return MOVABLE
-        granule = self._granule
-        return LARGE if (size + granule - 1) & -granule >= self.pageblock else PINNED
+        return LARGE if size >= self._large else PINNED
 
     def block_type(self, i: int) -> int:
         """The shown type of block i.  O(1)."""
@@ -289,7 +289,7 @@ class Grouped(Allocator):
                   claim: bool = True) -> tuple[int, int] | None:
         """Own type's blocks first, then a claimed run of free blocks.  O(log n)
         plus the claim's O(log blocks)."""
-        kind = MOVABLE if movable else self.kind(size, False)
+        kind = MOVABLE if movable else LARGE if size >= self._large else PINNED
         got = self._typed[kind].alloc(size, alignment)
         if got is None:
             got = self._claim(kind, size, alignment) if claim else None
@@ -330,7 +330,7 @@ class Grouped(Allocator):
             raise CmaError(errno.EINVAL, f"{self.name}: free of {start:#x} in a free block")
         self._freed_hole = self._typed[owner].free(start, size)
         self.free_bytes += size
-        kind = MOVABLE if movable else self.kind(size, False)
+        kind = MOVABLE if movable else LARGE if size >= self._large else PINNED
         if owner == kind and i == (offset + size - 1) >> self._shift:
             held = self._bytes[kind]  # _account's hot path, inline
             held[i] -= size
