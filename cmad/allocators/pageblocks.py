@@ -328,17 +328,20 @@ class Grouped(Allocator):
         owner = self._owner[i]
         if owner == FREE:
             raise CmaError(errno.EINVAL, f"{self.name}: free of {start:#x} in a free block")
-        self._freed_hole = self._typed[owner].free(start, size)
+        hole = self._typed[owner].free(start, size)
         self.free_bytes += size
         kind = MOVABLE if movable else LARGE if size >= self._large else PINNED
         if owner == kind and i == (offset + size - 1) >> self._shift:
             held = self._bytes[kind]  # _account's hot path, inline
             held[i] -= size
             if not held[i] and self._empty(i):
+                self._freed_hole = hole  # what _reclaim carves the block from
                 self._reclaim(i)
+                self._freed_hole = None
         else:
+            self._freed_hole = hole
             self._account(start, start + size, kind, -1)
-        self._freed_hole = None
+            self._freed_hole = None
 
     def reserve_for(self, start: int, size: int, movable: bool) -> bool:
         """Claim exactly [start, start + size) for a chunk of that mobility.
