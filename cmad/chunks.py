@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import re
 import time
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from sortedcontainers import SortedDict
 
@@ -94,6 +94,9 @@ class ChunkIndex:
 
     def by_label(self, label: str) -> Chunk | None:
         return self._by_label.get(label)
+
+    def labels(self) -> Iterable[str]:
+        return self._by_label.keys()
 
     def by_id(self, id: int) -> Chunk | None:
         return self._by_id.get(id)
