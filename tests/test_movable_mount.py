@@ -112,3 +112,16 @@ def test_bound_on_hugepages_is_physically_contiguous(daemon, hugepages):
     assert start // (2 * M) == (start + M - 1) // (2 * M)
     segments = read(mnt / "chunks/dma/phys").splitlines()
     assert len(segments) == 1 and segments[0].split()[1] == str(M)
+
+
+def test_pageblocks_file_and_keys_through_the_mount(daemon):
+    mnt = daemon(*REGIONS)
+    alloc(mnt, "x 16K")
+    alloc(mnt, "x 16K movable")
+    assert read(mnt / "regions/r/pageblocks") == "M......P\n"  # pinned from the top
+    assert read(mnt / "regions/other/pageblocks") == "\n"       # 8 MiB: grouping off
+    stats = dict(line.split() for line in read(mnt / "regions/r/stats").splitlines())
+    assert (stats["pageblock"], stats["blocks_free"], stats["blocks_pinned"],
+            stats["blocks_movable"], stats["blocks_mixed"], stats["fallbacks"]) == \
+        (str(2 * M), "6", "1", "1", "0", "0")
+    assert 'cma_region_blocks_free{region="r"} 6' in read(mnt / "metrics")
