@@ -63,6 +63,9 @@ def group_id(name: str) -> int:
         return 0
 
 
+ATTEMPTS = 3  # layouts tried when another process takes pages in the middle of one
+
+
 def arena_paths(config: Config) -> list[str]:
     """Where this daemon's arena file may be: configured, else its name (unique per
     mountpoint) in the private hugetlbfs mount, or in the shared-memory directory."""
@@ -164,6 +167,14 @@ def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
         record = journal.get("arena_layout")
         if arena.backing == "hugetlb" and record:
             arena.layout = physmap.verify(record, spans, arena.frames, arena.page, path)
+        virtual = [s for s in spans if s.wants and (
+            arena.layout is None or arena.layout.phys.get(s.name) is None)]
+        if config.contiguous == "physical" and virtual:
+            arena.close()
+            raise CmaError(errno.EINVAL, f"contiguous=physical: region {virtual[0].name} lies "
+                                         f"in the surviving arena file {path} without a "
+                                         "physical run, and its journalled chunks keep that "
+                                         "layout; use contiguous=auto or run 'cmad reset'")
         return arena
     strict = config.contiguous == "physical"
     why = "backing is " + config.backing
@@ -192,6 +203,29 @@ def hugetlb_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
     elif path is not None and fs_type(os.path.dirname(path) or ".") != "hugetlbfs":
         raise OSError(errno.EINVAL, f"{path} is not on a hugetlbfs mount")
     size = -(-cma.arena_size // pool.page) * pool.page
+    for attempt in range(1, ATTEMPTS + 1):
+        arena = laid_out_arena(path, size, spans, pool, strict and attempt == ATTEMPTS)
+        layout = arena.layout
+        failed = [s for s in spans if s.wants and layout.phys[s.name] is None]
+        if not failed or attempt == ATTEMPTS or not layout.planned & {s.name for s in failed}:
+            break
+        log.info("arena: another process took hugepages while the arena was laid out "
+                 "(%s not physical as planned); again", ", ".join(s.name for s in failed))
+        arena.close()  # the pool and the mount stay for the next attempt
+        if path is not None:
+            os.unlink(path)
+    if strict and failed:
+        arena.close(unlink=True)
+        raise physmap.refusal(failed[0], layout.longest, layout.gathered,
+                              layout.why[failed[0].name])
+    log.info("arena: %d hugepages gathered, %d kept, longest physical run %s, in %.2f s",
+             layout.gathered, layout.kept, human(layout.longest), layout.seconds)
+    return arena
+
+
+def laid_out_arena(path: str | None, size: int, spans: list[physmap.Span], pool: Pool,
+                   strict: bool) -> Arena:
+    """One attempt: gather, lay out, map, and decide each region on the real frames."""
     try:
         fd, layout = physmap.build_file(path, size, spans, pool, strict=strict)
     except OSError as e:  # another process took pages between the gathering and us
@@ -207,13 +241,6 @@ def hugetlb_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
         layout.phys = {s.name: None for s in spans}
         layout.why = {s.name: e.why for s in spans if s.wants}
     arena.layout = layout
-    failed = [s for s in spans if s.wants and layout.phys[s.name] is None]
-    if strict and failed:
-        arena.close(unlink=True)
-        raise physmap.refusal(failed[0], layout.longest, layout.gathered,
-                              layout.why[failed[0].name])
-    log.info("arena: %d hugepages gathered, %d kept, longest physical run %s, in %.2f s",
-             layout.gathered, layout.kept, human(layout.longest), layout.seconds)
     return arena
 
 
@@ -230,6 +257,10 @@ def mark_regions(cma: Cma, arena: Arena) -> None:
         else:
             log.info("region %s: virtual only (%s)", region.name, virtual_reason(
                 region, arena, layout))
+    physical = sum(getattr(r, "phys", None) is not None for r in cma.regions)
+    log.info("arena: %s-backed, %d of %d regions physically contiguous",
+             "hugepage" if arena.backing == "hugetlb" else arena.backing, physical,
+             len(cma.regions))
 
 
 def virtual_reason(region, arena: Arena, layout) -> str:

@@ -79,6 +79,7 @@ class Layout:
     longest: int = 0  # bytes
     seconds: float = 0.0
     why: dict[str, str] = field(default_factory=dict)
+    planned: set[str] = field(default_factory=set)  # regions the plan gave a run
 
 
 def groups_of(spans: list[Span], page: int) -> list[Group]:
@@ -149,10 +150,12 @@ def read_frames(address: int, count: int, page: int) -> list[int]:
     return out
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if libc.fallocate(fd, mode, offset, length) != 0:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -264,8 +267,9 @@ def build_file(path: str | None, size: int, spans: list[Span], pool: Pool, *, st
         gathered = gather.count
         gather.close()
         pool.give_back(gathered - pages)  # the pages gathered and not kept, at once
+        planned = {n for gi in placed for n in groups[gi].names}
         return fd, Layout(gathered=gathered, kept=pages, longest=longest,
-                          seconds=time.monotonic() - t0)
+                          seconds=time.monotonic() - t0, planned=planned)
     except BaseException:
         gather.close()
         pool.give_back(pool.added - added_before)

@@ -1,4 +1,18 @@
 """Fixtures shared by the test modules: ``daemon`` and ``hugepages``."""
 
+import glob
+
+import pytest
+
+from cmad.hugepages import give_back_record
 from daemonutil import daemon  # noqa: F401
 from test_arena import hugepages  # noqa: F401
+
+
+@pytest.fixture(autouse=True, scope="session")
+def hugepage_records():
+    """At the end, the hugepages test daemons recorded and could not give back (a
+    client still mapped them) go back to the pool."""
+    yield
+    for record in glob.glob("/run/cmad/cmad-tmp-pytest-*.hugepages"):
+        give_back_record(record)
