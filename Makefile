@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) bench/fs.py
 	$(PY) bench/frag.py
 	$(PY) bench/client.py
+	$(PY) bench/arena.py
 
 lint: $(STAMP)
 	$(PY) -m compileall -q cmad fusefs tests bench
