@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 CONTIGUOUS = ("auto", "physical", "virtual")
 GATHER_MAX = 4  # gather up to this many times the arena's pages ...
-GATHER_FLOOR = 1024  # ... or this many more, whichever is more (within MAX_SHARE)
+GATHER_FLOOR = 2048  # ... or this many more, whichever is more (within MAX_SHARE)
 _PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 ADVICE = ("reserve hugepages at boot (hugepages=N on the kernel command line), use 1 GiB "
           "pages (hugepagesz=1G), or make the region smaller")
@@ -174,7 +174,12 @@ class Gather:
         if count <= self.count:
             return
         os.ftruncate(self.fd, count * self.page)
-        os.posix_fallocate(self.fd, self.count * self.page, (count - self.count) * self.page)
+        try:
+            os.posix_fallocate(self.fd, self.count * self.page,
+                               (count - self.count) * self.page)
+        except OSError:
+            os.ftruncate(self.fd, self.count * self.page)  # the part it got goes back
+            raise
         mm = mmap.mmap(self.fd, count * self.page, offset=0)
         try:
             base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
@@ -245,7 +250,11 @@ def build_file(path: str | None, size: int, spans: list[Span], pool: Pool, *, st
             want = min(want, gather.count + avail)
             if want <= gather.count:
                 break
-            gather.grow(want)
+            try:
+                gather.grow(want)
+            except OSError as e:  # someone took the pages first: lay out what we have
+                log.info("arena: gathering %d hugepages: %s", want, e.strerror)
+                break
         longest = longest_run(runs, page)
         if strict:
             for gi, g in enumerate(groups):
