@@ -61,13 +61,17 @@ class Unsafe(CmaError):
     """An arena file someone else could read or swap: never used."""
 
 
-MEMORY_FS = ("tmpfs", "hugetlbfs")
+# Kernel interfaces whose files look regular (/proc/self/mem is a 0600 root file with one
+# link): never an arena file.
+PSEUDO_FS = ("proc", "sysfs", "devtmpfs", "devpts", "debugfs", "tracefs", "securityfs",
+             "cgroup", "cgroup2", "bpf", "configfs", "efivarfs", "pstore", "fusectl", "fuse",
+             "binfmt_misc", "mqueue", "autofs", "")
 
 
 def check_own(path: str, st: os.stat_result) -> None:
-    """EPERM unless ``st`` is the daemon's own arena file: a regular file on tmpfs or
-    hugetlbfs, owned by us, mode 0600, one link.  Anything else is neither used
-    nor deleted."""
+    """EPERM unless ``st`` is the daemon's own arena file: a regular file owned by us,
+    mode 0600, one link, not on a kernel interface (procfs, sysfs, ...).  Anything
+    else is neither used nor deleted."""
     problems = []
     if not stat.S_ISREG(st.st_mode):
         problems.append("not a regular file")
@@ -78,13 +82,13 @@ def check_own(path: str, st: os.stat_result) -> None:
     if st.st_nlink != 1:
         problems.append(f"{st.st_nlink} links")
     kind = fs_type(path)
-    if kind not in MEMORY_FS:
-        problems.append(f"on {kind or 'an unknown filesystem'}, not tmpfs or hugetlbfs")
+    if kind in PSEUDO_FS:
+        problems.append(f"on {kind or 'an unknown filesystem'}, a kernel interface")
     if problems:
         raise Unsafe(errno.EPERM, f"arena file {path} is not the daemon's own ("
                                   f"{', '.join(problems)}; it must be a regular file of uid "
-                                  f"{os.geteuid()}, mode 0600, one link, on tmpfs or "
-                                  "hugetlbfs): refusing to use or delete it")
+                                  f"{os.geteuid()}, mode 0600, one link, not in /proc, /sys "
+                                  "or /dev): refusing to use or delete it")
 
 
 def remove_own(path: str) -> bool:
@@ -105,9 +109,9 @@ def open_private(path: str) -> tuple[int, bool]:
     """Open (creating it 0600) the daemon's own file; no symlinks followed.
     Returns (fd, created)."""
     kind = fs_type(os.path.dirname(path) or ".")
-    if kind not in MEMORY_FS:
+    if kind in PSEUDO_FS:
         raise Unsafe(errno.EPERM, f"arena file {path}: the directory is on "
-                                  f"{kind or 'an unknown filesystem'}, not tmpfs or hugetlbfs")
+                                  f"{kind or 'an unknown filesystem'}, a kernel interface")
     flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
         return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), True

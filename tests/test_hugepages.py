@@ -16,7 +16,8 @@ import sys
 import pytest
 
 from cmad.config import Config
-from cmad.hugepages import NR_HUGEPAGES, escaped_name, give_back_record, record_path
+from cmad.hugepages import (NR_HUGEPAGES, escaped_name, give_back_record, read_record,
+                            record_path)
 from cmad.main import arena_paths
 from cmad.physmap import Group, Span, assign, find_runs, groups_of
 from mountutil import daemon_stderr
@@ -218,6 +219,34 @@ def test_the_pool_is_as_found_after_a_clean_stop_with_no_chunks(pool, daemon):
     added, given = balance(proc)
     assert added == given, daemon_stderr(proc)
     assert not os.path.exists(record_path(None, str(mnt)))
+    assert nr() == pool, "another process may have changed the pool meanwhile: rerun"
+
+
+def test_a_restarted_daemon_gives_back_what_the_killed_one_added(pool, daemon, tmp_path):
+    state = tmp_path / "state"
+    args = ("--regions", REGIONS, "--state-dir", str(state), *AUTO)
+    mnt = daemon(*args)
+    added = balance(daemon.proc)[0]
+    daemon.proc.kill()
+    daemon.proc.wait()
+    assert read_record(str(state / "hugepages")) == added  # kept with the arena file
+    daemon.crash_and_restart(mnt, *args)
+    stop(daemon.proc)
+    assert not (state / "hugepages").exists()
+    assert nr() == pool, "another process may have changed the pool meanwhile: rerun"
+
+
+def test_cmad_reset_gives_the_pages_back(pool, daemon, tmp_path):
+    state = tmp_path / "state"
+    mnt = daemon("--regions", REGIONS, "--state-dir", str(state), *AUTO)
+    alloc(mnt, "@a 4M label=k")
+    path = read(mnt / "stats").split("arena_file ")[1].split()[0]
+    daemon.proc.kill()
+    daemon.proc.wait()
+    r = subprocess.run([sys.executable, "-m", "cmad.main", "reset", "--state-dir", str(state)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(path) and not (state / "hugepages").exists()
     assert nr() == pool, "another process may have changed the pool meanwhile: rerun"
 
 
