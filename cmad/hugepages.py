@@ -237,8 +237,11 @@ class Pool:
             log.info("hugepages: added %d pages of %s to the pool (%d -> %d)", got,
                      human(self.page), before, after)
         free = unreserved_free()
-        return free, "" if free >= pages else (f"the kernel gave {got} of {short} hugepages "
-                                               "(memory too fragmented)")
+        if free >= pages:
+            return free, ""
+        if got < short:
+            return free, f"the kernel gave {got} of {short} hugepages (memory too fragmented)"
+        return free, f"only {free} of {pages} hugepages are free: other processes took them"
 
     def add(self, pages: int) -> None:
         self.added += pages
