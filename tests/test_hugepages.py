@@ -15,8 +15,9 @@ import sys
 
 import pytest
 
+from cmad import hugepages
 from cmad.config import Config
-from cmad.hugepages import (NR_HUGEPAGES, escaped_name, give_back_record, read_record,
+from cmad.hugepages import (NR_HUGEPAGES, Pool, escaped_name, give_back_record, read_record,
                             record_path)
 from cmad.main import arena_paths
 from cmad.physmap import Group, Span, assign, find_runs, groups_of
@@ -56,6 +57,65 @@ def test_assign_leaves_a_group_without_a_long_enough_run():
     frames = [1 * P, 3 * P, 5 * P, 7 * P]
     order, placed = assign([Group(["a"], 0, 2)], find_runs(frames, P), 4)
     assert placed == set() and sorted(order) == [0, 1, 2, 3]
+
+
+# -- the pool's accounting, in process (a fake kernel) --------------------------
+
+class FakeKernel:
+    """nr_hugepages and the free pages, as the kernel keeps them."""
+
+    def __init__(self, monkeypatch, nr: int, free: int):
+        self.nr, self.free = nr, free
+        monkeypatch.setattr(hugepages, "_read_nr", lambda: self.nr)
+        monkeypatch.setattr(hugepages, "_write_nr", self.write)
+        monkeypatch.setattr(hugepages, "unreserved_free", lambda: self.free)
+        monkeypatch.setattr(hugepages, "meminfo", lambda: {"MemAvailable": 1 << 30,
+                                                            "Hugepagesize": 2048})
+        monkeypatch.setattr(hugepages, "pool_lock", lambda: None)
+        monkeypatch.setattr(hugepages, "pool_unlock", lambda: None)
+        monkeypatch.setattr(os, "geteuid", lambda: 0)
+
+    def write(self, value: int) -> int:
+        lower = min(self.nr - value, self.free)  # the kernel frees only free pages
+        if value > self.nr:
+            self.free += value - self.nr
+            self.nr = value
+        else:
+            self.nr -= lower
+            self.free -= lower
+        return self.nr
+
+
+def test_two_pools_give_back_only_their_own_pages(monkeypatch, tmp_path):
+    kernel = FakeKernel(monkeypatch, nr=10, free=10)  # 10 pages the admin reserved
+    one, two = Pool(str(tmp_path / "one")), Pool(str(tmp_path / "two"))
+    assert one.ensure(16)[0] >= 16 and one.added == 6  # only what was missing
+    kernel.free -= 16  # one's arena takes them
+    assert two.ensure(8)[0] >= 8 and two.added == 8
+    kernel.free -= 8
+    assert read_record(str(tmp_path / "one")) == 6
+    kernel.free += 16  # one deletes its arena
+    assert one.give_back() == 6 and kernel.nr == 18 and one.added == 0
+    assert not (tmp_path / "one").exists()
+    kernel.free += 8
+    assert two.give_back() == 8 and kernel.nr == 10  # as the admin left it
+
+
+def test_give_back_never_takes_pages_others_hold(monkeypatch, tmp_path):
+    kernel = FakeKernel(monkeypatch, nr=0, free=0)
+    pool = Pool(str(tmp_path / "rec"))
+    pool.ensure(4)
+    kernel.free = 1  # a client still maps three of them
+    assert pool.give_back() == 1 and kernel.nr == 3
+    assert read_record(str(tmp_path / "rec")) == 3  # the rest goes back later
+    kernel.free = 3
+    assert give_back_record(str(tmp_path / "rec")) == 3 and kernel.nr == 0
+
+
+def test_free_mode_never_raises_the_pool(monkeypatch, tmp_path):
+    kernel = FakeKernel(monkeypatch, nr=2, free=2)
+    free, why = Pool(None, "free").ensure(8)
+    assert free == 2 and kernel.nr == 2 and "hugepages=free" in why
 
 
 # -- names of arena files (issue 10 item 3) -------------------------------------
