@@ -16,6 +16,7 @@ from . import physmap
 from .arena import Arena, remove_own
 from .hugepages import RUN_DIR, Pool, escaped_name, fs_type, private_mount, record_path, shm_dir
 from .memparse import human
+from .regions import Region
 from .allocator import registry
 from .cma import Cma, plan_regions
 from .config import Config, ConfigError, load
@@ -263,7 +264,8 @@ def mark_regions(cma: Cma, arena: Arena) -> None:
              len(cma.regions))
 
 
-def virtual_reason(region, arena: Arena, layout) -> str:
+def virtual_reason(region: Region, arena: Arena, layout: physmap.Layout | None) -> str:
+    """Why a region is not physical, for its start-up log line."""
     if region.kind == "sticky":
         return "sticky regions give pages back and cannot keep their frames"
     if arena.backing != "hugetlb":
