@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules: ``daemon`` and ``hugepages``."""
 
+import gc
 import glob
 
 import pytest
@@ -14,5 +15,6 @@ def hugepage_records():
     """At the end, the hugepages test daemons recorded and could not give back (a
     client still mapped them) go back to the pool."""
     yield
+    gc.collect()  # client Buffers still mapping an arena let go of its pages
     for record in glob.glob("/run/cmad/cmad-tmp-pytest-*.hugepages"):
         give_back_record(record)
