@@ -5,11 +5,11 @@ from __future__ import annotations
 import errno
 import re
 import time
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from sortedcontainers import SortedDict
 
-from .errors import CmaError, einval
+from .errors import CmaError, clip, einval
 from .memparse import fmt_addr
 from .regions import Region
 
@@ -20,7 +20,7 @@ _ADDR_FORM = re.compile(r"[0-9a-fA-F]{16}")
 def check_label(label: str) -> str:
     """Labels are file names in chunks/ and never read as a start address."""
     if not LABEL.fullmatch(label) or _ADDR_FORM.fullmatch(label):
-        raise einval(f"label {label!r}: must match [A-Za-z][A-Za-z0-9_.-]{{0,63}} and not be "
+        raise einval(f"label {clip(label)}: must match [A-Za-z][A-Za-z0-9_.-]{{0,63}} and not be "
                      "16 hex digits")
     return label
 
@@ -72,6 +72,7 @@ class ChunkIndex:
     def __init__(self) -> None:
         self._by_start: SortedDict = SortedDict()
         self._by_label: dict[str, Chunk] = {}
+        self._by_id: SortedDict = SortedDict()
 
     def add(self, chunk: Chunk) -> None:
         if chunk.label is not None:
@@ -80,9 +81,11 @@ class ChunkIndex:
                                              f"{self._by_label[chunk.label].name}")
             self._by_label[chunk.label] = chunk
         self._by_start[chunk.start] = chunk
+        self._by_id[chunk.id] = chunk
 
     def remove(self, chunk: Chunk) -> None:
         del self._by_start[chunk.start]
+        del self._by_id[chunk.id]
         if chunk.label is not None:
             del self._by_label[chunk.label]
 
@@ -92,6 +95,18 @@ class ChunkIndex:
     def by_label(self, label: str) -> Chunk | None:
         return self._by_label.get(label)
 
+    def labels(self) -> Iterable[str]:
+        return self._by_label.keys()
+
+    def by_id(self, id: int) -> Chunk | None:
+        return self._by_id.get(id)
+
+    def ids_after(self, id: int) -> Iterator[Chunk]:
+        """Live chunks with an id above ``id``, in id order (O(log n) to start)."""
+        by_id = self._by_id
+        for key in by_id.irange(minimum=id, inclusive=(False, False)):
+            yield by_id[key]
+
     def holding(self, addr: int) -> Chunk | None:
         """The chunk whose bytes include ``addr``, in O(log n)."""
         i = self._by_start.bisect_right(addr)
@@ -99,6 +114,11 @@ class ChunkIndex:
             return None
         chunk = self._by_start.peekitem(i - 1)[1]
         return chunk if addr < chunk.end else None
+
+    def last_before(self, addr: int) -> Chunk | None:
+        """The chunk with the highest start below ``addr``, in O(log n)."""
+        i = self._by_start.bisect_left(addr)
+        return self._by_start.peekitem(i - 1)[1] if i else None
 
     def in_range(self, start: int, end: int) -> Iterator[Chunk]:
         for key in self._by_start.irange(start, end, inclusive=(True, False)):

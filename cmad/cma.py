@@ -11,17 +11,17 @@ import functools
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from . import compaction, faults
-from .allocator import PAGE_SIZE, Allocator, registry
+from .allocators import PAGE_SIZE, Allocator, registry
 from .arena import Arena
 from .chunks import Chunk, ChunkIndex, check_label
-from .errors import CmaError, einval
+from .errors import CmaError, clip, einval
 from .map import DEFAULT_TYPE, Map
 from .memparse import U64_MAX, fmt_addr, human, is_power_of_two
-from .regions import (Region, RegionSpec, RegionStats, fragmentation, layout,
-                      parse_alignment, parse_alloc_spec, parse_regions)
+from .regions import (AllocSpec, Region, RegionSpec, RegionStats, check_name, fragmentation,
+                      layout, parse_alignment, parse_alloc_spec, parse_regions)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class Listener(Protocol):
     def on_free(self, chunk: Chunk) -> None: ...
     def on_move(self, chunk: Chunk, old_start: int) -> None:
         """The chunk's start (or its movability) changed; old_start is where it was."""
+
+    # Optional: on_allocator(region) after a region's alloc attribute changed (may
+    # veto by raising); catch_up() to retry what could not be recorded.
 
 
 def _locked(method: Callable) -> Callable:
@@ -79,6 +82,18 @@ def plan_regions(text: str, base: int, arena_size: int | None,
     return specs, layout(specs, base, arena_size, granules)
 
 
+def _named_once(names: list[str]) -> list[str]:
+    """EINVAL for a region named twice: trying it again can only fail again, and
+    ``@r,r,r,...`` must not make one write cost thousands of tries."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise einval(f"alloc from {clip(','.join(names))}: region {clip(name)} is "
+                         "named twice")
+        seen.add(name)
+    return names
+
+
 def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -105,6 +120,7 @@ class Cma:
             region.attach(self._allocator_class(spec.alloc.name, ""), spec.alloc.params)
             self._regions[spec.name] = region
         self._map = Map(map)
+        self._names_ok: set[tuple[str, str]] = set()
         self.chunks = ChunkIndex()
         self._next_id = 1
         self.limits: dict[int, int] = dict(limits or {})
@@ -145,7 +161,7 @@ class Cma:
         try:
             return self._regions[name]
         except KeyError:
-            raise CmaError(errno.ENOENT, f"no region named {name!r}") from None
+            raise CmaError(errno.ENOENT, f"no region named {clip(name)}") from None
 
     @property
     def allocators(self) -> list[str]:
@@ -182,13 +198,29 @@ class Cma:
         if spec.kind != "exclusive" or "sticky" in text:
             raise einval(f"region {region.name}: the kind is set by the configuration, "
                          "not the alloc attribute")
-        if spec.name is not None and spec.name not in self._allocators:
+        old_class, old_spec = type(region.allocator) if region.allocator else None, region.wanted
+        self._switch_allocator(region, spec)
+        try:
+            for listener in self.listeners:  # the journal: a restart brings it back
+                tell = getattr(listener, "on_allocator", None)
+                if tell is not None:
+                    tell(region)
+        except BaseException:
+            self._switch_allocator(region, old_spec, old_class)
+            raise
+
+    def _switch_allocator(self, region: Region, spec: AllocSpec,
+                          cls: type[Allocator] | None = None) -> None:
+        """Give the (chunkless) region a fresh allocator for ``spec``, or leave it
+        pending when ``spec`` names an allocator not registered yet."""
+        if cls is None and spec.name is not None and spec.name not in self._allocators:
             region.detach()
             region.wanted = spec
             log.info("region %s: allocator %r is not registered; pending", region.name,
                      spec.name)
             return
-        region.attach(self._allocator_class(spec.name, f"region {region.name}"), spec.params)
+        cls = cls or self._allocator_class(spec.name, f"region {region.name}")
+        region.attach(cls, spec.params)
         region.wanted = spec
 
     @_locked
@@ -206,19 +238,31 @@ class Cma:
               **options) -> Chunk:
         """Allocate from the regions the map gives (dev, type), tried in order."""
         type = type or DEFAULT_TYPE
+        self._check_names(dev, type)
         names = self._map.lookup(dev, type)
-        regions = [self._regions[n] for n in names if n in self._regions]
+        regions = [self._regions[n] for n in dict.fromkeys(names) if n in self._regions]
         if not regions:
             raise CmaError(errno.ENOENT, f"map sends {dev}/{type} to {','.join(names)}, "
                                          "none of which exists")
         return self._alloc(regions, size, alignment, dev, type, **options)
 
+    def _check_names(self, dev: str, type: str) -> None:
+        """1 to 64 of [A-Za-z0-9_.-] (no newline in chunkinfo, no essay in the
+        journal); a pair seen before is known good, as the map's memo knows it."""
+        if (dev, type) in self._names_ok:
+            return
+        check_name(dev, "device")
+        check_name(type, "type")
+        if len(self._names_ok) < 4096:
+            self._names_ok.add((dev, type))
+
     @_locked
     def alloc_from(self, regions: str | Sequence[str], size: int, alignment: int = 0,
                    **options) -> Chunk:
         """Allocate from the named regions (the patch's cma_alloc_from)."""
-        names = regions.split(",") if isinstance(regions, str) else list(regions)
-        return self._alloc([self.region(n.strip()) for n in names], size, alignment,
+        names = _named_once([n.strip() for n in (regions.split(",")
+                                                 if isinstance(regions, str) else regions)])
+        return self._alloc([self.region(n) for n in names], size, alignment,
                            "-", "-", **options)
 
     def _alloc(self, regions: list[Region], size: int, alignment: int, dev: str, type: str,
@@ -235,21 +279,35 @@ class Cma:
         fields = dict(label=label, movable=movable, transient=transient, bound=bound, uid=uid,
                       pid=pid, alignment=alignment)
         failed: list[Region] = []
+        over_limit: list[Region] = []  # had room, but only past the caller's limit
         for region in regions:
             allocator = region.allocator
-            got = allocator.alloc(size, alignment) if allocator and size <= region.free else None
-            if got is not None and self._fits(got, region, bound, limit, uid, request):
+            got = (allocator.alloc_for(size, alignment, movable)
+                   if allocator and size <= region.free else None)
+            if got is not None and self._fits(got, region, bound, limit, uid, over_limit,
+                                              movable):
                 return self._new_chunk(got, region, dev, type, failed, **fields)
-            failed.append(region)
-        for region in failed:  # fragmentation: make room by moving chunks
-            if region.allocator and region.movable_users and region.free >= size:
-                got = compaction.make_room(self, region, size, alignment)
-                if got is not None and self._fits(got, region, bound, limit, uid, request):
-                    log.info("%s: served after compacting region %s", request(), region.name)
+            if region not in over_limit:
+                failed.append(region)
+        # The slow paths, as __rmqueue's: moving movable chunks out of the way,
+        # then, last before ENOMEM, space kept for the other mobility.
+        for why, serve in (("compacting", self._make_room), ("a fallback in", self._fallback)):
+            for region in failed:
+                if region.allocator is None or region.free < size:
+                    continue
+                got = serve(region, size, alignment, movable)
+                if got is not None and self._fits(got, region, bound, limit, uid, over_limit,
+                                                  movable):
+                    log.info("%s: served after %s region %s", request(), why, region.name)
                     return self._new_chunk(got, region, dev, type,
                                            [r for r in failed if r is not region], **fields)
         for region in failed:
             region.alloc_fail += 1
+        if over_limit:
+            raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
+                                         f"{human(self.held(uid))} of its {human(limit)} "
+                                         "limit; what " + ", ".join(r.name for r in over_limit)
+                                         + " could give would take it past")
         tried = ", ".join(r.describe() if r.allocator else f"{r.name} (no allocator: "
                           f"{r.alloc_text})" for r in regions)
         why = f"{request()}: no room; tried {tried}"
@@ -276,18 +334,33 @@ class Cma:
                 raise CmaError(errno.EEXIST, f"{request()}: label {label!r} is taken")
         return size, alignment
 
+    def _make_room(self, region: Region, size: int, alignment: int,
+                   movable: bool) -> tuple[int, int] | None:
+        if not region.movable_users:
+            return None
+        return compaction.make_room(self, region, size, alignment, movable)
+
+    @staticmethod
+    def _fallback(region: Region, size: int, alignment: int,
+                  movable: bool) -> tuple[int, int] | None:
+        return region.allocator.fallback(size, alignment, movable)
+
     def _fits(self, got: tuple[int, int], region: Region, bound: int | None,
-              limit: int | None, uid: int, request: Callable[[], str]) -> bool:
+              limit: int | None, uid: int, over_limit: list[Region],
+              movable: bool = False) -> bool:
         """Whether the chunk the allocator returned (rounded up to its block) still
-        keeps the request's bound and the caller's limit; if not it is given back."""
+        keeps the request's bound and the caller's limit; if not it is given back.
+        A region past the limit is skipped like a full one (SPEC 6) and noted in
+        ``over_limit``: the next region may still serve within the limit."""
         start, size = got
         if bound is not None and start // bound != (start + size - 1) // bound:
-            region.allocator.free(start, size)
+            region.allocator.free_for(start, size, movable)
             return False
         if limit is not None and self.held(uid) + size > limit:
-            region.allocator.free(start, size)
-            raise CmaError(errno.EDQUOT, f"{request()}: the allocator's {human(size)} would "
-                                         f"take uid {uid} past its {human(limit)} limit")
+            region.allocator.free_for(start, size, movable)
+            if region not in over_limit:
+                over_limit.append(region)
+            return False
         return True
 
     def _new_chunk(self, got: tuple[int, int], region: Region, dev: str, type: str,
@@ -319,7 +392,7 @@ class Cma:
         if fields.get("label") is not None and self.chunks.by_label(fields["label"]):
             raise CmaError(errno.EEXIST, f"chunk {fmt_addr(start)}: label {fields['label']!r} "
                                          "is taken")
-        if not r.allocator.reserve(start, size):
+        if not r.allocator.reserve_for(start, size, bool(fields.get("movable"))):
             raise CmaError(errno.EADDRINUSE, f"chunk {fmt_addr(start)}+{size:#x} overlaps "
                                              f"another chunk or is not free in region {region}")
         chunk = Chunk(id, start, size, r, dev, type, **fields)
@@ -328,6 +401,19 @@ class Cma:
         r.alloc_ok += 1
         r.peak_used = max(r.peak_used, r.used)
         return chunk
+
+    def skip_ids(self, next_id: int) -> None:
+        """Ids below ``next_id`` were handed out before a restart: never again."""
+        self._next_id = max(self._next_id, next_id)
+
+    @_locked
+    def catch_up(self) -> None:
+        """Let listeners retry what they could not record (the journal's deferred
+        frees after a full state disk); the daemon's heartbeat calls this."""
+        for listener in self.listeners:
+            retry = getattr(listener, "catch_up", None)
+            if retry is not None:
+                retry()
 
     def _index(self, chunk: Chunk) -> None:
         self.chunks.add(chunk)
@@ -362,7 +448,7 @@ class Cma:
     def _forget(self, chunk: Chunk) -> None:
         self.chunks.remove(chunk)
         region = chunk.region
-        region.allocator.free(chunk.start, chunk.size)
+        region.allocator.free_for(chunk.start, chunk.size, chunk.movable)
         if region.kind == "sticky" and self.arena is not None:
             self.arena.release(chunk.start - self.base, chunk.size)
         region.users -= 1
@@ -403,9 +489,9 @@ class Cma:
                 self.chunks.remove(chunk)
                 chunk.start = old
                 self.chunks.add(chunk)
-            region.allocator.free(new, size)
+            region.allocator.free_for(new, size, chunk.movable)
             raise
-        region.allocator.free(old, size)
+        region.allocator.free_for(old, size, chunk.movable)
         if region.kind == "sticky" and self.arena is not None:
             self.arena.release(old - self.base, size)
         region.moved += 1
@@ -420,27 +506,47 @@ class Cma:
             return
         chunk.movable = False
         chunk.region.movable_users -= 1
+        chunk.region.allocator.retype(chunk.start, chunk.size, movable=False)
         for listener in self.listeners:
             listener.on_move(chunk, chunk.start)
         log.info("chunk %s pinned: a zero-copy mapping of it was handed out", chunk.name)
 
     @_locked
     def compact(self, region_name: str) -> int:
-        """Slide the region's movable chunks down now; returns how many moved."""
-        region = self.region(region_name)
-        if region.allocator is None:
-            raise CmaError(errno.ENODEV, f"region {region.name} has no allocator")
-        moved = compaction.compact(self, region)
-        log.info("compacted region %s: %d chunks moved", region.name, moved)
+        """Move the region's movable chunks down now; returns how many moved."""
+        moved = 0
+        for moved in self.compact_steps(region_name):
+            pass
         return moved
+
+    def compact_steps(self, region_name: str) -> Iterator[int]:
+        """``compact`` as steps of bounded work (at most one move each), the lock
+        held only within a step: a caller may let others in between steps.
+        Yields the moves so far."""
+        with self._lock:
+            region = self.region(region_name)
+            if region.allocator is None:
+                raise CmaError(errno.ENODEV, f"region {region.name} has no allocator")
+            steps = compaction.compact_steps(self, region)
+        moved = 0
+        while True:
+            with self._lock:
+                moved = next(steps, None)
+            if moved is None:
+                break
+            yield moved
+        log.info("compacted region %s: %d chunks moved", region.name, region.last_compact)
 
     # -- free ----------------------------------------------------------
 
     def find(self, key: int | str) -> Chunk:
         """A chunk by start address or by the text the ``free`` file takes:
-        the %p form (16 hex digits), 0x hex, decimal, or a label."""
+        the %p form (16 hex digits), 0x hex, decimal, ``id=<n>`` (exactly that
+        chunk, wherever it moved), or a label."""
         if isinstance(key, str):
             text = key.strip()
+            if text.startswith("id="):
+                return self._find_id(text[3:])
             if len(text) == 16 and all(c in "0123456789abcdefABCDEF" for c in text):
                 key = int(text, 16)
             elif text[:2].lower() == "0x" and text[2:] and all(
@@ -451,13 +557,21 @@ class Cma:
             else:
                 chunk = self.chunks.by_label(text)
                 if chunk is None:
-                    raise CmaError(errno.ENOENT, f"no chunk labelled {text!r}")
+                    raise CmaError(errno.ENOENT, f"no chunk labelled {clip(text)}")
                 return chunk
         chunk = self.chunks.get(key)
         if chunk is None:
             inside = self.chunks.holding(key)
             hint = f" (it is inside chunk {inside.name})" if inside else ""
             raise CmaError(errno.ENOENT, f"no chunk starts at {fmt_addr(key)}{hint}")
+        return chunk
+
+    def _find_id(self, text: str) -> Chunk:
+        if not (text.isdigit() and text.isascii() and len(text) <= 20):
+            raise CmaError(errno.EINVAL, f"chunk id {text[:40]!r}: expected a decimal number")
+        chunk = self.chunks.by_id(int(text))
+        if chunk is None:
+            raise CmaError(errno.ENOENT, f"no chunk with id {text}")
         return chunk
 
     @_locked
@@ -467,7 +581,7 @@ class Cma:
         try:
             chunk = self.find(key)
         except CmaError as e:
-            log.warning("free: %s", e.why)
+            log.warning("free: %s", e.why, extra={"client": True, "why": e.why})
             raise
         if uid is not None and uid != 0 and uid != chunk.uid:
             raise CmaError(errno.EPERM, f"free {chunk.name}: owned by uid {chunk.uid}, "
@@ -500,9 +614,10 @@ class Cma:
         free = sum(r.free for r in self._regions.values())
         total = {k: sum(getattr(s, k) for s in all_stats)
                  for k in ("alloc_ok", "alloc_fail", "freed", "bytes_allocated", "peak_used",
-                           "moved", "compactions")}
+                           "moved", "compactions", "blocks_free", "blocks_pinned",
+                           "blocks_movable", "blocks_mixed", "fallbacks")}
         return RegionStats(largest_free=largest, fragmentation=fragmentation(free, largest),
-                           **total)
+                           pageblock=max((s.pageblock for s in all_stats), default=0), **total)
 
     def check_live(self, chunk: Chunk) -> None:
         """ENXIO for a chunk object whose chunk was freed (an old open file)."""
@@ -538,6 +653,9 @@ class Cma:
             assert region.used == sum(c.size for c in chunks)
             if region.allocator is not None:
                 region.allocator._check()
+                check_chunks = getattr(region.allocator, "check_chunks", None)
+                if check_chunks is not None:
+                    check_chunks((c.start, c.size, c.movable) for c in chunks)
                 assert region.allocator.free_bytes == region.free
                 for start, size in region.allocator.holes():
                     assert self.chunks.holding(start) is None

@@ -12,6 +12,7 @@ per-transaction file locking.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import sqlite3
@@ -21,6 +22,7 @@ from .chunks import Chunk
 from .cma import Cma
 from .errors import CmaError
 from .memparse import fmt_addr
+from .regions import Region, alloc_spec_text
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +38,35 @@ CREATE TABLE IF NOT EXISTS chunks (
 """
 FIELDS = ("id", "start", "size", "region", "dev", "type", "uid", "pid", "label", "created",
           "movable", "transient", "bound", "alignment")
+U64_FIELDS = ("start", "size", "bound", "alignment")
+# Ids are reserved in the meta table a batch at a time, so the hot path writes
+# the next id once per ID_BATCH allocations, and a restart never hands out an
+# id a chunk had before (ids are never dense, only unique).
+ID_BATCH = 1024
+ALLOC_KEY = "alloc."  # meta key prefix: a region's alloc attribute written at runtime
+
+
+def _i64(value: int | None) -> int | None:
+    """A 64-bit unsigned value as SQLite's signed INTEGER (two's complement), so
+    addresses from 2^63 up (``--base 0x8000000000000000``) fit; smaller values
+    are stored as they are, so older journals read the same."""
+    return value - (1 << 64) if value is not None and value >= 1 << 63 else value
+
+
+def _u64(value: int | None) -> int | None:
+    return value + (1 << 64) if value is not None and value < 0 else value
 
 
 def _row(chunk: Chunk) -> tuple:
-    return (chunk.id, chunk.start, chunk.size, chunk.region.name, chunk.dev, chunk.type,
-            chunk.uid, chunk.pid, chunk.label, chunk.created, int(chunk.movable),
-            int(chunk.transient), chunk.bound, chunk.alignment)
+    return (chunk.id, _i64(chunk.start), _i64(chunk.size), chunk.region.name, chunk.dev,
+            chunk.type, chunk.uid, chunk.pid, chunk.label, chunk.created, int(chunk.movable),
+            int(chunk.transient), _i64(chunk.bound), _i64(chunk.alignment))
+
+
+def _failure(e: Exception, what: str) -> CmaError:
+    """ENOSPC for a full state disk (SQLITE_FULL), else EIO."""
+    full = getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return CmaError(errno.ENOSPC if full else errno.EIO, f"journal: cannot record {what}: {e}")
 
 
 class Journal:
@@ -49,16 +74,29 @@ class Journal:
 
     def __init__(self, state_dir: str, *, readonly: bool = False):
         self.path = os.path.join(state_dir, JOURNAL)
+        self.readonly = readonly
+        # Frees that took effect in memory but could not be recorded yet (a full
+        # state disk): id -> chunk name.  Recorded before any other write.
+        self.unrecorded: dict[int, str] = {}
+        self._outage = False
         if readonly:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                       isolation_level=None)
-            return
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
-        self.db.executescript(_SCHEMA)
+        else:
+            if os.path.lexists(state_dir) and not os.path.isdir(state_dir):
+                raise CmaError(errno.ENOTDIR, f"state_dir {state_dir} is not a directory")
+            try:
+                os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            except OSError as e:  # a dangling link, no permission, a file on the way
+                raise CmaError(e.errno or errno.EIO,
+                               f"state_dir {state_dir}: {e.strerror}") from None
+            self.db = sqlite3.connect(self.path, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self.db.executescript(_SCHEMA)
+        self._ids_reserved = 0 if readonly else int(self.get("next_id") or 0)
 
     # -- meta ------------------------------------------------------------
 
@@ -70,38 +108,127 @@ class Journal:
         self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                             [(k, str(v)) for k, v in values.items()])
 
+    def next_id(self) -> int:
+        """No chunk ever had this id or a higher one: the reserved batch, or past
+        the highest recorded id for a journal older than the reservation."""
+        top = self.db.execute("SELECT max(id) FROM chunks").fetchone()[0]
+        return max(int(self.get("next_id") or 0), (top or 0) + 1)
+
+    # -- runtime allocator changes (SPEC 5: journalled, restored at start) ----
+
+    def on_allocator(self, region: Region) -> None:
+        """Record the region's allocator when it differs from the configuration's,
+        with the configuration it overrode (which decides at the next start)."""
+        wanted, configured = region.wanted, region.configured
+        key = ALLOC_KEY + region.name
+        try:
+            if (wanted.name, wanted.params) == (configured.name, configured.params):
+                self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                self.set(**{key: json.dumps({"alloc": alloc_spec_text(wanted),
+                                             "configured": alloc_spec_text(configured)})})
+        except sqlite3.Error as e:
+            raise _failure(e, f"the allocator of region {region.name}") from e
+
+    def runtime_allocator(self, region: str) -> tuple[str, str] | None:
+        """(allocator written at runtime, the configured one it overrode), if any."""
+        value = self.get(ALLOC_KEY + region)
+        if value is None:
+            return None
+        try:
+            saved = json.loads(value)
+            return str(saved["alloc"]), str(saved["configured"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("journal: unreadable allocator record for region %s: %.80r; ignored",
+                        region, value)
+            return None
+
+    def runtime_allocator_regions(self) -> list[str]:
+        return [key[len(ALLOC_KEY):] for (key,) in self.db.execute(
+            "SELECT key FROM meta WHERE substr(key, 1, ?) = ?", (len(ALLOC_KEY), ALLOC_KEY))]
+
+    def forget_allocator(self, region: str) -> None:
+        self.db.execute("DELETE FROM meta WHERE key = ?", (ALLOC_KEY + region,))
+
     # -- chunks ----------------------------------------------------------
 
     def records(self) -> Iterator[dict]:
-        for row in self.db.execute(f"SELECT {', '.join(FIELDS)} FROM chunks ORDER BY start"):
+        """Every recorded chunk in address order (addresses from 2^63 up are stored
+        negative: they sort after the others)."""
+        for row in self.db.execute(f"SELECT {', '.join(FIELDS)} FROM chunks "
+                                   "ORDER BY start < 0, start"):
             record = dict(zip(FIELDS, row))
+            for key in U64_FIELDS:
+                record[key] = _u64(record[key])
             record["movable"] = bool(record["movable"])
             record["transient"] = bool(record["transient"])
             yield record
 
-    def count(self) -> int:
-        return self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+    def count(self, region: str | None = None) -> int:
+        """Recorded chunks, or those of one region that recovery keeps (not transient)."""
+        if region is None:
+            return self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        return self.db.execute("SELECT count(*) FROM chunks WHERE region = ? AND "
+                               "transient = 0", (region,)).fetchone()[0]
 
     def on_alloc(self, chunk: Chunk) -> None:
         try:
+            self._record_frees()  # a freed chunk's start or label may be taken again
+            if chunk.id >= self._ids_reserved:
+                self.set(next_id=chunk.id + ID_BATCH)
+                self._ids_reserved = chunk.id + ID_BATCH
             self.db.execute(f"INSERT INTO chunks VALUES ({', '.join('?' * len(FIELDS))})",
                             _row(chunk))
         except (sqlite3.Error, OverflowError) as e:
-            raise CmaError(errno.EIO, f"journal: cannot record chunk {chunk.name}: {e}") from e
+            raise _failure(e, f"chunk {chunk.name}") from e
 
     def on_free(self, chunk: Chunk) -> None:
+        """Never refuses: a free takes effect in memory even when the state disk is
+        full, and its delete waits in ``unrecorded`` until ``catch_up`` records it."""
+        self.unrecorded[chunk.id] = chunk.name
         try:
-            self.db.execute("DELETE FROM chunks WHERE id = ?", (chunk.id,))
+            self._record_frees()
         except (sqlite3.Error, OverflowError) as e:
-            raise CmaError(errno.EIO, f"journal: cannot record free of {chunk.name}: {e}") from e
+            if not self._outage:  # once per outage, not once per free
+                log.warning("journal: cannot record the free of chunk %s (%s): freed in "
+                            "memory; the journal catches up when it can be written",
+                            chunk.name, e)
+            self._outage = True
 
     def on_move(self, chunk: Chunk, old_start: int) -> None:
         """One statement, so one atomic commit: the chunk is at old_start or at start."""
         try:
+            self._record_frees()
             self.db.execute("UPDATE chunks SET start = ?, movable = ? WHERE id = ?",
-                            (chunk.start, int(chunk.movable), chunk.id))
+                            (_i64(chunk.start), int(chunk.movable), chunk.id))
         except (sqlite3.Error, OverflowError) as e:
-            raise CmaError(errno.EIO, f"journal: cannot record move of {chunk.name}: {e}") from e
+            raise _failure(e, f"the move of chunk {chunk.name}") from e
+
+    def _record_frees(self) -> None:
+        """Delete the rows of the frees not recorded yet, all or none."""
+        if not self.unrecorded:
+            return
+        ids = list(self.unrecorded)
+        if len(ids) == 1:
+            self.db.execute("DELETE FROM chunks WHERE id = ?", (ids[0],))
+        else:
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.executemany("DELETE FROM chunks WHERE id = ?", [(i,) for i in ids])
+        for i in ids:
+            del self.unrecorded[i]
+        if self._outage:
+            self._outage = False
+            log.info("journal: recorded %d frees that waited for the state disk", len(ids))
+
+    def catch_up(self) -> int:
+        """Retry the frees not recorded yet (the heartbeat calls this); how many
+        are still waiting."""
+        try:
+            self._record_frees()
+        except (sqlite3.Error, OverflowError):
+            pass
+        return len(self.unrecorded)
 
     def forget(self, ids: list[int]) -> None:
         with self.db:
@@ -110,6 +237,49 @@ class Journal:
 
     def close(self) -> None:
         self.db.close()
+
+
+def restore_allocators(cma: Cma, journal: Journal) -> None:
+    """Give back the allocators written to regions' ``alloc`` files at runtime,
+    before the chunks they made are recovered (SPEC 5: a restart never fails
+    because of them).
+
+    The configuration wins where it changed that region's allocator since the
+    write (the administrator's later word), unless the region has journalled
+    chunks: those were made by the runtime allocator and could not be put back
+    by another, so it stays, with a warning, until a start finds the region empty.
+    """
+    names = {region.name for region in cma.regions}
+    for gone in set(journal.runtime_allocator_regions()) - names:
+        if not journal.readonly:  # a region the configuration no longer has
+            journal.forget_allocator(gone)
+    for region in cma.regions:
+        saved = journal.runtime_allocator(region.name)
+        if saved is None:
+            continue
+        runtime, configured_then = saved
+        configured = alloc_spec_text(region.configured)
+        if configured != configured_then:
+            chunks = journal.count(region.name)
+            if not chunks:
+                log.info("region %s: the configuration's allocator %r replaces %r, written "
+                         "to its alloc file at runtime", region.name, configured, runtime)
+                if not journal.readonly:
+                    journal.forget_allocator(region.name)
+                continue
+            log.warning("region %s: keeping allocator %r, written to its alloc file at "
+                        "runtime, for its %d journalled chunks; the configuration's %r "
+                        "applies at a start that finds the region empty", region.name,
+                        runtime, chunks, configured)
+        try:
+            cma.set_allocator(region.name, runtime)
+        except CmaError as e:
+            log.warning("region %s: cannot restore allocator %r written at runtime (%s); "
+                        "the configuration's %r stays", region.name, runtime, e.why,
+                        configured)
+            continue
+        log.info("region %s: allocator %r, written to its alloc file at runtime, restored",
+                 region.name, runtime)
 
 
 def restore_record(cma: Cma, record: dict) -> Chunk:

@@ -11,17 +11,16 @@ import sqlite3
 import sys
 from functools import partial
 
-from . import __version__, service
-from . import physmap
+from . import __version__, physmap, ratelimit, service
+from .allocators import registry
 from .arena import Arena, remove_own
 from .hugepages import RUN_DIR, Pool, escaped_name, fs_type, private_mount, record_path, shm_dir
 from .memparse import human
 from .regions import Region
-from .allocator import registry
 from .cma import Cma, plan_regions
 from .config import Config, ConfigError, load
 from .errors import CmaError
-from .journal import Journal, recover
+from .journal import Journal, recover, restore_allocators
 
 log = logging.getLogger("cmad")
 
@@ -104,7 +103,10 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
     arena = open_arena(cma, config, path, pool, journal if survived else None)
     try:
         if journal is not None:  # before the arena: sticky regions keep their chunks' pages
+            next_id = journal.next_id()  # before recovery forgets transient chunks
+            restore_allocators(cma, journal)
             recover(cma, journal, arena_survived=survived)
+            cma.skip_ids(next_id)
         cma.attach_arena(arena)
         mark_regions(cma, arena)
         if journal is not None:
@@ -373,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(stream=sys.stderr, format="cmad: %(levelname)s %(message)s",
                         level=logging.INFO)
+    ratelimit.install()  # bounded lines, client-caused warnings rate-limited
     if argv and argv[0] in ("check", "reset", "hugepages"):
         from . import offline
         return offline.main(argv)

@@ -12,7 +12,7 @@ from .arena import remove_own
 from .cma import Cma
 from .hugepages import give_back_record, release_mount
 from .errors import CmaError
-from .journal import JOURNAL, Journal, restore_record
+from .journal import JOURNAL, Journal, restore_allocators, restore_record
 from .memparse import human
 
 log = logging.getLogger("cmad")
@@ -31,6 +31,7 @@ def check(state_dir: str) -> list[str]:
         if regions is None or base is None:
             return ["journal has no recorded configuration (never started?)"]
         cma = Cma(regions, "", base=int(base))
+        restore_allocators(cma, journal)
         problems = []
         for record in journal.records():
             try:

@@ -42,8 +42,8 @@ import errno
 from heapq import heapify, heappop, heappush
 from typing import Iterator
 
-from .allocator import PAGE_SHIFT, PAGE_SIZE, Allocator, register
-from .errors import CmaError
+from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator, register
+from ..errors import CmaError
 
 _PAGE_MASK = PAGE_SIZE - 1
 
@@ -64,12 +64,16 @@ class Buddy(Allocator):
     """Binary buddy allocator over one region; see the module docstring."""
 
     name = "buddy"
+    groupable = True
     params = ()
 
     def __init__(self, start: int, size: int, **params: int):
         super().__init__(start, size, **params)
         if start & _PAGE_MASK or size & _PAGE_MASK or size <= 0:
             raise CmaError(errno.EINVAL, f"buddy: region {start:#x}+{size:#x} is not whole pages")
+        if start < 0 or start + size > 1 << 64:
+            raise CmaError(errno.EINVAL, f"buddy: region {start:#x}+{size:#x} is not within "
+                                         "64-bit bus addresses")
         self._lo = start >> PAGE_SHIFT
         self._hi = (start + size) >> PAGE_SHIFT
         # No block can be larger than the region: orders 0 .. bit_length - 1.
