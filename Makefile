@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) bench/frag.py
 	taskset -c 1 $(PY) bench/compact.py
 	$(PY) bench/client.py
+	$(PY) bench/arena.py
 
 lint: $(STAMP)
 	$(PY) -m compileall -q cmad fusefs tests bench
