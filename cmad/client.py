@@ -53,9 +53,9 @@ DEFAULT_MOUNTPOINT = "/run/cma"
 MOUNTPOINT_ENV = "CMAD_MOUNTPOINT"
 
 #: A table of all chunks in one file, one line each, by start:
-#: ``<start> <size> <region> <dev> <type> <uid> <pid> <created> <movable> <label|->``
-#: (movable 0 or 1, "-" for no label), then ``id=<id>`` where the daemon
-#: gives chunks identities.  10,000 chunks list in 40 ms through FUSE, where
+#: ``<start> <size> <region> <dev> <type> <uid> <pid> <created> <movable> <label|-> id=<id>``
+#: (movable 0 or 1, "-" for no label); a table without ``id=`` (an older
+#: daemon) parses with no id.  10,000 chunks list in 40 ms through FUSE, where
 #: reading their files takes ~10 s.
 CHUNK_TABLE = "chunkinfo"
 

@@ -255,7 +255,7 @@ class Tree:
         for c in self.cma.chunks.in_range(first, ADDRESS_END):
             yield c.start, (f"{fmt_addr(c.start)} {c.size} {c.region.name} {c.dev} {c.type} "
                             f"{c.uid} {c.pid} {c.created_iso()} {int(c.movable)} "
-                            f"{c.label or '-'}\n")
+                            f"{c.label or '-'} id={c.id}\n")
 
     def _store_free(self, text: str, caller: Caller) -> None:
         if not text.strip():

@@ -144,8 +144,9 @@ def test_every_file_matches_the_core(daemon):
     names = set(os.listdir(mnt / "chunks"))
     assert names == {c.name for c in core.chunks} | {c.label for c in core.chunks if c.label}
     table = [line.split() for line in read(mnt / "chunkinfo").splitlines()]
-    assert [(t[0], int(t[1]), t[2], t[3], t[4], t[9]) for t in table] == [
-        (c.name, c.size, c.region.name, c.dev, c.type, c.label or "-") for c in core.chunks]
+    assert [(t[0], int(t[1]), t[2], t[3], t[4], t[9], t[10]) for t in table] == [
+        (c.name, c.size, c.region.name, c.dev, c.type, c.label or "-", f"id={c.id}")
+        for c in core.chunks]
 
 
 def test_errnos_through_the_filesystem(daemon):
