@@ -6,7 +6,8 @@ and calls for one region are serialised (the Cma lock).  Addresses are bus
 addresses (absolute), so natural alignment means alignment of the address.
 
 Subclasses implement ``alloc``, ``free``, ``reserve``, ``holes``,
-``largest_free`` and ``_check``; ``free_bytes`` is kept here.
+``largest_free`` and ``_check``; ``free_bytes`` is kept here.  ``reserve_many``
+has a generic loop here; an allocator may override it for bulk recovery.
 """
 
 from __future__ import annotations
@@ -63,6 +64,15 @@ class Allocator:
         does not suit the allocator's granule.
         """
         raise NotImplementedError
+
+    def reserve_many(self, ranges: list[tuple[int, int]]) -> list[bool]:
+        """``reserve`` each (start, size) of ``ranges``, sorted by start (recovery).
+
+        Exactly what a loop of ``reserve`` calls would do, in one call: an
+        allocator can override it to rebuild its index once (``bf`` does).
+        Returns one success flag per range.
+        """
+        return [self.reserve(start, size) for start, size in ranges]
 
     def holes(self) -> Iterator[tuple[int, int]]:
         """Free ranges (start, size) in address order, adjacent ones merged."""

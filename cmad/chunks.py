@@ -13,6 +13,11 @@ from .errors import CmaError, einval
 from .memparse import fmt_addr
 from .regions import Region
 
+# A chunk as the journal records it and ``Cma.restore_many`` takes it back: a
+# plain tuple in this order (no dict per row: recovery handles millions).
+RECORD = ("id", "start", "size", "region", "dev", "type", "uid", "pid", "label", "created",
+          "movable", "transient", "bound", "alignment")
+
 LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 _ADDR_FORM = re.compile(r"[0-9a-fA-F]{16}")
 
@@ -80,6 +85,20 @@ class ChunkIndex:
                                              f"{self._by_label[chunk.label].name}")
             self._by_label[chunk.label] = chunk
         self._by_start[chunk.start] = chunk
+
+    def add_many(self, chunks: list[Chunk]) -> None:
+        """Index chunks sorted by start, none of them indexed yet, labels unique.
+
+        Into an empty index the sorted dict is built in one go (recovery);
+        otherwise one by one.
+        """
+        if self._by_start:
+            for chunk in chunks:
+                self.add(chunk)
+            return
+        self._by_start = SortedDict([(chunk.start, chunk) for chunk in chunks])
+        self._by_label.update((chunk.label, chunk) for chunk in chunks
+                              if chunk.label is not None)
 
     def remove(self, chunk: Chunk) -> None:
         del self._by_start[chunk.start]

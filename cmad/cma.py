@@ -83,6 +83,25 @@ def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _misfit(region: Region | None, name: str, start: int,
+            size: int) -> tuple[int, str] | None:
+    """(errno, why) a journalled chunk cannot go back into ``region``; None if it can."""
+    if region is None or region.allocator is None:
+        return errno.ENOENT, f"chunk {fmt_addr(start)}: region {name!r} is gone or has no allocator"
+    if start < region.start or start + size > region.end:
+        return errno.EADDRINUSE, (f"chunk {fmt_addr(start)}+{size:#x} is not inside region "
+                                  f"{name} [{fmt_addr(region.start)}, {fmt_addr(region.end)})")
+    return None
+
+
+def _label_taken(start: int, label: str) -> str:
+    return f"chunk {fmt_addr(start)}: label {label!r} is taken"
+
+
+def _not_free(start: int, size: int, region: str) -> str:
+    return f"chunk {fmt_addr(start)}+{size:#x} overlaps another chunk or is not free in region {region}"
+
+
 class Cma:
     """Contiguous memory allocator over named regions of one arena."""
 
@@ -309,25 +328,99 @@ class Cma:
         region is gone, EADDRINUSE if the range is not free or not inside it.
         """
         r = self._regions.get(region)
-        if r is None or r.allocator is None:
-            raise CmaError(errno.ENOENT, f"chunk {fmt_addr(start)}: region {region!r} is "
-                                         "gone or has no allocator")
-        if start < r.start or start + size > r.end:
-            raise CmaError(errno.EADDRINUSE, f"chunk {fmt_addr(start)}+{size:#x} is not inside "
-                                             f"region {region} [{fmt_addr(r.start)}, "
-                                             f"{fmt_addr(r.end)})")
-        if fields.get("label") is not None and self.chunks.by_label(fields["label"]):
-            raise CmaError(errno.EEXIST, f"chunk {fmt_addr(start)}: label {fields['label']!r} "
-                                         "is taken")
+        misfit = _misfit(r, region, start, size)
+        if misfit is not None:
+            raise CmaError(*misfit)
+        label = fields.get("label")
+        if label is not None and self.chunks.by_label(label):
+            raise CmaError(errno.EEXIST, _label_taken(start, label))
         if not r.allocator.reserve(start, size):
-            raise CmaError(errno.EADDRINUSE, f"chunk {fmt_addr(start)}+{size:#x} overlaps "
-                                             f"another chunk or is not free in region {region}")
+            raise CmaError(errno.EADDRINUSE, _not_free(start, size, region))
         chunk = Chunk(id, start, size, r, dev, type, **fields)
         self._next_id = max(self._next_id, id + 1)
         self._index(chunk)
         r.alloc_ok += 1
         r.peak_used = max(r.peak_used, r.used)
         return chunk
+
+    @_locked
+    def restore_many(self, rows: Iterable[tuple]) -> int:
+        """Put back journalled chunks in bulk (recovery); returns how many.
+
+        ``rows`` are tuples in ``chunks.RECORD`` order, best sorted by start
+        (the journal's order).  The result is exactly that of ``restore`` row
+        by row, but each region's allocator reserves all its chunks in one
+        ``reserve_many`` and the chunk index is built in one go.  If any row
+        does not fit, CmaError (EINVAL) names every such row and nothing
+        changes.
+        """
+        plan: dict[Region, tuple[list, list]] = {}  # region -> (ranges, chunks)
+        restored: list[Chunk] = []
+        problems: list[str] = []
+        labels: set[str] = set()
+        regions, by_label = self._regions, self.chunks.by_label
+        ordered, last = True, -1
+        for (id, start, size, name, dev, type, uid, pid, label, created, movable,
+             transient, bound, alignment) in rows:
+            r = regions.get(name)
+            misfit = _misfit(r, name, start, size)
+            if misfit is not None:
+                problems.append(misfit[1])
+                continue
+            if label is not None:
+                if label in labels or by_label(label):
+                    problems.append(_label_taken(start, label))
+                    continue
+                labels.add(label)
+            chunk = Chunk(id, start, size, r, dev, type, uid=uid, pid=pid, label=label,
+                          created=created, movable=bool(movable), transient=bool(transient),
+                          bound=bound, alignment=alignment)
+            entry = plan.get(r) or plan.setdefault(r, ([], []))
+            entry[0].append((start, size))
+            entry[1].append(chunk)
+            restored.append(chunk)
+            ordered, last = ordered and start >= last, start
+        if not ordered:
+            for ranges, chunks in plan.values():
+                ranges.sort()
+                chunks.sort(key=lambda c: c.start)
+        self._reserve_planned(plan, problems)
+        self.chunks.add_many(restored if ordered else sorted(restored, key=lambda c: c.start))
+        for r, (_, chunks) in plan.items():
+            self._count_restored(r, chunks)
+        return len(restored)
+
+    def _reserve_planned(self, plan: dict[Region, tuple[list, list]],
+                         problems: list[str]) -> None:
+        """Each region's allocator reserves its chunks; if anything failed, every
+        reservation is given back and CmaError names each problem."""
+        granted = []
+        for r, (ranges, _) in plan.items():
+            done = r.allocator.reserve_many(ranges)
+            granted.append((r, ranges, done))
+            problems.extend(_not_free(start, size, r.name)
+                            for (start, size), ok in zip(ranges, done) if not ok)
+        if problems:
+            for r, ranges, done in granted:
+                for (start, size), ok in zip(ranges, done):
+                    if ok:
+                        r.allocator.free(start, size)
+            raise CmaError(errno.EINVAL, "; ".join(problems))
+
+    def _count_restored(self, region: Region, chunks: list[Chunk]) -> None:
+        """What ``_index`` and ``restore`` count per chunk, for a region's restored chunks."""
+        held = self._held
+        used = 0
+        for chunk in chunks:
+            used += chunk.size
+            held[chunk.uid] = held.get(chunk.uid, 0) + chunk.size
+        region.users += len(chunks)
+        region.used += used
+        region.movable_users += sum(chunk.movable for chunk in chunks)
+        region.alloc_ok += len(chunks)
+        region.peak_used = max(region.peak_used, region.used)
+        if chunks:
+            self._next_id = max(self._next_id, max(chunk.id for chunk in chunks) + 1)
 
     def _index(self, chunk: Chunk) -> None:
         self.chunks.add(chunk)

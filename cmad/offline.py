@@ -10,7 +10,7 @@ import sys
 
 from .cma import Cma
 from .errors import CmaError
-from .journal import JOURNAL, Journal, restore_record
+from .journal import JOURNAL, BadRow, Journal, restore_record
 from .memparse import human
 
 log = logging.getLogger("cmad")
@@ -30,11 +30,14 @@ def check(state_dir: str) -> list[str]:
             return ["journal has no recorded configuration (never started?)"]
         cma = Cma(regions, "", base=int(base))
         problems = []
-        for record in journal.records():
-            try:
-                restore_record(cma, record)
-            except CmaError as e:
-                problems.append(e.why)
+        try:
+            for record in journal.records():
+                try:
+                    restore_record(cma, record)
+                except CmaError as e:
+                    problems.append(e.why)
+        except BadRow as e:
+            return [e.why]
         try:
             cma._check()
         except AssertionError as e:
