@@ -37,9 +37,11 @@ class Chunk:
                  "created", "movable", "transient", "bound", "alignment", "__weakref__")
 
     def __init__(self, id: int, start: int, size: int, region: Region, dev: str, type: str,
-                 *, uid: int = 0, pid: int = 0, label: str | None = None,
-                 movable: bool = False, transient: bool = False, bound: int | None = None,
-                 created: float | None = None, alignment: int = 4096):
+                 uid: int = 0, pid: int = 0, label: str | None = None,
+                 created: float | None = None, movable: bool = False,
+                 transient: bool = False, bound: int | None = None, alignment: int = 4096):
+        """Arguments in RECORD order (region an object), so recovery passes them
+        positionally: keyword passing costs measurably per million chunks."""
         self.id = id
         self.start = start
         self.size = size

@@ -11,7 +11,7 @@ import functools
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from . import compaction, faults
 from .allocator import PAGE_SIZE, Allocator, registry
@@ -83,6 +83,20 @@ def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _runs(chunks: Iterable[Chunk]) -> Iterator[tuple[int, int]]:
+    """(start, size) of each run of back-to-back chunks (given in address order):
+    one system call per run, not per chunk, when a sticky region comes back."""
+    run_start = run_end = None
+    for chunk in chunks:
+        if chunk.start != run_end:
+            if run_start is not None:
+                yield run_start, run_end - run_start
+            run_start = chunk.start
+        run_end = chunk.start + chunk.size
+    if run_start is not None:
+        yield run_start, run_end - run_start
+
+
 def _misfit(region: Region | None, name: str, start: int,
             size: int) -> tuple[int, str] | None:
     """(errno, why) a journalled chunk cannot go back into ``region``; None if it can."""
@@ -147,8 +161,8 @@ class Cma:
 
     def _settle_sticky(self, region: Region) -> None:
         """A sticky region holds memory for its chunks only."""
-        for chunk in self.chunks_of(region):
-            self.arena.populate(chunk.start - self.base, chunk.size)
+        for start, size in _runs(self.chunks_of(region)):
+            self.arena.populate(start - self.base, size)
         if region.allocator is not None:
             for start, size in region.allocator.holes():
                 self.arena.release(start - self.base, size)
@@ -354,32 +368,38 @@ class Cma:
         does not fit, CmaError (EINVAL) names every such row and nothing
         changes.
         """
-        plan: dict[Region, tuple[list, list]] = {}  # region -> (ranges, chunks)
+        plan = {r: ([], []) for r in self._regions.values()}  # region -> (ranges, chunks)
+        bounds = {r.name: (r, r.start, r.end) for r in plan if r.allocator is not None}
         restored: list[Chunk] = []
         problems: list[str] = []
         labels: set[str] = set()
-        regions, by_label = self._regions, self.chunks.by_label
+        by_label = self.chunks.by_label
+        shared: dict = {}  # one object per distinct size, pid, dev...: not one per chunk
+        share = shared.setdefault
         ordered, last = True, -1
         for (id, start, size, name, dev, type, uid, pid, label, created, movable,
              transient, bound, alignment) in rows:
-            r = regions.get(name)
-            misfit = _misfit(r, name, start, size)
-            if misfit is not None:
-                problems.append(misfit[1])
+            where = bounds.get(name)
+            if where is None or start < where[1] or start + size > where[2]:
+                problems.append(_misfit(self._regions.get(name), name, start, size)[1])
                 continue
             if label is not None:
                 if label in labels or by_label(label):
                     problems.append(_label_taken(start, label))
                     continue
                 labels.add(label)
-            chunk = Chunk(id, start, size, r, dev, type, uid=uid, pid=pid, label=label,
-                          created=created, movable=bool(movable), transient=bool(transient),
-                          bound=bound, alignment=alignment)
-            entry = plan.get(r) or plan.setdefault(r, ([], []))
-            entry[0].append((start, size))
-            entry[1].append(chunk)
+            r = where[0]
+            chunk = Chunk(id, start, share(size, size), r, share(dev, dev), share(type, type),
+                          share(uid, uid), share(pid, pid), label, created, movable == 1,
+                          transient == 1, bound, share(alignment, alignment))
+            ranges, chunks = plan[r]
+            ranges.append((start, size))
+            chunks.append(chunk)
             restored.append(chunk)
-            ordered, last = ordered and start >= last, start
+            if start < last:
+                ordered = False
+            last = start
+        plan = {r: entry for r, entry in plan.items() if entry[0]}
         if not ordered:
             for ranges, chunks in plan.values():
                 ranges.sort()
