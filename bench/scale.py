@@ -11,7 +11,9 @@ minutes; the result is the same journal.)
 Printed side by side per size (medians unless said; nothing is asserted):
 
 - restart: kill -9, then a new daemon until ``allocators`` is readable
-  (stale mount cleared, journal recovered, tree built); two rounds;
+  (stale mount cleared, journal recovered, tree built); two rounds; and the
+  daemon's CPU time by then (utime + stime: the cost, less sensitive to a
+  loaded machine than the wall time, which includes the taskset exec);
 - alloc latency under load: one client allocates 4 KiB through one ``alloc``
   descriptor (write + read) for ``--seconds`` while two other clients
   allocate and free in a loop (each on its own descriptor): p50, p99, max,
@@ -27,6 +29,10 @@ Printed side by side per size (medians unless said; nothing is asserted):
   one read of ``stats``.
 
 Usage: bench/scale.py [--sizes 10k,200k,1m] [--seconds 10] [--find-max 200k]
+                      [--gc tamed|default]
+(``--gc default`` runs the daemon with CPython's collector untouched, for the
+comparison with the tamed one: frozen after start-up and after each full
+collection, see cmad/main.py.)
 Above ``--find-max`` chunks the find walks ``chunks/`` one level only (a
 full find of 1M chunk directories is ~13M lookups).  Needs root and FUSE.
 """
@@ -85,8 +91,9 @@ def build_state(n: int, state_dir: str, arena_file: str) -> None:
 
 
 class Daemon:
-    def __init__(self, mnt: str, state_dir: str, arena_file: str):
+    def __init__(self, mnt: str, state_dir: str, arena_file: str, gc: str):
         self.mnt, self.state_dir, self.arena_file = mnt, state_dir, arena_file
+        self.env = dict(os.environ, CMAD_GC=gc)
         self.proc: subprocess.Popen | None = None
         self.log = open(os.path.join(os.path.dirname(state_dir), "daemon.log"), "ab")
 
@@ -97,7 +104,7 @@ class Daemon:
             ["taskset", "-c", DAEMON_CPU, sys.executable, "-m", "cmad.main",
              "--mountpoint", self.mnt, "--regions", REGIONS, "--map", MAP,
              "--state-dir", self.state_dir, "--arena-file", self.arena_file,
-             "--log-level", "warning"], stdin=subprocess.DEVNULL, stdout=self.log,
+             "--log-level", "warning"], env=self.env, stdin=subprocess.DEVNULL, stdout=self.log,
             stderr=self.log, cwd=os.path.join(HERE, ".."))
         path = os.path.join(self.mnt, "allocators")
         while True:
@@ -114,6 +121,12 @@ class Daemon:
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+
+    def cpu(self) -> float:
+        """CPU seconds the daemon used so far: start-up cost on a loaded machine."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_anon(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -214,14 +227,16 @@ def measure(n: int, args: argparse.Namespace, empty_rss: int | None) -> dict:
     t0 = time.perf_counter()
     build_state(n, state_dir, arena_file)
     out["build"] = time.perf_counter() - t0
-    daemon = Daemon(mnt, state_dir, arena_file)
+    daemon = Daemon(mnt, state_dir, arena_file, args.gc)
     try:
         out["first start"] = daemon.start()
-        restarts = []
+        restarts, cpus = [], []
         for _ in range(2):
             daemon.kill9()
             restarts.append(daemon.start())
+            cpus.append(daemon.cpu())
         out["restart"] = statistics.median(restarts)
+        out["restart cpu"] = statistics.median(cpus)
         out["rss"] = settle_rss(daemon)
         subprocess.run(["taskset", "-apc", DAEMON_CPU, str(daemon.proc.pid)], check=True,
                        capture_output=True)
@@ -257,6 +272,7 @@ def measure(n: int, args: argparse.Namespace, empty_rss: int | None) -> dict:
 
 ROWS = [
     ("restart after kill -9 (s)", "restart", "{:.2f}"),
+    ("  daemon CPU time until then (s)", "restart cpu", "{:.2f}"),
     ("first start from journal (s)", "first start", "{:.2f}"),
     ("alloc p50 under load (us)", "p50", "{:.0f}", 1e6),
     ("alloc p99 under load (us)", "p99", "{:.0f}", 1e6),
@@ -295,13 +311,15 @@ def main() -> None:
     p.add_argument("--sizes", default="10k")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--find-max", default="200k")
+    p.add_argument("--gc", default="tamed", choices=("tamed", "default"),
+                   help="default: the daemon keeps CPython's collector as it is (CMAD_GC)")
     args = p.parse_args()
     args.find_max = parse_size(args.find_max)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     print(f"scale bench: {REGIONS}, chunks of {CHUNK} B built in bulk in the journal; "
           f"daemon and measuring client on CPU {DAEMON_CPU}, two churning clients on CPU "
-          f"{LOAD_CPU}; {args.seconds:.0f} s under load", flush=True)
-    empty = measure(0, argparse.Namespace(seconds=1.0, find_max=0), None)["rss"]
+          f"{LOAD_CPU}; {args.seconds:.0f} s under load; garbage collector {args.gc}", flush=True)
+    empty = measure(0, argparse.Namespace(seconds=1.0, find_max=0, gc=args.gc), None)["rss"]
     print(f"empty daemon RssAnon {empty / 2**20:.1f} MiB", flush=True)
     results = []
     for n in sizes:

@@ -65,13 +65,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # reference counting as before).
 
 
+# CMAD_GC=default in the environment keeps CPython's default behaviour, for
+# bench/scale.py to measure the difference.
+GC_DEFAULT = os.environ.get("CMAD_GC") == "default"
+
+
 def hold_gc() -> None:
     """No automatic collection until ``settle_gc`` (start-up)."""
-    gc.disable()
+    if not GC_DEFAULT:
+        gc.disable()
 
 
 def settle_gc() -> None:
     """Freeze the start-up objects and keep full collections small from now on."""
+    if GC_DEFAULT:
+        return
     gc.freeze()
     if _freeze_survivors not in gc.callbacks:
         gc.callbacks.append(_freeze_survivors)
