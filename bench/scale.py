@@ -13,7 +13,8 @@ Printed side by side per size (medians unless said; nothing is asserted):
 - restart: kill -9, then a new daemon until ``allocators`` is readable
   (stale mount cleared, journal recovered, tree built); two rounds; and the
   daemon's CPU time by then (utime + stime: the cost, less sensitive to a
-  loaded machine than the wall time, which includes the taskset exec);
+  loaded machine than the wall time, which includes the taskset exec), and
+  the CPU time of the journal's recovery alone, run in a separate process;
 - alloc latency under load: one client allocates 4 KiB through one ``alloc``
   descriptor (write + read) for ``--seconds`` while two other clients
   allocate and free in a loop (each on its own descriptor): p50, p99, max,
@@ -29,10 +30,13 @@ Printed side by side per size (medians unless said; nothing is asserted):
   one read of ``stats``.
 
 Usage: bench/scale.py [--sizes 10k,200k,1m] [--seconds 10] [--find-max 200k]
-                      [--gc tamed|default]
+                      [--gc tamed|default] [--growth]
 (``--gc default`` runs the daemon with CPython's collector untouched, for the
 comparison with the tamed one: frozen after start-up and after each full
-collection, see cmad/main.py.)
+collection, see cmad/main.py.  ``--growth`` also allocates each size in
+process, chunk by chunk, under both policies, and prints the worst single
+allocation: full collections over a growing heap are what stalls a filling
+daemon, and a state restored from the journal does not show them.)
 Above ``--find-max`` chunks the find walks ``chunks/`` one level only (a
 full find of 1M chunk directories is ~13M lookups).  Needs root and FUSE.
 """
@@ -66,6 +70,58 @@ def parse_size(text: str) -> int:
     text = text.strip().lower()
     mult = {"k": 1000, "m": 1000_000}.get(text[-1:], 1)
     return int(text.rstrip("km")) * mult
+
+
+def recovery_cpu(state_dir: str) -> float:
+    """CPU seconds of the journal's recovery alone, in a fresh process, as the
+    daemon runs it (no collection during start-up)."""
+    code = ("import gc, sys, time; gc.disable()\n"
+            "from cmad import Cma\nfrom cmad.journal import Journal, recover\n"
+            f"cma = Cma({REGIONS!r}, {MAP!r}); journal = Journal(sys.argv[1])\n"
+            "t = time.process_time(); recover(cma, journal, arena_survived=True)\n"
+            "print(time.process_time() - t)")
+    run = subprocess.run(["taskset", "-c", DAEMON_CPU, sys.executable, "-c", code, state_dir],
+                         capture_output=True, text=True, check=True, cwd=os.path.join(HERE, ".."))
+    return float(run.stdout)
+
+
+GROWTH = """
+import gc, sys, time
+from cmad import Cma
+from cmad.main import settle_gc
+n, policy = int(sys.argv[1]), sys.argv[2]
+if policy == "tamed":
+    settle_gc()
+pause, began = [0.0, 0.0], [0.0, 0.0]
+def timer(phase, info):  # the longest full collection, wall and CPU time
+    now = (time.perf_counter(), time.process_time())
+    if info["generation"] == 2 and phase == "start":
+        began[:] = now
+    elif info["generation"] == 2:
+        pause[:] = [max(p, n - b) for p, n, b in zip(pause, now, began)]
+gc.callbacks.insert(0, timer)
+cma = Cma({regions!r}, {map!r})
+clock, worst, slow = time.perf_counter, 0.0, 0
+for i in range(n):
+    t = clock()
+    cma.alloc_from("r", 4096)
+    d = clock() - t
+    worst = max(worst, d)
+    slow += d > 0.05
+print(worst, slow, gc.get_stats()[2]["collections"], *pause)
+"""
+
+
+def growth_stalls(n: int, policy: str) -> tuple[float, int, int, float, float]:
+    """Allocate n chunks in process, one by one, as a daemon fills up: the worst
+    single allocation, how many took > 50 ms, how many full collections ran and
+    the longest of them (wall, CPU)."""
+    code = GROWTH.format(regions=REGIONS, map=MAP)
+    run = subprocess.run(["taskset", "-c", DAEMON_CPU, sys.executable, "-c", code, str(n),
+                          policy], capture_output=True, text=True, check=True,
+                         cwd=os.path.join(HERE, ".."))
+    worst, slow, full, wall, cpu = run.stdout.split()
+    return float(worst), int(slow), int(full), float(wall), float(cpu)
 
 
 def build_state(n: int, state_dir: str, arena_file: str) -> None:
@@ -227,6 +283,7 @@ def measure(n: int, args: argparse.Namespace, empty_rss: int | None) -> dict:
     t0 = time.perf_counter()
     build_state(n, state_dir, arena_file)
     out["build"] = time.perf_counter() - t0
+    out["recovery cpu"] = recovery_cpu(state_dir)
     daemon = Daemon(mnt, state_dir, arena_file, args.gc)
     try:
         out["first start"] = daemon.start()
@@ -273,6 +330,7 @@ def measure(n: int, args: argparse.Namespace, empty_rss: int | None) -> dict:
 ROWS = [
     ("restart after kill -9 (s)", "restart", "{:.2f}"),
     ("  daemon CPU time until then (s)", "restart cpu", "{:.2f}"),
+    ("  of which journal recovery (CPU s)", "recovery cpu", "{:.2f}"),
     ("first start from journal (s)", "first start", "{:.2f}"),
     ("alloc p50 under load (us)", "p50", "{:.0f}", 1e6),
     ("alloc p99 under load (us)", "p99", "{:.0f}", 1e6),
@@ -311,6 +369,8 @@ def main() -> None:
     p.add_argument("--sizes", default="10k")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--find-max", default="200k")
+    p.add_argument("--growth", action="store_true",
+                   help="also grow each size in process under both collector policies")
     p.add_argument("--gc", default="tamed", choices=("tamed", "default"),
                    help="default: the daemon keeps CPython's collector as it is (CMAD_GC)")
     args = p.parse_args()
@@ -327,6 +387,16 @@ def main() -> None:
         print(f"  {n:,} chunks measured (state built in {results[-1]['build']:.1f} s)",
               flush=True)
     table(results)
+    if args.growth:
+        print("\ngrowing in process (the core allocating n chunks one by one, as a daemon "
+              "filling up through alloc): worst allocation, allocations > 50 ms, full "
+              "collections, the longest full collection (wall / CPU)")
+        for n in sizes:
+            for policy in ("default", "tamed"):
+                worst, slow, full, wall, cpu = growth_stalls(n, policy)
+                print(f"  {n:>9,} chunks, collector {policy:<8} worst {worst * 1e3:7.1f} ms, "
+                      f"{slow:4d} over 50 ms, {full:3d} full collections, longest "
+                      f"{wall * 1e3:6.1f} / {cpu * 1e3:6.1f} ms", flush=True)
 
 
 if __name__ == "__main__":
