@@ -19,12 +19,12 @@ RECORD = ("id", "start", "size", "region", "dev", "type", "uid", "pid", "label",
           "movable", "transient", "bound", "alignment")
 
 LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
-_ADDR_FORM = re.compile(r"[0-9a-fA-F]{16}")
+ADDR_FORM = re.compile(r"[0-9a-fA-F]{16}")
 
 
 def check_label(label: str) -> str:
     """Labels are file names in chunks/ and never read as a start address."""
-    if not LABEL.fullmatch(label) or _ADDR_FORM.fullmatch(label):
+    if not LABEL.fullmatch(label) or ADDR_FORM.fullmatch(label):
         raise einval(f"label {label!r}: must match [A-Za-z][A-Za-z0-9_.-]{{0,63}} and not be "
                      "16 hex digits")
     return label

@@ -18,7 +18,7 @@ import os
 import sqlite3
 from typing import Callable, Iterator
 
-from .chunks import LABEL, RECORD, Chunk, check_label
+from .chunks import ADDR_FORM, LABEL, RECORD, Chunk, check_label
 from .cma import Cma
 from .errors import CmaError
 from .memparse import fmt_addr
@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS chunks (
 FIELDS = RECORD
 _SELECT = f"SELECT {', '.join(FIELDS)} FROM chunks ORDER BY start"
 BATCH = 65536  # rows fetched, checked and handed on at a time
+_TRANSIENT = FIELDS.index("transient")
 
 
 def _row(chunk: Chunk) -> tuple:
@@ -117,8 +118,10 @@ def _column_ok(name: str, values: tuple) -> bool:
     rule = RULES[name]
     if name not in _WIDE:
         return all(map(rule, set(values)))
-    if name == "label":
-        return all(map(rule, values))
+    if name == "label":  # the label rule, over the column: C loops, no call per value
+        labels = [v for v in values if v is not None]
+        return (set(map(type, labels)) <= {str} and all(map(LABEL.fullmatch, labels))
+                and not any(map(ADDR_FORM.fullmatch, labels)))
     types = set(map(type, values))
     if name == "created":
         return types <= {int, float} and all(map(math.isfinite, values)) and min(values) >= 0
@@ -253,7 +256,7 @@ def recover(cma: Cma, journal: Journal, *, arena_survived: bool) -> int:
     def kept() -> Iterator[tuple]:
         for batch in journal.rows():
             for row in batch:
-                if row[11]:
+                if row[_TRANSIENT]:
                     transient.append(row)
                 else:
                     yield row
