@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) bench/fs.py
 	$(PY) bench/frag.py
 	$(PY) bench/client.py
+	$(PY) bench/scale.py --sizes 10k,200k,1m --growth
 
 lint: $(STAMP)
 	$(PY) -m compileall -q cmad fusefs tests bench
