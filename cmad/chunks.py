@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import re
 import time
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from sortedcontainers import SortedDict
 
@@ -79,6 +79,7 @@ class ChunkIndex:
     def __init__(self) -> None:
         self._by_start: SortedDict = SortedDict()
         self._by_label: dict[str, Chunk] = {}
+        self._by_id: SortedDict = SortedDict()
 
     def add(self, chunk: Chunk) -> None:
         if chunk.label is not None:
@@ -87,6 +88,7 @@ class ChunkIndex:
                                              f"{self._by_label[chunk.label].name}")
             self._by_label[chunk.label] = chunk
         self._by_start[chunk.start] = chunk
+        self._by_id[chunk.id] = chunk
 
     def add_many(self, chunks: list[Chunk]) -> None:
         """Index chunks sorted by start, none of them indexed yet, labels unique.
@@ -104,6 +106,7 @@ class ChunkIndex:
 
     def remove(self, chunk: Chunk) -> None:
         del self._by_start[chunk.start]
+        del self._by_id[chunk.id]
         if chunk.label is not None:
             del self._by_label[chunk.label]
 
@@ -112,6 +115,18 @@ class ChunkIndex:
 
     def by_label(self, label: str) -> Chunk | None:
         return self._by_label.get(label)
+
+    def labels(self) -> Iterable[str]:
+        return self._by_label.keys()
+
+    def by_id(self, id: int) -> Chunk | None:
+        return self._by_id.get(id)
+
+    def ids_after(self, id: int) -> Iterator[Chunk]:
+        """Live chunks with an id above ``id``, in id order (O(log n) to start)."""
+        by_id = self._by_id
+        for key in by_id.irange(minimum=id, inclusive=(False, False)):
+            yield by_id[key]
 
     def holding(self, addr: int) -> Chunk | None:
         """The chunk whose bytes include ``addr``, in O(log n)."""

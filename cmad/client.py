@@ -403,7 +403,7 @@ class Client:
                 raise CmaError(e.errno, f"alloc {line!r}: {e.strerror}") from None
             if not result:
                 raise CmaError(errno.EIO, f"alloc {line!r}: no result line on the alloc file")
-            start, size, region, *label = result.split()
+            start, size, region, *label, _id = result.split()
             keep = "transient" in line.split()[2:]
             return Buffer(self, int(start, 16), int(size), region, label[0] if label else None,
                           handle=fd if keep else None)

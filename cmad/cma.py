@@ -551,9 +551,12 @@ class Cma:
 
     def find(self, key: int | str) -> Chunk:
         """A chunk by start address or by the text the ``free`` file takes:
-        the %p form (16 hex digits), 0x hex, decimal, or a label."""
+        the %p form (16 hex digits), 0x hex, decimal, ``id=<n>`` (exactly that
+        chunk, wherever it moved), or a label."""
         if isinstance(key, str):
             text = key.strip()
+            if text.startswith("id="):
+                return self._find_id(text[3:])
             if len(text) == 16 and all(c in "0123456789abcdefABCDEF" for c in text):
                 key = int(text, 16)
             elif text[:2].lower() == "0x" and text[2:] and all(
@@ -571,6 +574,14 @@ class Cma:
             inside = self.chunks.holding(key)
             hint = f" (it is inside chunk {inside.name})" if inside else ""
             raise CmaError(errno.ENOENT, f"no chunk starts at {fmt_addr(key)}{hint}")
+        return chunk
+
+    def _find_id(self, text: str) -> Chunk:
+        if not (text.isdigit() and text.isascii() and len(text) <= 20):
+            raise CmaError(errno.EINVAL, f"chunk id {text[:40]!r}: expected a decimal number")
+        chunk = self.chunks.by_id(int(text))
+        if chunk is None:
+            raise CmaError(errno.ENOENT, f"no chunk with id {text}")
         return chunk
 
     @_locked

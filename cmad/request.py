@@ -79,6 +79,7 @@ def run(cma, text: str, *, uid: int = 0, pid: int = 0) -> Chunk:
 
 
 def result_line(chunk: Chunk) -> str:
-    """``<start> <size> <region-name> [<label>]``, as a read of ``alloc`` returns it."""
-    line = f"{fmt_addr(chunk.start)} {chunk.size} {chunk.region.name}"
-    return f"{line} {chunk.label}\n" if chunk.label else line + "\n"
+    """``<start> <size> <region-name> [<label>] id=<id>``, as a read of ``alloc``
+    returns it: the id last, so the optional label never shifts it."""
+    label = f" {chunk.label}" if chunk.label else ""
+    return f"{fmt_addr(chunk.start)} {chunk.size} {chunk.region.name}{label} id={chunk.id}\n"

@@ -1,16 +1,26 @@
 """The tree the daemon publishes: the patch's sysfs layout over the Cma core.
 
 Like the kernel's attribute arrays, each file is one row of a table: a name
-and a show (and maybe a store) that calls the core.  The tree listens to the
-core and adds or removes a chunk's directory when the chunk comes or goes.
+and a show (and maybe a store) that calls the core.  The directories of
+chunks (`chunks/`, `ids/`, `regions/<start>/chunks/`) store nothing: they
+are fusefs DynamicDirs whose providers below read the core's indexes, so a
+daemon with a million chunks builds no node for them until the kernel looks
+one up.  The tree listens to the core only to tell those directories which
+names changed meaning (a free, a move), which costs something only for the
+names the kernel holds.
 """
 
 from __future__ import annotations
 
 import errno
+import re
+from collections import deque
 from functools import partial
+from typing import Iterator
 
-from fusefs import Attr, Bytes, Caller, Dir, LazyDir, Stream, Symlink
+from sortedcontainers import SortedList
+
+from fusefs import Attr, Bytes, Caller, Dir, DynamicDir, LazyDir, Node, Stream, Symlink, Table
 
 from . import request
 from .chunks import Chunk
@@ -21,6 +31,10 @@ from .metrics import render, show_stats
 from .regions import Region
 
 MAX_REQUEST = 4096
+MAX_UNREAD = 256            # result lines an alloc handle keeps unread
+START_NAME = re.compile(r"[0-9a-f]{16}")       # only the %p form names a chunk
+ID_NAME = re.compile(r"0|[1-9][0-9]{0,19}")
+ADDRESS_END = 1 << 65                          # above every chunk start
 
 REGION_ATTRS = {
     "name": lambda r: r.name,
@@ -34,6 +48,7 @@ REGION_ATTRS = {
 }
 
 CHUNK_ATTRS = {
+    "id": lambda c: str(c.id),
     "start": lambda c: fmt_addr(c.start),
     "size": lambda c: str(c.size),
     "region": lambda c: c.region.name,
@@ -42,6 +57,7 @@ CHUNK_ATTRS = {
     "owner": lambda c: f"{c.uid} {c.pid}",
     "label": lambda c: c.label or "",
     "created": lambda c: c.created_iso(),
+    "movable": lambda c: str(int(c.movable)),
 }
 
 
@@ -71,31 +87,121 @@ def decode_request(data: bytes) -> str:
 
 
 class AllocHandle:
-    """One open ``alloc`` file: each write one request, reads return the results."""
+    """One open ``alloc`` file: each write one request, reads return the results.
 
-    def __init__(self, cma: Cma, caller: Caller):
-        self.cma = cma
+    What it keeps is bounded: the last MAX_UNREAD result lines not read yet
+    (older ones are dropped: a client that never reads cannot grow the
+    daemon), and its transient chunks by id, which the tree prunes when one
+    is freed explicitly.
+    """
+
+    def __init__(self, tree: "Tree", caller: Caller):
+        self.tree = tree
+        self.cma = tree.cma
         self.caller = caller
-        self.pending = bytearray()
-        self.transient: list[Chunk] = []
+        self.pending: deque[bytes] = deque(maxlen=MAX_UNREAD)
+        self.transient: dict[int, Chunk] = {}
 
     def write(self, data: bytes) -> None:
         chunk = request.run(self.cma, decode_request(data), uid=self.caller.uid,
                             pid=self.caller.pid)
-        self.pending += request.result_line(chunk).encode()
+        self.pending.append(request.result_line(chunk).encode())
         if chunk.transient:
-            self.transient.append(chunk)
+            self.tree.hold_transient(self, chunk)
 
     def read(self, size: int) -> bytes:
-        out = bytes(self.pending[:size])
-        del self.pending[:size]
-        return out
+        out = bytearray()
+        pending = self.pending
+        while pending and len(out) < size:
+            line = pending.popleft()
+            room = size - len(out)
+            if len(line) > room:
+                pending.appendleft(line[room:])     # the rest of a line cut by the read size
+                line = line[:room]
+            out += line
+        return bytes(out)
 
     def release(self) -> None:
-        """Transient chunks die with the handle that made them."""
-        for chunk in self.transient:
-            if self.cma.chunks.get(chunk.start) is chunk:
-                self.cma.free(chunk.start)
+        """Transient chunks die with the handle that made them (exactly
+        those: by id, wherever they moved)."""
+        failed = []
+        for chunk in list(self.transient.values()):
+            try:
+                self.cma.free(f"id={chunk.id}")
+            except CmaError as e:       # the others are still freed
+                failed.append(e)
+        if failed:
+            raise failed[0]
+
+
+class ChunksByStart:
+    """``chunks/``: a directory per chunk named by its start (whatever is at
+    that address now), then a link per label to ``../ids/<id>``. Listed by
+    start, then by label: sort keys (0, start) and (1, label)."""
+
+    def __init__(self, tree: "Tree"):
+        self.tree = tree
+        self.index = tree.cma.chunks
+
+    def resolve(self, name: str) -> Chunk | None:
+        if START_NAME.fullmatch(name):
+            return self.index.get(int(name, 16))
+        return self.index.by_label(name)
+
+    def make(self, name: str, chunk: Chunk) -> Node:
+        if name == chunk.label:
+            return Symlink(f"../ids/{chunk.id}")
+        return self.tree.chunk_dir(chunk)
+
+    def entries(self, after: tuple | None) -> Iterator[tuple]:
+        group, last = after if after is not None else (0, -1)
+        if group == 0:
+            for chunk in self.index.in_range(last + 1, ADDRESS_END):
+                yield (0, chunk.start), chunk.name, chunk
+            last = None
+        for label in self.tree.labels_after(last):
+            yield (1, label), label, self.index.by_label(label)
+
+
+class ChunksById:
+    """``ids/``: a directory per chunk named by its id, wherever it moved."""
+
+    def __init__(self, tree: "Tree"):
+        self.tree = tree
+        self.index = tree.cma.chunks
+
+    def resolve(self, name: str) -> Chunk | None:
+        return self.index.by_id(int(name)) if ID_NAME.fullmatch(name) else None
+
+    def make(self, name: str, chunk: Chunk) -> Node:
+        return self.tree.chunk_dir(chunk)
+
+    def entries(self, after: int | None) -> Iterator[tuple]:
+        for chunk in self.index.ids_after(-1 if after is None else after):
+            yield chunk.id, str(chunk.id), chunk
+
+
+class RegionLinks:
+    """``regions/<start>/chunks/``: a link per chunk of the region, named by
+    its start, pointing at ``../../../ids/<id>``."""
+
+    def __init__(self, cma: Cma, region: Region):
+        self.index = cma.chunks
+        self.region = region
+
+    def resolve(self, name: str) -> Chunk | None:
+        if not START_NAME.fullmatch(name):
+            return None
+        chunk = self.index.get(int(name, 16))
+        return chunk if chunk is not None and chunk.region is self.region else None
+
+    def make(self, name: str, chunk: Chunk) -> Node:
+        return Symlink(f"../../../ids/{chunk.id}")
+
+    def entries(self, after: int | None) -> Iterator[tuple]:
+        first = self.region.start if after is None else after + 1
+        for chunk in self.index.in_range(first, self.region.end):
+            yield chunk.start, chunk.name, chunk
 
 
 class Tree:
@@ -109,17 +215,19 @@ class Tree:
                              mode=0o644))
         root.add("allocators", Attr(lambda: " ".join(cma.allocators)))
         self.regions = root.add("regions", Dir())
-        self.region_chunks: dict[str, Dir] = {}
+        self.region_chunks: dict[str, DynamicDir] = {}
+        self._labels: SortedList | None = None     # sorted when chunks/ is first listed
         for region in cma.regions:
             self._add_region(region)
-        root.add("alloc", Stream(lambda caller: AllocHandle(cma, caller), mode=0o660, gid=gid))
+        self._transient_of: dict[int, AllocHandle] = {}   # chunk id -> the handle it dies with
+        root.add("alloc", Stream(lambda caller: AllocHandle(self, caller), mode=0o660, gid=gid))
         root.add("free", Attr(store=self._store_free, mode=0o220, gid=gid))
-        self.chunks = root.add("chunks", Dir())
-        root.add("chunkinfo", Attr(self._chunkinfo))
+        count = partial(len, cma.chunks)
+        self.chunks = root.add("chunks", DynamicDir(ChunksByStart(self), dirs=count))
+        self.ids = root.add("ids", DynamicDir(ChunksById(self), dirs=count))
+        root.add("chunkinfo", Table(self._chunkinfo_rows))
         root.add("stats", Attr(lambda: show_stats(cma.stats(), self.extra_stats)))
         root.add("metrics", Attr(lambda: render(cma)))
-        for chunk in cma.chunks:
-            self.on_alloc(chunk)
         cma.listeners.append(self)
 
     def _add_region(self, region: Region) -> None:
@@ -130,34 +238,56 @@ class Tree:
                             lambda text, caller: self.cma.set_allocator(region.name, text),
                             mode=0o644))
         d.add("compact", Attr(store=partial(self._store_compact, region), mode=0o200))
-        self.region_chunks[region.name] = d.add("chunks", Dir())
+        self.region_chunks[region.name] = d.add("chunks", DynamicDir(RegionLinks(self.cma,
+                                                                                 region)))
         self.regions.add(region.name, Symlink(fmt_addr(region.start)))
 
-    def _chunkinfo(self) -> str:
-        """Every chunk on one line, like /proc/slabinfo: one read lists them all."""
-        return "".join(
-            f"{fmt_addr(c.start)} {c.size} {c.region.name} {c.dev} {c.type} {c.uid} {c.pid} "
-            f"{c.created_iso()} {int(c.movable)} {c.label or '-'}\n" for c in self.cma.chunks)
+    def _chunkinfo_rows(self, after: int | None) -> Iterator[tuple[int, str]]:
+        """Every chunk on one line, like /proc/slabinfo, by start: each reader
+        renders only what it reads (fusefs.Table)."""
+        first = 0 if after is None else after + 1
+        for c in self.cma.chunks.in_range(first, ADDRESS_END):
+            yield c.start, (f"{fmt_addr(c.start)} {c.size} {c.region.name} {c.dev} {c.type} "
+                            f"{c.uid} {c.pid} {c.created_iso()} {int(c.movable)} "
+                            f"{c.label or '-'}\n")
 
     def _store_free(self, text: str, caller: Caller) -> None:
         if not text.strip():
-            raise einval("free: empty write; expected a start address or a label")
-        self.cma.free(text, uid=caller.uid)
+            raise einval("free: empty write; expected a start address, id=<id> or a label")
+        try:
+            self.cma.free(text, uid=caller.uid)
+        except CmaError as e:
+            if e.errno in (errno.ENOENT, errno.EINVAL):
+                e.logged = True     # Cma.free warned already: "no such chunk" once
+            raise
 
     def _store_compact(self, region: Region, text: str, caller: Caller) -> None:
         if caller.uid != 0:
             raise CmaError(errno.EPERM, f"compact {region.name}: root only")
         self.cma.compact(region.name)
 
-    def _chunk_dir(self, chunk: Chunk) -> LazyDir:
+    def labels_after(self, label: str | None) -> Iterator[str]:
+        """Labels in sorted order, after ``label`` (all when None)."""
+        if self._labels is None:
+            self._labels = SortedList(self.cma.chunks.labels())
+        if label is None:
+            return iter(self._labels)
+        return self._labels.irange(minimum=label, inclusive=(False, False))
+
+    def chunk_dir(self, chunk: Chunk) -> LazyDir:
+        """A chunk's directory, bound to the chunk (never to its address)."""
         def populate(d: LazyDir) -> None:
             for name, show in CHUNK_ATTRS.items():
-                d.add(name, Attr(partial(show, chunk)))
+                d.add(name, Attr(partial(self._show_live, show, chunk)))
             d.add("data", Bytes(partial(self._data, chunk), mode=0o600, uid=chunk.uid))
             d.add("mmap", Attr(partial(self._mmap, chunk), mode=0o400))
-            d.add("movable", Attr(lambda: str(int(chunk.movable))))
             d.add("phys", Attr(partial(self._phys, chunk), mode=0o400))
         return LazyDir(populate)
+
+    def _show_live(self, show, chunk: Chunk) -> str:
+        """A freed chunk's files answer ENXIO, never what it was."""
+        self.cma.check_live(chunk)
+        return show(chunk)
 
     def _data(self, chunk: Chunk) -> memoryview:
         self.cma.check_live(chunk)
@@ -173,26 +303,37 @@ class Tree:
         return f"{arena.path} {chunk.start - self.cma.base} {chunk.size}"
 
     def _phys(self, chunk: Chunk) -> str:
+        self.cma.check_live(chunk)
         return "".join(f"{fmt_addr(addr)} {length}\n" for addr, length in self.cma.phys(chunk))
 
     # -- Listener: keep the tree in step with the core ------------------
 
-    def on_alloc(self, chunk: Chunk) -> None:
-        self.chunks.add(chunk.name, self._chunk_dir(chunk))
-        if chunk.label:
-            self.chunks.add(chunk.label, Symlink(chunk.name))
-        self.region_chunks[chunk.region.name].add(
-            chunk.name, Symlink(f"../../../chunks/{chunk.name}"))
+    def hold_transient(self, handle: AllocHandle, chunk: Chunk) -> None:
+        handle.transient[chunk.id] = chunk
+        self._transient_of[chunk.id] = handle
 
-    def on_free(self, chunk: Chunk, name: str | None = None) -> None:
-        name = name or chunk.name
-        self.chunks.remove(name)
+    def _drop_transient(self, chunk: Chunk) -> None:
+        handle = self._transient_of.pop(chunk.id, None)
+        if handle is not None:
+            del handle.transient[chunk.id]
+
+    def on_alloc(self, chunk: Chunk) -> None:
+        if chunk.label and self._labels is not None:
+            self._labels.add(chunk.label)
+
+    def on_free(self, chunk: Chunk) -> None:
+        self._drop_transient(chunk)
+        self.chunks.invalidate(chunk.name)
+        self.ids.invalidate(str(chunk.id))
+        self.region_chunks[chunk.region.name].invalidate(chunk.name)
         if chunk.label:
-            self.chunks.remove(chunk.label)
-        self.region_chunks[chunk.region.name].remove(name)
+            self.chunks.invalidate(chunk.label)
+            if self._labels is not None:
+                self._labels.remove(chunk.label)
 
     def on_move(self, chunk: Chunk, old_start: int) -> None:
-        """The directory follows the chunk; its label symlink points at the new name."""
+        """Only the address names change meaning; ids/<id> and the label stay."""
         if old_start != chunk.start:
-            self.on_free(chunk, fmt_addr(old_start))
-            self.on_alloc(chunk)
+            old = fmt_addr(old_start)
+            self.chunks.invalidate(old)
+            self.region_chunks[chunk.region.name].invalidate(old)

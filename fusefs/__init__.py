@@ -1,17 +1,17 @@
 """fusefs: a generic sysfs-like filesystem on pyfuse3 and trio.
 
-Build a tree of `Dir`, `LazyDir`, `Attr`, `Symlink`, `Stream` and `Bytes`
+Build a tree of `Dir`, `LazyDir`, `DynamicDir`, `Attr`, `Table`, `Symlink`, `Stream` and `Bytes`
 nodes, hand its root to `Filesystem`, and `serve` it. Nothing here knows
 what the tree is for.
 """
 
-from .nodes import (ATTR_SIZE, MAX_STORE, Attr, Bytes, Caller, Dir, File,
-                    LazyDir, Node, Stream, Symlink)
+from .nodes import (ATTR_SIZE, MAX_STORE, Attr, Bytes, Caller, Dir, DynamicDir, File,
+                    LazyDir, Node, Provider, Stream, Symlink, Table)
 from .ops import Filesystem, describe_error
 from .serve import check_mountpoint, mount_options, serve
 
 __all__ = [
-    "ATTR_SIZE", "MAX_STORE", "Attr", "Bytes", "Caller", "Dir", "File",
-    "Filesystem", "LazyDir", "Node", "Stream", "Symlink", "check_mountpoint",
+    "ATTR_SIZE", "MAX_STORE", "Attr", "Bytes", "Caller", "Dir", "DynamicDir", "File",
+    "Filesystem", "LazyDir", "Node", "Provider", "Stream", "Symlink", "Table", "check_mountpoint",
     "describe_error", "mount_options", "serve",
 ]

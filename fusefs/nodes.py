@@ -12,11 +12,23 @@ A tree is built from plain objects and knows nothing of FUSE: the
   sequence numbers in the order given (so sorted) with a dict seq -> name:
   each child gets a monotonically increasing sequence number, which is also
   the readdir resume token, so a listing resumes by bisection in O(log n)
-  and survives concurrent additions and removals (nothing is listed twice
-  or skipped). A removal leaves a tombstone in the list, swept once they
+  and survives concurrent additions and removals (no entry is listed twice
+  or skipped; but a name removed and added again mid-listing is a new entry
+  and may be listed again: directories whose names are reused are
+  DynamicDirs). A removal leaves a tombstone in the list, swept once they
   are half of it, so add and remove are O(1) amortised.
 - A `LazyDir` creates its children on first use, so 100,000 directories do
   not each hold their attribute nodes until someone looks inside.
+- A `DynamicDir` stores no children at all: a provider says what a name
+  means now and lists names in its own sort order. A child node exists only
+  while the kernel holds it (made at LOOKUP or by a readdirplus entry,
+  dropped at FORGET), so a million entries cost nothing until looked at and
+  a `find` over them is given back once the kernel forgets. Listings resume
+  after the provider's sort key of the last entry sent (kept per open
+  directory), so a name is never listed twice, whatever changes meanwhile.
+- A `Table` is a read-only file of rows rendered per open handle as it is
+  read (a cursor by the rows' sort key), so a read costs what it returns
+  and a big table never stalls the loop.
 - File nodes produce a per-open handle (`_open`); the handle holds the
   `Caller`, because pyfuse3 gives read/write/release no request context.
 - Node code reports errors by raising OSError (any subclass, with an
@@ -32,7 +44,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Hashable, Iterable, Iterator, Optional, Protocol, Union
 
 import pyfuse3
 from bisect import bisect_right
@@ -40,7 +52,8 @@ from bisect import bisect_right
 from .notify import invalidator
 
 __all__ = [
-    "Attr", "Bytes", "Caller", "Dir", "File", "LazyDir", "Node", "Stream", "Symlink",
+    "Attr", "Bytes", "Caller", "Dir", "DynamicDir", "File", "LazyDir", "Node", "Provider",
+    "Stream", "Symlink", "Table",
     "ATTR_SIZE", "MAX_STORE",
 ]
 
@@ -184,8 +197,15 @@ class Dir(Node):
         # are not cached): the common free of a chunk nobody looked at
         # costs nothing. A no-op unless a session runs (tier-2 tests).
         if node.kernel_refs:
-            invalidator.entry(self.inode, os.fsencode(name))
+            invalidator.entry(self.inode, os.fsencode(name), node.inode)
         return node
+
+    def _lookup(self, name: str) -> Optional[Node]:
+        """The child a LOOKUP hands to the kernel."""
+        return self.get(name)
+
+    def _child_forgotten(self, node: Node) -> None:
+        """The kernel dropped its last reference to the child *node*."""
 
     def get(self, name: str, default: Optional[Node] = None) -> Optional[Node]:
         self._ensure()
@@ -242,6 +262,113 @@ class LazyDir(Dir):
         if populate is not None:
             self._populate = None
             populate(self)
+
+
+class Provider(Protocol):
+    """What a `DynamicDir` asks about its children. *target* is whatever a
+    name means now (an object compared by identity); *key* a sort key."""
+
+    def resolve(self, name: str) -> Optional[object]:
+        """The target *name* means now, or None (ENOENT)."""
+
+    def make(self, name: str, target: object) -> Node:
+        """A new node for *name*, bound to *target* (not in any tree)."""
+
+    def entries(self, after: Optional[Hashable]) -> Iterable[tuple[Any, str, object]]:
+        """(key, name, target) in ascending key order, keys above *after*
+        (from the first when None). Consumed without yielding to the loop."""
+
+
+class DynamicDir(Dir):
+    """A directory whose children a `Provider` resolves on demand (see the
+    module docstring). The nodes the kernel holds are kept by name with the
+    target they were made for: a LOOKUP of a name that now means another
+    target makes a new node, so a node always stays bound to its target.
+    *dirs* (optional) counts the subdirectories, for st_nlink.
+    """
+
+    def __init__(self, provider: Provider, mode: int = 0o755, uid: int = 0, gid: int = 0,
+                 dirs: Optional[Callable[[], int]] = None):
+        super().__init__(mode, uid, gid)
+        self.provider = provider
+        self._dirs = dirs
+        self._held: dict[str, tuple[object, Node]] = {}
+
+    def add(self, name: str, node: Node) -> Node:
+        raise TypeError(f"{self.path()}: a DynamicDir's children come from its provider")
+
+    def remove(self, name: str) -> Node:
+        raise TypeError(f"{self.path()}: a DynamicDir's children come from its provider")
+
+    def get(self, name: str, default: Optional[Node] = None) -> Optional[Node]:
+        """The node *name* means now (the held one if any; else a new one,
+        not kept)."""
+        target = self.provider.resolve(name)
+        if target is None:
+            return default
+        return self._node_for(name, target)
+
+    def _lookup(self, name: str) -> Optional[Node]:
+        target = self.provider.resolve(name)
+        if target is None:
+            return None
+        node = self._node_for(name, target)
+        self._hold(name, target, node)
+        return node
+
+    def _node_for(self, name: str, target: object) -> Node:
+        held = self._held.get(name)
+        if held is not None and held[0] is target:
+            return held[1]
+        node = self.provider.make(name, target)
+        if node.parent is not None:
+            raise ValueError(f"provider of {self.path()} made {node!r}, already in a tree")
+        node.name = name
+        node.parent = self
+        return node
+
+    def _hold(self, name: str, target: object, node: Node) -> None:
+        """The kernel is given *node*: keep it until FORGET."""
+        self._held[name] = (target, node)
+
+    def _listing(self, after: Optional[Hashable]) -> Iterator[tuple[Any, str, object, Node]]:
+        """(key, name, target, node) after *after*; nodes not held yet."""
+        for key, name, target in self.provider.entries(after):
+            yield key, name, target, self._node_for(name, target)
+
+    def _child_forgotten(self, node: Node) -> None:
+        held = self._held.get(node.name)
+        if held is not None and held[1] is node:
+            del self._held[node.name]
+
+    def invalidate(self, name: str) -> None:
+        """*name* means something else now (or nothing): the kernel drops
+        its entry and, once unused, the node it had (told it is deleted, so
+        the kernel does not keep the inode cached). Costs nothing unless
+        the kernel holds that name. The node keeps serving open handles."""
+        held = self._held.pop(name, None)
+        if held is not None and held[1].kernel_refs:
+            invalidator.entry(self.inode, os.fsencode(name), held[1].inode)
+
+    def held(self) -> int:
+        """How many children the kernel holds (what this directory stores)."""
+        return len(self._held)
+
+    def names(self) -> list[str]:
+        return [name for _, name, _ in self.provider.entries(None)]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.provider.resolve(name) is not None
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.provider.entries(None))
+
+    def _entries_after(self, start_id: int):
+        raise TypeError("a DynamicDir is listed by sort key, see Filesystem.readdir")
+
+    def nlink(self) -> int:
+        # 1: "subdirectories not counted", which find(1) understands.
+        return 2 + self._dirs() if self._dirs is not None else 1
 
 
 class Symlink(Node):
@@ -360,6 +487,72 @@ class _AttrHandle(_Handle):
     async def write(self, off: int, data: bytes) -> int:
         await self.node.parse_and_store(data, self.caller)
         return len(data)
+
+
+class Table(File):
+    """A read-only table: ``rows(after)`` yields (key, line) in ascending
+    key order, keys above *after* (all when None), each line ending in a
+    newline; it must not await, so each read sees one state of the rows.
+
+    Each open handle keeps a cursor (the key of the last row rendered) and
+    the rest of a row cut by the read size: a read renders only the rows it
+    returns (plus one), a read at offset 0 starts again from the first row.
+    A row changed while a reader is past it is not shown to that reader; a
+    row whose key moves past the cursor may be shown twice (a table read in
+    pieces is not a snapshot). st_size is 4096, like an attribute.
+    """
+
+    def __init__(self, rows: Callable[[Optional[Any]], Iterable[tuple[Any, str]]],
+                 mode: int = 0o444, uid: int = 0, gid: int = 0):
+        super().__init__(mode, uid, gid)
+        self.rows = rows
+
+    def size(self) -> int:
+        return ATTR_SIZE
+
+    def readable(self) -> bool:
+        return True
+
+    async def _open(self, caller: Caller, flags: int) -> "_TableHandle":
+        return _TableHandle(self, caller)
+
+
+class _TableHandle(_Handle):
+    __slots__ = ("cursor", "pending", "pos", "done")
+
+    def __init__(self, node: Table, caller: Caller):
+        super().__init__(node, caller)
+        self._restart()
+
+    def _restart(self) -> None:
+        self.cursor: Any = None
+        self.pending = bytearray()
+        self.pos = 0
+        self.done = False
+
+    async def read(self, off: int, size: int) -> bytes:
+        if off == 0:
+            self._restart()
+        elif off != self.pos:
+            raise OSError(errno.EINVAL, f"table read at {off}: reads go on from {self.pos} "
+                                        "or start again at 0")
+        self._render(size)
+        out = bytes(self.pending[:size])
+        del self.pending[:size]
+        self.pos += len(out)
+        return out
+
+    def _render(self, size: int) -> None:
+        """Rows after the cursor until *size* bytes are pending (or none are left)."""
+        pending = self.pending
+        if self.done or len(pending) >= size:
+            return
+        for key, line in self.node.rows(self.cursor):
+            pending += line.encode()
+            self.cursor = key
+            if len(pending) >= size:
+                return
+        self.done = True
 
 
 class Stream(File):

@@ -62,12 +62,18 @@ class Invalidator:
         self._token = None
         return stopped
 
-    def entry(self, parent_inode: int, name: bytes) -> None:
-        """Queue: drop the kernel's cached entry *name* of *parent_inode*."""
+    def entry(self, parent_inode: int, name: bytes, deleted: int = 0) -> None:
+        """Queue: drop the kernel's cached entry *name* of *parent_inode*.
+
+        With *deleted*, the inode the entry had: the kernel also marks it
+        deleted (nlink 0), so it evicts the inode, and sends FORGET, as soon
+        as nothing uses it, instead of keeping it cached until memory runs
+        low (the node would stay in the inode table all that time).
+        """
         if self._thread is None:
             return
         self._queued += 1
-        self._queue.put((parent_inode, name, self._queued))
+        self._queue.put((parent_inode, name, deleted, self._queued))
 
     async def settle(self, timeout: float = 1.0) -> bool:
         """Wait until every invalidation queued so far is sent (True), or
@@ -95,11 +101,14 @@ class Invalidator:
             item = self._queue.get()
             if item is None:
                 return
-            parent_inode, name, number = item
+            parent_inode, name, deleted, number = item
             try:
-                pyfuse3.invalidate_entry(parent_inode, name)
+                pyfuse3.invalidate_entry(parent_inode, name, deleted)
             except OSError as e:
-                if e.errno != errno.ENOENT:     # ENOENT: the kernel never had it
+                # ENOENT: the kernel never had it, or had another inode
+                # there (dropped all the same); ENOTEMPTY: a directory with
+                # entries in use was only dropped, not marked deleted.
+                if e.errno not in (errno.ENOENT, errno.ENOTEMPTY):
                     log.warning("invalidating %r in inode %d: %s", name, parent_inode, e)
             except Exception:
                 log.exception("invalidating %r in inode %d", name, parent_inode)

@@ -7,11 +7,13 @@ shape it:
   loop, and with it the daemon, on any exception other than FUSEError, so
   FUSEError passes, an OSError (the tree's way to refuse; it may carry a
   `.why`) becomes its errno with one log line naming the operation, the node
-  and the reason, and anything else becomes EIO with a logged traceback.
+  and the reason (none if it has a true `.logged`: it was logged where it
+  was raised), and anything else becomes EIO with a logged traceback.
 - The kernel's view of inodes is tracked exactly: a node enters the inode
   table when a reply hands it to the kernel (lookup, readdirplus entry) and
-  leaves it when `forget` brings its lookup count to zero. Every lookup is a
-  dict access; nothing scans the tree.
+  leaves it when `forget` brings its lookup count to zero (a `DynamicDir`
+  then lets go of it too). Every lookup is a dict access; nothing scans the
+  tree.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Callable
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from .nodes import Caller, Dir, File, Node, Symlink, _Handle
+from .nodes import Caller, Dir, DynamicDir, File, Node, Symlink, _Handle
 from .notify import invalidator
 
 __all__ = ["Filesystem", "describe_error"]
@@ -47,8 +49,8 @@ def _boundary(op: str, target: str = "inode") -> Callable:
     """Wrap a handler: errors become FUSEError, never anything else.
 
     *target* says how the handler's first arguments name the node for the
-    log line: "inode", "fh" (open file), "entry" (parent inode, name) or
-    "none".
+    log line: "inode", "fh" (open file), "dir" (open directory), "entry"
+    (parent inode, name) or "none".
     """
     def decorate(fn):
         @functools.wraps(fn)
@@ -62,9 +64,10 @@ def _boundary(op: str, target: str = "inode") -> Callable:
                 raise
             except OSError as e:
                 code = e.errno if e.errno else errno.EIO
-                level = logging.WARNING if code in _WARN_ERRNOS else logging.INFO
-                log.log(level, "%s %s: %s", op, self._where(target, args, opened),
-                        describe_error(e))
+                if not getattr(e, "logged", False):
+                    level = logging.WARNING if code in _WARN_ERRNOS else logging.INFO
+                    log.log(level, "%s %s: %s", op, self._where(target, args, opened),
+                            describe_error(e))
                 raise FUSEError(code) from None
             except Exception:
                 log.exception("%s %s: unexpected error, answering EIO",
@@ -106,6 +109,7 @@ class Filesystem(pyfuse3.Operations):
         self._inodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
         root.kernel_refs = 1
         self._handles: dict[int, _Handle] = {}
+        self._dir_handles: dict[int, _DirHandle] = {}
         self._fh_numbers = itertools.count(1)
         self.init_hooks: list[Callable[[], None]] = []   # run at FUSE INIT
 
@@ -155,6 +159,9 @@ class Filesystem(pyfuse3.Operations):
             if target == "fh":
                 handle = opened or self._handles.get(args[0])
                 return handle.node.path() if handle else f"<fh {args[0]}>"
+            if target == "dir":
+                handle = self._dir_handles.get(args[0])
+                return handle.node.path() if handle else f"<dir fh {args[0]}>"
             if target == "entry":
                 parent = self._inodes.get(args[0])
                 base = parent.path().rstrip("/") if parent else f"<inode {args[0]}>"
@@ -202,7 +209,7 @@ class Filesystem(pyfuse3.Operations):
         elif name == b"..":
             node = parent.parent or parent
         else:
-            node = parent.get(os.fsdecode(name))
+            node = parent._lookup(os.fsdecode(name))
             if node is None:
                 raise FUSEError(errno.ENOENT)   # not cached, not logged
         entry = self._entry(node)
@@ -222,6 +229,8 @@ class Filesystem(pyfuse3.Operations):
                 if node.kernel_refs <= 0:
                     node.kernel_refs = 0
                     del inodes[inode]
+                    if node.parent is not None:
+                        node.parent._child_forgotten(node)
         except Exception:
             log.exception("forget %r failed", inode_list[:10])
 
@@ -280,20 +289,29 @@ class Filesystem(pyfuse3.Operations):
 
     @_boundary("opendir")
     async def opendir(self, inode, ctx):
-        self._dir(inode)
-        # The kernel holds the inode while the directory is open, so the
-        # inode number is a sound handle.
-        return inode
+        fh = next(self._fh_numbers)
+        self._dir_handles[fh] = _DirHandle(self._dir(inode))
+        return fh
 
-    @_boundary("readdir")
+    def _dir_handle(self, fh: int) -> "_DirHandle":
+        try:
+            return self._dir_handles[fh]
+        except KeyError:
+            raise FUSEError(errno.EBADF) from None
+
+    @_boundary("readdir", "dir")
     async def readdir(self, fh, start_id, token):
         # Resume tokens: 1 after ".", 2 after "..", then each child's
-        # sequence number (see Dir). Stop as soon as the reply is full.
-        d = self._dir(fh)
+        # (see Dir, and _list_dynamic). Stop as soon as the reply is full.
+        handle = self._dir_handle(fh)
+        d = handle.node
         reply = self.readdir_reply
         if start_id < 1 and not reply(token, b".", self._entry(d), 1):
             return
         if start_id < 2 and not reply(token, b"..", self._entry(d.parent or d), 2):
+            return
+        if isinstance(d, DynamicDir):
+            self._list_dynamic(handle, start_id, token)
             return
         for seq, name, node in d._entries_after(max(start_id, 2)):
             if not reply(token, os.fsencode(name), self._entry(node), seq):
@@ -302,9 +320,25 @@ class Filesystem(pyfuse3.Operations):
             # lookup ("." and ".." excepted).
             self._remember(node)
 
-    @_boundary("releasedir")
+    def _list_dynamic(self, handle: "_DirHandle", start_id: int, token) -> None:
+        """Entries after the sort key behind *start_id*; each sent entry
+        gets a token of this open directory, remembered with its key."""
+        d = handle.node
+        after = handle.key_of(start_id) if start_id > 2 else None
+        keys: dict[int, object] = {}
+        reply = self.readdir_reply
+        for key, name, target, node in d._listing(after):
+            number = handle.next_token()
+            if not reply(token, os.fsencode(name), self._entry(node), number):
+                break
+            keys[number] = key
+            d._hold(name, target, node)
+            self._remember(node)
+        handle.remember(keys)
+
+    @_boundary("releasedir", "dir")
     async def releasedir(self, fh):
-        pass
+        self._dir_handles.pop(fh, None)
 
     # ---- files ----------------------------------------------------------
 
@@ -366,3 +400,31 @@ class Filesystem(pyfuse3.Operations):
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s
+
+
+class _DirHandle:
+    """One open directory. For a DynamicDir: the sort keys behind the tokens
+    of the last two replies, enough for the kernel, which resumes from an
+    entry of the last reply (or, when the reader's buffer took none of it,
+    of the one before); older tokens (a seekdir back) are EINVAL."""
+
+    __slots__ = ("node", "_tokens", "_keys", "_older")
+
+    def __init__(self, node: Dir):
+        self.node = node
+        self._tokens = itertools.count(3)
+        self._keys: dict[int, object] = {}
+        self._older: dict[int, object] = {}
+
+    def next_token(self) -> int:
+        return next(self._tokens)
+
+    def key_of(self, token: int) -> object:
+        for keys in (self._keys, self._older):
+            if token in keys:
+                return keys[token]
+        raise OSError(errno.EINVAL, f"readdir offset {token} is not from this listing")
+
+    def remember(self, keys: dict[int, object]) -> None:
+        if keys:        # an empty reply (the end) may be asked for again
+            self._older, self._keys = self._keys, keys

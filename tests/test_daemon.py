@@ -74,11 +74,16 @@ def test_shell_session_of_the_spec(daemon, tmp_path):
     assert start == "0000000040000000"
     assert (mnt / "chunks" / start / "data").read_bytes() == (tmp_path / "frame.raw").read_bytes()
     assert read(mnt / "chunks/frame0/type") == "preview\n"
-    assert sh(f"readlink {mnt}/chunks/frame0").stdout == f"{start}\n"
+    chunk_id = read(mnt / "chunks" / start / "id").strip()
+    assert sh(f"readlink {mnt}/chunks/frame0").stdout == f"../ids/{chunk_id}\n"
+    assert os.listdir(mnt / "ids") == [chunk_id]
+    assert read(mnt / "ids" / chunk_id / "start") == f"{start}\n"
     assert sh(f"readlink {mnt}/regions/video").stdout == "0000000040000000\n"
     assert os.listdir(mnt / "regions/video/chunks") == [start]
+    assert os.readlink(mnt / "regions/video/chunks" / start) == f"../../../ids/{chunk_id}"
     assert sh(f"echo frame0 > {mnt}/free").returncode == 0
     assert not (mnt / "chunks" / start).exists() and not (mnt / "chunks/frame0").exists()
+    assert not (mnt / "ids" / chunk_id).exists()
     assert read(mnt / "regions/video/free") == f"{32 * M}\n"
 
 
@@ -105,10 +110,11 @@ def test_every_file_matches_the_core(daemon):
     chunks = []
     for text in steps:
         line = alloc(mnt, text)
-        start, size, region, *label = line.split()
+        start, size, region, *label, chunk_id = line.split()
         from cmad.request import run
         c = run(core, text)
         assert (int(start, 16), int(size), region) == (c.start, c.size, c.region.name)
+        assert chunk_id == f"id={c.id}" and label == ([c.label] if c.label else [])
         chunks.append(c)
     for c in chunks[1::2]:
         assert sh(f"echo {c.start:016x} > {mnt}/free").returncode == 0
@@ -185,7 +191,8 @@ def test_alloc_is_a_stream(daemon):
         assert os.read(fd, 100) == b""
     finally:
         os.close(fd)
-    assert [line.split()[2:] for line in lines] == [["video", "one"], ["common"], ["video"]]
+    assert [line.split()[2:] for line in lines] == [["video", "one", "id=1"], ["common", "id=2"],
+                                                    ["video", "id=3"]]
     assert int(lines[2].split()[0], 16) % (2 * M) == 0
     assert sorted(os.listdir(mnt / "chunks")) == sorted([l.split()[0] for l in lines] + ["one"])
 

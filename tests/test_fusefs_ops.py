@@ -257,7 +257,8 @@ async def test_removed_node_lives_until_forgotten(tree):
 async def test_remove_invalidates_only_what_the_kernel_holds(tree, monkeypatch):
     from fusefs.notify import invalidator
     sent = []
-    monkeypatch.setattr(invalidator, "entry", lambda parent, name: sent.append((parent, name)))
+    monkeypatch.setattr(invalidator, "entry",
+                        lambda parent, name, deleted=0: sent.append((parent, name)))
     fs = tree.fs
     sub = await lookup(fs, "sub")
     leaf = await lookup(fs, "sub/leaf")
