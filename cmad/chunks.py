@@ -93,7 +93,7 @@ class ChunkIndex:
     def add_many(self, chunks: list[Chunk]) -> None:
         """Index chunks sorted by start, none of them indexed yet, labels unique.
 
-        Into an empty index the sorted dict is built in one go (recovery);
+        Into an empty index the sorted dicts are built in one go (recovery);
         otherwise one by one.
         """
         if self._by_start:
@@ -101,6 +101,7 @@ class ChunkIndex:
                 self.add(chunk)
             return
         self._by_start = SortedDict([(chunk.start, chunk) for chunk in chunks])
+        self._by_id = SortedDict([(chunk.id, chunk) for chunk in chunks])
         self._by_label.update((chunk.label, chunk) for chunk in chunks
                               if chunk.label is not None)
 

@@ -26,6 +26,8 @@ def snapshot(cma: Cma) -> dict:
         "labels": {c.label: c.start for c in cma.chunks if c.label},
         "by_label": {label: cma.chunks.by_label(label).start
                      for label in (c.label for c in cma.chunks) if label},
+        "by_id": [(c.id, cma.chunks.by_id(c.id) is c) for c in cma.chunks],
+        "ids_after": [c.id for c in cma.chunks.ids_after(0)],
         "regions": {r.name: (list(r.allocator.holes()), r.allocator.free_bytes,
                              r.allocator.largest_free(), r.users, r.used, r.movable_users,
                              r.alloc_ok, r.freed, r.peak_used, r.stats()) for r in cma.regions},
