@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 from sortedcontainers import SortedDict
 
-from .errors import CmaError, einval
+from .errors import CmaError, clip, einval
 from .memparse import fmt_addr
 from .regions import Region
 
@@ -25,7 +25,7 @@ ADDR_FORM = re.compile(r"[0-9a-fA-F]{16}")
 def check_label(label: str) -> str:
     """Labels are file names in chunks/ and never read as a start address."""
     if not LABEL.fullmatch(label) or ADDR_FORM.fullmatch(label):
-        raise einval(f"label {label!r}: must match [A-Za-z][A-Za-z0-9_.-]{{0,63}} and not be "
+        raise einval(f"label {clip(label)}: must match [A-Za-z][A-Za-z0-9_.-]{{0,63}} and not be "
                      "16 hex digits")
     return label
 
@@ -136,6 +136,11 @@ class ChunkIndex:
             return None
         chunk = self._by_start.peekitem(i - 1)[1]
         return chunk if addr < chunk.end else None
+
+    def last_before(self, addr: int) -> Chunk | None:
+        """The chunk with the highest start below ``addr``, in O(log n)."""
+        i = self._by_start.bisect_left(addr)
+        return self._by_start.peekitem(i - 1)[1] if i else None
 
     def in_range(self, start: int, end: int) -> Iterator[Chunk]:
         for key in self._by_start.irange(start, end, inclusive=(True, False)):

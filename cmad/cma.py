@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from . import compaction, faults
-from .allocator import PAGE_SIZE, Allocator, registry
+from .allocators import PAGE_SIZE, Allocator, registry
 from .arena import Arena
 from .chunks import Chunk, ChunkIndex, check_label
-from .errors import CmaError, einval
+from .errors import CmaError, clip, einval
 from .map import DEFAULT_TYPE, Map
 from .memparse import U64_MAX, fmt_addr, human, is_power_of_two
-from .regions import (Region, RegionSpec, RegionStats, fragmentation, layout,
-                      parse_alignment, parse_alloc_spec, parse_regions)
+from .regions import (AllocSpec, Region, RegionSpec, RegionStats, check_name, fragmentation,
+                      layout, parse_alignment, parse_alloc_spec, parse_regions)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class Listener(Protocol):
     def on_free(self, chunk: Chunk) -> None: ...
     def on_move(self, chunk: Chunk, old_start: int) -> None:
         """The chunk's start (or its movability) changed; old_start is where it was."""
+
+    # Optional: on_allocator(region) after a region's alloc attribute changed (may
+    # veto by raising); catch_up() to retry what could not be recorded.
 
 
 def _locked(method: Callable) -> Callable:
@@ -77,6 +80,18 @@ def plan_regions(text: str, base: int, arena_size: int | None,
     granules = {s.name: allocator_class(allocators, s.alloc.name, f"region {s.name}")
                 .granule(**s.alloc.params) for s in specs}
     return specs, layout(specs, base, arena_size, granules)
+
+
+def _named_once(names: list[str]) -> list[str]:
+    """EINVAL for a region named twice: trying it again can only fail again, and
+    ``@r,r,r,...`` must not make one write cost thousands of tries."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise einval(f"alloc from {clip(','.join(names))}: region {clip(name)} is "
+                         "named twice")
+        seen.add(name)
+    return names
 
 
 def _next_pow2(n: int) -> int:
@@ -178,7 +193,7 @@ class Cma:
         try:
             return self._regions[name]
         except KeyError:
-            raise CmaError(errno.ENOENT, f"no region named {name!r}") from None
+            raise CmaError(errno.ENOENT, f"no region named {clip(name)}") from None
 
     @property
     def allocators(self) -> list[str]:
@@ -215,13 +230,29 @@ class Cma:
         if spec.kind != "exclusive" or "sticky" in text:
             raise einval(f"region {region.name}: the kind is set by the configuration, "
                          "not the alloc attribute")
-        if spec.name is not None and spec.name not in self._allocators:
+        old_class, old_spec = type(region.allocator) if region.allocator else None, region.wanted
+        self._switch_allocator(region, spec)
+        try:
+            for listener in self.listeners:  # the journal: a restart brings it back
+                tell = getattr(listener, "on_allocator", None)
+                if tell is not None:
+                    tell(region)
+        except BaseException:
+            self._switch_allocator(region, old_spec, old_class)
+            raise
+
+    def _switch_allocator(self, region: Region, spec: AllocSpec,
+                          cls: type[Allocator] | None = None) -> None:
+        """Give the (chunkless) region a fresh allocator for ``spec``, or leave it
+        pending when ``spec`` names an allocator not registered yet."""
+        if cls is None and spec.name is not None and spec.name not in self._allocators:
             region.detach()
             region.wanted = spec
             log.info("region %s: allocator %r is not registered; pending", region.name,
                      spec.name)
             return
-        region.attach(self._allocator_class(spec.name, f"region {region.name}"), spec.params)
+        cls = cls or self._allocator_class(spec.name, f"region {region.name}")
+        region.attach(cls, spec.params)
         region.wanted = spec
 
     @_locked
@@ -239,8 +270,10 @@ class Cma:
               **options) -> Chunk:
         """Allocate from the regions the map gives (dev, type), tried in order."""
         type = type or DEFAULT_TYPE
+        check_name(dev, "device")  # 1 to 64 of [A-Za-z0-9_.-]: no newline in chunkinfo
+        check_name(type, "type")
         names = self._map.lookup(dev, type)
-        regions = [self._regions[n] for n in names if n in self._regions]
+        regions = [self._regions[n] for n in dict.fromkeys(names) if n in self._regions]
         if not regions:
             raise CmaError(errno.ENOENT, f"map sends {dev}/{type} to {','.join(names)}, "
                                          "none of which exists")
@@ -250,8 +283,9 @@ class Cma:
     def alloc_from(self, regions: str | Sequence[str], size: int, alignment: int = 0,
                    **options) -> Chunk:
         """Allocate from the named regions (the patch's cma_alloc_from)."""
-        names = regions.split(",") if isinstance(regions, str) else list(regions)
-        return self._alloc([self.region(n.strip()) for n in names], size, alignment,
+        names = _named_once([n.strip() for n in (regions.split(",")
+                                                 if isinstance(regions, str) else regions)])
+        return self._alloc([self.region(n) for n in names], size, alignment,
                            "-", "-", **options)
 
     def _alloc(self, regions: list[Region], size: int, alignment: int, dev: str, type: str,
@@ -268,21 +302,35 @@ class Cma:
         fields = dict(label=label, movable=movable, transient=transient, bound=bound, uid=uid,
                       pid=pid, alignment=alignment)
         failed: list[Region] = []
+        over_limit: list[Region] = []  # had room, but only past the caller's limit
         for region in regions:
             allocator = region.allocator
-            got = allocator.alloc(size, alignment) if allocator and size <= region.free else None
-            if got is not None and self._fits(got, region, bound, limit, uid, request):
+            got = (allocator.alloc_for(size, alignment, movable)
+                   if allocator and size <= region.free else None)
+            if got is not None and self._fits(got, region, bound, limit, uid, over_limit,
+                                              movable):
                 return self._new_chunk(got, region, dev, type, failed, **fields)
-            failed.append(region)
-        for region in failed:  # fragmentation: make room by moving chunks
-            if region.allocator and region.movable_users and region.free >= size:
-                got = compaction.make_room(self, region, size, alignment)
-                if got is not None and self._fits(got, region, bound, limit, uid, request):
-                    log.info("%s: served after compacting region %s", request(), region.name)
+            if region not in over_limit:
+                failed.append(region)
+        # The slow paths, as __rmqueue's: moving movable chunks out of the way,
+        # then, last before ENOMEM, space kept for the other mobility.
+        for why, serve in (("compacting", self._make_room), ("a fallback in", self._fallback)):
+            for region in failed:
+                if region.allocator is None or region.free < size:
+                    continue
+                got = serve(region, size, alignment, movable)
+                if got is not None and self._fits(got, region, bound, limit, uid, over_limit,
+                                                  movable):
+                    log.info("%s: served after %s region %s", request(), why, region.name)
                     return self._new_chunk(got, region, dev, type,
                                            [r for r in failed if r is not region], **fields)
         for region in failed:
             region.alloc_fail += 1
+        if over_limit:
+            raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
+                                         f"{human(self.held(uid))} of its {human(limit)} "
+                                         "limit; what " + ", ".join(r.name for r in over_limit)
+                                         + " could give would take it past")
         tried = ", ".join(r.describe() if r.allocator else f"{r.name} (no allocator: "
                           f"{r.alloc_text})" for r in regions)
         why = f"{request()}: no room; tried {tried}"
@@ -309,18 +357,33 @@ class Cma:
                 raise CmaError(errno.EEXIST, f"{request()}: label {label!r} is taken")
         return size, alignment
 
+    def _make_room(self, region: Region, size: int, alignment: int,
+                   movable: bool) -> tuple[int, int] | None:
+        if not region.movable_users:
+            return None
+        return compaction.make_room(self, region, size, alignment, movable)
+
+    @staticmethod
+    def _fallback(region: Region, size: int, alignment: int,
+                  movable: bool) -> tuple[int, int] | None:
+        return region.allocator.fallback(size, alignment, movable)
+
     def _fits(self, got: tuple[int, int], region: Region, bound: int | None,
-              limit: int | None, uid: int, request: Callable[[], str]) -> bool:
+              limit: int | None, uid: int, over_limit: list[Region],
+              movable: bool = False) -> bool:
         """Whether the chunk the allocator returned (rounded up to its block) still
-        keeps the request's bound and the caller's limit; if not it is given back."""
+        keeps the request's bound and the caller's limit; if not it is given back.
+        A region past the limit is skipped like a full one (SPEC 6) and noted in
+        ``over_limit``: the next region may still serve within the limit."""
         start, size = got
         if bound is not None and start // bound != (start + size - 1) // bound:
-            region.allocator.free(start, size)
+            region.allocator.free_for(start, size, movable)
             return False
         if limit is not None and self.held(uid) + size > limit:
-            region.allocator.free(start, size)
-            raise CmaError(errno.EDQUOT, f"{request()}: the allocator's {human(size)} would "
-                                         f"take uid {uid} past its {human(limit)} limit")
+            region.allocator.free_for(start, size, movable)
+            if region not in over_limit:
+                over_limit.append(region)
+            return False
         return True
 
     def _new_chunk(self, got: tuple[int, int], region: Region, dev: str, type: str,
@@ -348,7 +411,7 @@ class Cma:
         label = fields.get("label")
         if label is not None and self.chunks.by_label(label):
             raise CmaError(errno.EEXIST, _label_taken(start, label))
-        if not r.allocator.reserve(start, size):
+        if not r.allocator.reserve_for(start, size, bool(fields.get("movable"))):
             raise CmaError(errno.EADDRINUSE, _not_free(start, size, region))
         chunk = Chunk(id, start, size, r, dev, type, **fields)
         self._next_id = max(self._next_id, id + 1)
@@ -393,7 +456,7 @@ class Cma:
                           share(uid, uid), share(pid, pid), label, created, movable == 1,
                           transient == 1, bound, share(alignment, alignment))
             ranges, chunks = plan[r]
-            ranges.append((start, size))
+            ranges.append((start, size, chunk.movable))
             chunks.append(chunk)
             restored.append(chunk)
             if start < last:
@@ -419,12 +482,12 @@ class Cma:
             done = r.allocator.reserve_many(ranges)
             granted.append((r, ranges, done))
             problems.extend(_not_free(start, size, r.name)
-                            for (start, size), ok in zip(ranges, done) if not ok)
+                            for (start, size, _), ok in zip(ranges, done) if not ok)
         if problems:
             for r, ranges, done in granted:
-                for (start, size), ok in zip(ranges, done):
+                for (start, size, movable), ok in zip(ranges, done):
                     if ok:
-                        r.allocator.free(start, size)
+                        r.allocator.free_for(start, size, movable)
             raise CmaError(errno.EINVAL, "; ".join(problems))
 
     def _count_restored(self, region: Region, chunks: list[Chunk]) -> None:
@@ -441,6 +504,19 @@ class Cma:
         region.peak_used = max(region.peak_used, region.used)
         if chunks:
             self._next_id = max(self._next_id, max(chunk.id for chunk in chunks) + 1)
+
+    def skip_ids(self, next_id: int) -> None:
+        """Ids below ``next_id`` were handed out before a restart: never again."""
+        self._next_id = max(self._next_id, next_id)
+
+    @_locked
+    def catch_up(self) -> None:
+        """Let listeners retry what they could not record (the journal's deferred
+        frees after a full state disk); the daemon's heartbeat calls this."""
+        for listener in self.listeners:
+            retry = getattr(listener, "catch_up", None)
+            if retry is not None:
+                retry()
 
     def _index(self, chunk: Chunk) -> None:
         self.chunks.add(chunk)
@@ -475,7 +551,7 @@ class Cma:
     def _forget(self, chunk: Chunk) -> None:
         self.chunks.remove(chunk)
         region = chunk.region
-        region.allocator.free(chunk.start, chunk.size)
+        region.allocator.free_for(chunk.start, chunk.size, chunk.movable)
         if region.kind == "sticky" and self.arena is not None:
             self.arena.release(chunk.start - self.base, chunk.size)
         region.users -= 1
@@ -516,9 +592,9 @@ class Cma:
                 self.chunks.remove(chunk)
                 chunk.start = old
                 self.chunks.add(chunk)
-            region.allocator.free(new, size)
+            region.allocator.free_for(new, size, chunk.movable)
             raise
-        region.allocator.free(old, size)
+        region.allocator.free_for(old, size, chunk.movable)
         if region.kind == "sticky" and self.arena is not None:
             self.arena.release(old - self.base, size)
         region.moved += 1
@@ -533,19 +609,36 @@ class Cma:
             return
         chunk.movable = False
         chunk.region.movable_users -= 1
+        chunk.region.allocator.retype(chunk.start, chunk.size, movable=False)
         for listener in self.listeners:
             listener.on_move(chunk, chunk.start)
         log.info("chunk %s pinned: a zero-copy mapping of it was handed out", chunk.name)
 
     @_locked
     def compact(self, region_name: str) -> int:
-        """Slide the region's movable chunks down now; returns how many moved."""
-        region = self.region(region_name)
-        if region.allocator is None:
-            raise CmaError(errno.ENODEV, f"region {region.name} has no allocator")
-        moved = compaction.compact(self, region)
-        log.info("compacted region %s: %d chunks moved", region.name, moved)
+        """Move the region's movable chunks down now; returns how many moved."""
+        moved = 0
+        for moved in self.compact_steps(region_name):
+            pass
         return moved
+
+    def compact_steps(self, region_name: str) -> Iterator[int]:
+        """``compact`` as steps of bounded work (at most one move each), the lock
+        held only within a step: a caller may let others in between steps.
+        Yields the moves so far."""
+        with self._lock:
+            region = self.region(region_name)
+            if region.allocator is None:
+                raise CmaError(errno.ENODEV, f"region {region.name} has no allocator")
+            steps = compaction.compact_steps(self, region)
+        moved = 0
+        while True:
+            with self._lock:
+                moved = next(steps, None)
+            if moved is None:
+                break
+            yield moved
+        log.info("compacted region %s: %d chunks moved", region.name, region.last_compact)
 
     # -- free ----------------------------------------------------------
 
@@ -567,7 +660,7 @@ class Cma:
             else:
                 chunk = self.chunks.by_label(text)
                 if chunk is None:
-                    raise CmaError(errno.ENOENT, f"no chunk labelled {text!r}")
+                    raise CmaError(errno.ENOENT, f"no chunk labelled {clip(text)}")
                 return chunk
         chunk = self.chunks.get(key)
         if chunk is None:
@@ -591,7 +684,7 @@ class Cma:
         try:
             chunk = self.find(key)
         except CmaError as e:
-            log.warning("free: %s", e.why)
+            log.warning("free: %s", e.why, extra={"client": True})
             raise
         if uid is not None and uid != 0 and uid != chunk.uid:
             raise CmaError(errno.EPERM, f"free {chunk.name}: owned by uid {chunk.uid}, "
@@ -624,9 +717,10 @@ class Cma:
         free = sum(r.free for r in self._regions.values())
         total = {k: sum(getattr(s, k) for s in all_stats)
                  for k in ("alloc_ok", "alloc_fail", "freed", "bytes_allocated", "peak_used",
-                           "moved", "compactions")}
+                           "moved", "compactions", "blocks_free", "blocks_pinned",
+                           "blocks_movable", "blocks_mixed", "fallbacks")}
         return RegionStats(largest_free=largest, fragmentation=fragmentation(free, largest),
-                           **total)
+                           pageblock=max((s.pageblock for s in all_stats), default=0), **total)
 
     def check_live(self, chunk: Chunk) -> None:
         """ENXIO for a chunk object whose chunk was freed (an old open file)."""
@@ -662,6 +756,9 @@ class Cma:
             assert region.used == sum(c.size for c in chunks)
             if region.allocator is not None:
                 region.allocator._check()
+                check_chunks = getattr(region.allocator, "check_chunks", None)
+                if check_chunks is not None:
+                    check_chunks((c.start, c.size, c.movable) for c in chunks)
                 assert region.allocator.free_bytes == region.free
                 for start, size in region.allocator.holes():
                     assert self.chunks.holding(start) is None

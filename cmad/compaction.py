@@ -1,32 +1,52 @@
 """Compaction: moving movable chunks to open holes, as the review proposed.
 
-Two entry points, both called under the Cma lock:
+Entry points, all called under the Cma lock:
 
-- ``make_room(cma, region, size, alignment)``: an allocation failed although the
-  region has the free bytes.  Among the windows the request could occupy that
-  hold no pinned chunk, take the one whose movable chunks weigh least, move
-  those chunks elsewhere in the region and allocate there; if no window can
-  be emptied that way, slide all movable chunks down (``compact``) and retry.
-- ``compact(cma, region)``: slide every movable chunk to the lowest free place
-  below it (the ``compact`` file).
+- ``make_room(cma, region, size, alignment, movable)``: an allocation failed
+  although the region has the free bytes.  With pageblocks (SPEC 4b), a
+  pinned request of at least one block empties the cheapest window of
+  movable and free blocks, moving its chunks into other movable or free
+  blocks (``evacuate``, the kernel's ``alloc_contig_range``).  Without
+  pageblocks, among the windows between pinned chunks the cheapest is
+  emptied the same way (``_by_windows``).
+- ``compact_steps(cma, region)``: the ``compact`` file, as a generator of
+  bounded steps: from the top of the region down, each movable chunk moves
+  to a place its allocator finds lower down (and, with pageblocks, a
+  movable chunk sitting in a pinned block moves to a movable one).
+
+Bounds, so compaction never thrashes or stalls:
+
+- no allocation moves more than MOVE_RATIO times the bytes it asks for:
+  only windows that cheap are considered, and the budget is spent once;
+- an attempt that cannot succeed is not started: a window is tried only if
+  the movable and free space outside it can take what it holds, and a
+  window's destinations are all found before anything moves;
+- the work per moved chunk is logarithmic: one allocator search, one free,
+  one chunk-index update; ``compact`` walks the chunks once with a cursor
+  (a chunk only ever moves down, so none is visited twice) and never keeps
+  a list of gaps.
 
 A chunk never moves onto its own bytes, so a crash between the copy and the
 journal's commit leaves the old copy intact where the journal still points.
-Pinned chunks (the default) never move.  Linear in the region's chunks: this
-is the slow path, taken only when the hot path has already failed.
+Pinned chunks (the default) never move.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from itertools import accumulate
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
+from .allocators.pageblocks import MOVABLE, PINNED, Grouped
 from .regions import Region, align_up
 
 if TYPE_CHECKING:
-    from .cma import Cma
     from .chunks import Chunk
+    from .cma import Cma
+
+MOVE_RATIO = 1     # an allocation moves at most this many times its own bytes
+ATTEMPTS = 8       # windows tried per allocation (each checked before anything moves)
+SCAN_PER_STEP = 64  # chunks a compact step looks at when none of them moves
 
 
 def _stretches(cma: Cma, region: Region) -> list[tuple[int, int, list[Chunk]]]:
@@ -48,8 +68,10 @@ def walled(cma: Cma, region: Region, size: int, alignment: int) -> bool:
                    for lo, hi, _ in _stretches(cma, region))
 
 
-def _windows(cma: Cma, region: Region, size: int, alignment: int):
-    """(cost, start, movable chunks inside) for the candidate windows, cheapest first."""
+def _windows(cma: Cma, region: Region, size: int, alignment: int,
+             budget: int) -> list[tuple[int, int, int]]:
+    """(cost, lo, hi) of the windows between pinned chunks that moving at most
+    ``budget`` bytes would empty, cheapest first."""
     found = []
     for lo, hi, movable in _stretches(cma, region):
         starts = [c.start for c in movable]
@@ -59,111 +81,148 @@ def _windows(cma: Cma, region: Region, size: int, alignment: int):
             if w < lo or w + size > hi:
                 continue
             i, j = bisect_right(ends, w), bisect_left(starts, w + size)
-            found.append((weights[j] - weights[i], w, movable[i:j]))
-    found.sort(key=lambda f: (f[0], f[1]))
+            cost = weights[j] - weights[i]
+            if 0 < cost <= budget:
+                found.append((cost, w, w + size))
+    found.sort()
     return found
 
 
 def make_room(cma: Cma, region: Region, size: int, alignment: int,
-              attempts: int = 8) -> tuple[int, int] | None:
-    """Serve (size, alignment) from ``region`` by moving movable chunks: first by
-    emptying the cheapest window, then, failing that, by sliding every movable
-    chunk down and trying again.  Returns the allocator's answer, or None.
-
-    A slide that could not serve is not repeated until something is freed:
-    allocations alone never make room, and sliding is the expensive part."""
-    window, window_alignment = region.allocator.footprint(size, alignment)
-    if region.free < window or walled(cma, region, window, window_alignment):
-        return None  # pinned chunks wall every stretch off: moving cannot help
-
-    def by_windows() -> tuple[int, int] | None:
-        for cost, w, victims in _windows(cma, region, window, window_alignment)[:attempts]:
-            if cost and _evict(cma, region, w, w + window, victims):
-                region.compactions += 1
-                got = region.allocator.alloc(size, alignment)
-                if got is not None:
-                    return got
-        return None
-
-    got = by_windows()
-    if got is not None or region.futile_at == region.freed:
-        return got
-    if compact(cma, region):
-        got = region.allocator.alloc(size, alignment) or by_windows()
-    if got is None:
-        region.futile_at = region.freed
-    return got
-
-
-def _evict(cma: Cma, region: Region, lo: int, hi: int, victims: list[Chunk]) -> bool:
-    """Move ``victims`` out of [lo, hi); False (and nothing changed) if they do not fit."""
+              movable: bool = False) -> tuple[int, int] | None:
+    """Serve (size, alignment) from ``region`` by emptying the cheapest window that
+    costs at most MOVE_RATIO x size in moved bytes; the allocator's answer or None."""
     allocator = region.allocator
-    gaps, at = [], lo
-    for c in victims:  # fill the window's free parts so nothing moves into it
-        if c.start > at:
-            gaps.append((at, c.start - at))
-        at = max(at, c.end)
+    budget = MOVE_RATIO * size
+    if isinstance(allocator, Grouped):
+        if movable:
+            return None  # movable requests take free blocks or fall back, never move others
+        span, align = allocator.claim_shape(size, alignment, PINNED)
+        windows = allocator.windows(span, align, budget)
+    else:
+        window, window_alignment = allocator.footprint(size, alignment)
+        if region.free < window:
+            return None
+        windows = _windows(cma, region, window, window_alignment, budget)
+    for cost, lo, hi in windows[:ATTEMPTS]:
+        if cost > budget:
+            continue
+        if evacuate(cma, region, lo, hi):
+            budget -= cost
+            region.compactions += 1
+            got = allocator.alloc_for(size, alignment, movable)
+            if got is not None:
+                return got
+    return None
+
+
+def _victims(cma: Cma, lo: int, hi: int) -> list[Chunk]:
+    """The chunks with bytes in [lo, hi), in address order."""
+    first = cma.chunks.holding(lo)
+    inside = list(cma.chunks.in_range(lo, hi))
+    return [first, *inside] if first is not None and first.start < lo else inside
+
+
+def evacuate(cma: Cma, region: Region, lo: int, hi: int) -> bool:
+    """Move every chunk out of [lo, hi); False (and nothing changed) if one is
+    pinned or they do not all fit elsewhere."""
+    allocator = region.allocator
+    victims = _victims(cma, lo, hi)
+    if not victims or not all(c.movable for c in victims):
+        return False
+    holds = _isolate(allocator, lo, hi, victims)
+    if holds is None:
+        return False
+    try:
+        placed = []
+        for c in sorted(victims, key=lambda c: -c.size):
+            got = allocator.alloc_for(c.size, c.alignment, True)
+            if got is None or got[1] != c.size:
+                if got is not None:
+                    allocator.free_for(got[0], got[1], True)
+                for c2, new in placed:
+                    allocator.free_for(new, c2.size, True)
+                return False
+            placed.append((c, got[0]))
+        i = 0
+        try:
+            for i, (c, new) in enumerate(placed):
+                cma._move_to(c, new)
+        except BaseException:  # a failed move undid itself; give back what the rest held
+            for c, new in placed[i + 1:]:
+                allocator.free_for(new, c.size, True)
+            raise
+    finally:
+        _release(allocator, holds)
+    return True
+
+
+def _isolate(allocator, lo: int, hi: int, victims: list[Chunk]):
+    """Hold the free parts of [lo, hi) so that no victim moves into them."""
+    used = [(c.start, c.size) for c in victims]
+    if isinstance(allocator, Grouped):
+        return allocator.isolate(lo, hi, used)
+    held, at = [], lo
+    gaps = []
+    for s, n in used:
+        if s > at:
+            gaps.append((at, s - at))
+        at = max(at, s + n)
     if hi > at:
         gaps.append((at, hi - at))
-    held = []
     for g in gaps:
         if not allocator.reserve(*g):
             for h in held:
                 allocator.free(*h)
-            return False
+            return None
         held.append(g)
-    placed = []
-    for c in sorted(victims, key=lambda c: -c.size):
-        got = allocator.alloc(c.size, c.alignment)
-        if got is None or got[1] != c.size:
-            for (new, n) in ([got] if got else []) + [(p, c2.size) for c2, p in placed]:
-                allocator.free(new, n)
-            for h in held:
-                allocator.free(*h)
-            return False
-        placed.append((c, got[0]))
-    try:
-        for i, (c, new) in enumerate(placed):
-            cma._move_to(c, new)
-    except BaseException:  # a failed move undid itself; give back what the rest held
-        for c, new in placed[i + 1:]:
-            allocator.free(new, c.size)
-        raise
-    finally:
-        for h in held:
-            allocator.free(*h)
-    return True
+    return held
 
 
-def compact(cma: Cma, region: Region) -> int:
-    """Slide movable chunks down, each to the lowest free place below it (first
-    fit over the gaps left behind, one pass in address order); returns moves."""
-    allocator = region.allocator
-    gaps: list[list[int]] = []  # [start, end) free, below the scan, address order
-    at, moved = region.start, 0
-    for chunk in list(cma.chunks_of(region)):
-        old, end = chunk.start, chunk.end
-        if old > at:
-            _add_gap(gaps, at, old)
-        at = max(at, end)
-        if not chunk.movable:
-            continue
-        size, alignment = allocator.footprint(chunk.size, chunk.alignment)
-        for i, (lo, hi) in enumerate(gaps):
-            w = align_up(lo, alignment)
-            if w + size <= hi and allocator.reserve(w, chunk.size):
-                cma._move_to(chunk, w)
-                moved += 1
-                gaps[i:i + 1] = [g for g in ([lo, w], [w + chunk.size, hi]) if g[1] > g[0]]
-                _add_gap(gaps, old, end)
-                break
-    region.compactions += 1
-    return moved
-
-
-def _add_gap(gaps: list[list[int]], lo: int, hi: int) -> None:
-    """Append [lo, hi) to the address-ordered gaps, merging with the last one."""
-    if gaps and gaps[-1][1] == lo:
-        gaps[-1][1] = hi
+def _release(allocator, holds) -> None:
+    if isinstance(allocator, Grouped):
+        allocator.release(holds)
     else:
-        gaps.append([lo, hi])
+        for h in holds:
+            allocator.free(*h)
+
+
+def compact_steps(cma: Cma, region: Region) -> Iterator[int]:
+    """The ``compact`` file: from the top of the region down, move each movable
+    chunk to a lower place its allocator finds; yields the moves so far after
+    every move or SCAN_PER_STEP chunks looked at.  A cursor walks the chunks
+    once; other clients may allocate and free between steps."""
+    cursor, moved, looked = region.end, 0, 0
+    region.compactions += 1
+    region.last_compact = 0
+    while True:
+        chunk = cma.chunks.last_before(cursor)
+        if chunk is None or chunk.start < region.start:
+            break
+        cursor = chunk.start
+        looked += 1
+        if chunk.movable and _move_down(cma, region, chunk):
+            moved += 1
+            region.last_compact = moved
+            looked = 0
+            yield moved
+        elif looked >= SCAN_PER_STEP:
+            looked = 0
+            yield moved
+
+
+def _move_down(cma: Cma, region: Region, chunk: Chunk) -> bool:
+    """Move one movable chunk lower down (or, with pageblocks, out of a pinned
+    block into a movable one); False if its allocator has no such place."""
+    allocator = region.allocator
+    mixed = isinstance(allocator, Grouped) and allocator.owner_of(chunk.start) != MOVABLE
+    got = allocator.alloc_for(chunk.size, chunk.alignment, True, claim=mixed)
+    if got is None:
+        return False
+    new, size = got
+    if size == chunk.size and (new + size <= chunk.start or
+                               (mixed and allocator.owner_of(new) == MOVABLE)):
+        cma._move_to(chunk, new)
+        return True
+    allocator.free_for(new, size, True)
+    return False

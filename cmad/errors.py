@@ -23,4 +23,15 @@ def einval(why: str) -> CmaError:
     return CmaError(_errno.EINVAL, why)
 
 
-__all__ = ["CmaError", "einval", "os"]
+CLIP = 80
+
+
+def clip(text: str, limit: int = CLIP) -> str:
+    """The repr of client text for a log line, cut to ``limit`` characters with a
+    marker saying how much was left out: a 4 KiB write never makes a 4 KiB line."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}...(+{len(text) - limit} chars)"
+
+
+__all__ = ["CmaError", "clip", "einval", "os"]

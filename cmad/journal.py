@@ -12,6 +12,7 @@ per-transaction file locking.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ from .chunks import ADDR_FORM, LABEL, RECORD, Chunk, check_label
 from .cma import Cma
 from .errors import CmaError
 from .memparse import fmt_addr
-from .regions import NAME
+from .regions import NAME, NAME_MAX, Region, alloc_spec_text
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,48 @@ CREATE TABLE IF NOT EXISTS chunks (
     alignment INTEGER NOT NULL);
 """
 FIELDS = RECORD
-_SELECT = f"SELECT {', '.join(FIELDS)} FROM chunks ORDER BY start"
+# Ids are reserved in the meta table a batch at a time, so the hot path writes
+# the next id once per ID_BATCH allocations, and a restart never hands out an
+# id a chunk had before (ids are never dense, only unique).
+ID_BATCH = 1024
+ALLOC_KEY = "alloc."  # meta key prefix: a region's alloc attribute written at runtime
+
+
+def _i64(value: int | None) -> int | None:
+    """A 64-bit unsigned value as SQLite's signed INTEGER (two's complement), so
+    addresses from 2^63 up (``--base 0x8000000000000000``) fit; smaller values
+    are stored as they are, so older journals read the same."""
+    return value - (1 << 64) if value is not None and value >= 1 << 63 else value
+
+
+def _u64(value: object) -> object:
+    """Back from ``_i64``; anything but a negative int (a tampered row) is left to
+    ``check_rows``."""
+    return value + (1 << 64) if type(value) is int and value < 0 else value
+
+
+def _unsigned(row: tuple) -> tuple:
+    return tuple(_u64(v) if i in _U64_AT else v for i, v in enumerate(row))
+# Addresses from 2^63 up are stored negative (below): the non-negative ones
+# first, then those, each by the unique index on start.
+_SELECT = f"SELECT {', '.join(FIELDS)} FROM chunks WHERE start {{}} 0 ORDER BY start"
+_WRAPPED = ("SELECT count(*) FROM chunks WHERE start < 0 OR size < 0 OR bound < 0 "
+            "OR alignment < 0")
 BATCH = 65536  # rows fetched, checked and handed on at a time
 _TRANSIENT = FIELDS.index("transient")
+_U64_AT = tuple(FIELDS.index(f) for f in ("start", "size", "bound", "alignment"))
 
 
 def _row(chunk: Chunk) -> tuple:
-    return (chunk.id, chunk.start, chunk.size, chunk.region.name, chunk.dev, chunk.type,
-            chunk.uid, chunk.pid, chunk.label, chunk.created, int(chunk.movable),
-            int(chunk.transient), chunk.bound, chunk.alignment)
+    return (chunk.id, _i64(chunk.start), _i64(chunk.size), chunk.region.name, chunk.dev,
+            chunk.type, chunk.uid, chunk.pid, chunk.label, chunk.created, int(chunk.movable),
+            int(chunk.transient), _i64(chunk.bound), _i64(chunk.alignment))
+
+
+def _failure(e: Exception, what: str) -> CmaError:
+    """ENOSPC for a full state disk (SQLITE_FULL), else EIO."""
+    full = getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return CmaError(errno.ENOSPC if full else errno.EIO, f"journal: cannot record {what}: {e}")
 
 
 # -- what a journalled row may hold ---------------------------------------
@@ -59,6 +93,7 @@ def _row(chunk: Chunk) -> tuple:
 
 _PAGE = 4096
 _I63 = (1 << 63) - 1
+_U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 
 
@@ -96,7 +131,7 @@ def _created(v: object) -> bool:
     return type(v) in (int, float) and math.isfinite(v) and v >= 0
 
 
-_name.what = "a name of [A-Za-z0-9_.-]"
+_name.what = f"a name (1 to {NAME_MAX} of [A-Za-z0-9_.-])"
 _label.what = f"NULL or a label ({LABEL.pattern}, not 16 hex digits)"
 _created.what = "a finite time >= 0"
 
@@ -104,7 +139,7 @@ _created.what = "a finite time >= 0"
 # checked by type and bounds over the whole column, the others value by value
 # over their few distinct values.
 RULES: dict[str, Callable] = {
-    "id": _int(1, _I63), "start": _int(0, _I63, _PAGE), "size": _int(_PAGE, _I63, _PAGE),
+    "id": _int(1, _I63), "start": _int(0, _U64, _PAGE), "size": _int(_PAGE, _U64, _PAGE),
     "region": _name, "dev": _name, "type": _name, "uid": _int(0, _U32),
     "pid": _int(0, _U32), "label": _label, "created": _created, "movable": _int(0, 1),
     "transient": _int(0, 1), "bound": _pow2(none=True), "alignment": _pow2(),
@@ -155,16 +190,29 @@ class Journal:
 
     def __init__(self, state_dir: str, *, readonly: bool = False):
         self.path = os.path.join(state_dir, JOURNAL)
+        self.readonly = readonly
+        # Frees that took effect in memory but could not be recorded yet (a full
+        # state disk): id -> chunk name.  Recorded before any other write.
+        self.unrecorded: dict[int, str] = {}
+        self._outage = False
         if readonly:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                       isolation_level=None)
-            return
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
-        self.db.executescript(_SCHEMA)
+        else:
+            if os.path.lexists(state_dir) and not os.path.isdir(state_dir):
+                raise CmaError(errno.ENOTDIR, f"state_dir {state_dir} is not a directory")
+            try:
+                os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            except OSError as e:  # a dangling link, no permission, a file on the way
+                raise CmaError(e.errno or errno.EIO,
+                               f"state_dir {state_dir}: {e.strerror}") from None
+            self.db = sqlite3.connect(self.path, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self.db.executescript(_SCHEMA)
+        self._ids_reserved = 0 if readonly else int(self.get("next_id") or 0)
 
     # -- meta ------------------------------------------------------------
 
@@ -176,15 +224,56 @@ class Journal:
         self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                             [(k, str(v)) for k, v in values.items()])
 
+    def next_id(self) -> int:
+        """No chunk ever had this id or a higher one: the reserved batch, or past
+        the highest recorded id for a journal older than the reservation."""
+        top = self.db.execute("SELECT max(id) FROM chunks").fetchone()[0]
+        return max(int(self.get("next_id") or 0), (top or 0) + 1)
+
+    # -- runtime allocator changes (SPEC 5: journalled, restored at start) ----
+
+    def on_allocator(self, region: Region) -> None:
+        """Record the region's allocator when it differs from the configuration's,
+        with the configuration it overrode (which decides at the next start)."""
+        runtime, configured = alloc_spec_text(region.wanted), alloc_spec_text(region.configured)
+        key = ALLOC_KEY + region.name
+        try:
+            if runtime == configured:
+                self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                self.set(**{key: json.dumps({"alloc": runtime, "configured": configured})})
+        except sqlite3.Error as e:
+            raise _failure(e, f"the allocator of region {region.name}") from e
+
+    def runtime_allocator(self, region: str) -> tuple[str, str] | None:
+        """(allocator written at runtime, the configured one it overrode), if any."""
+        value = self.get(ALLOC_KEY + region)
+        if value is None:
+            return None
+        try:
+            saved = json.loads(value)
+            return str(saved["alloc"]), str(saved["configured"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("journal: unreadable allocator record for region %s: %.80r; ignored",
+                        region, value)
+            return None
+
+    def forget_allocator(self, region: str) -> None:
+        self.db.execute("DELETE FROM meta WHERE key = ?", (ALLOC_KEY + region,))
+
     # -- chunks ----------------------------------------------------------
 
     def rows(self) -> Iterator[list[tuple]]:
         """Every journalled chunk as a tuple in FIELDS order, by start: one query,
         handed out in batches, each checked by ``check_rows``."""
-        cursor = self.db.execute(_SELECT)
-        while batch := cursor.fetchmany(BATCH):
-            check_rows(batch)
-            yield batch
+        wrapped = self.db.execute(_WRAPPED).fetchone()[0]
+        for sign in (">=", "<"):
+            cursor = self.db.execute(_SELECT.format(sign))
+            while batch := cursor.fetchmany(BATCH):
+                if wrapped:  # only with a base from 2^63 up: converted row by row
+                    batch = [_unsigned(row) for row in batch]
+                check_rows(batch)
+                yield batch
 
     def records(self) -> Iterator[dict]:
         """The rows as dicts, one at a time (``cmad check``, tests)."""
@@ -194,29 +283,71 @@ class Journal:
             record["transient"] = bool(record["transient"])
             yield record
 
-    def count(self) -> int:
-        return self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+    def count(self, region: str | None = None) -> int:
+        """Recorded chunks, or those of one region that recovery keeps (not transient)."""
+        if region is None:
+            return self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        return self.db.execute("SELECT count(*) FROM chunks WHERE region = ? AND "
+                               "transient = 0", (region,)).fetchone()[0]
 
     def on_alloc(self, chunk: Chunk) -> None:
         try:
+            self._record_frees()  # a freed chunk's start or label may be taken again
+            if chunk.id >= self._ids_reserved:
+                self.set(next_id=chunk.id + ID_BATCH)
+                self._ids_reserved = chunk.id + ID_BATCH
             self.db.execute(f"INSERT INTO chunks VALUES ({', '.join('?' * len(FIELDS))})",
                             _row(chunk))
         except (sqlite3.Error, OverflowError) as e:
-            raise CmaError(errno.EIO, f"journal: cannot record chunk {chunk.name}: {e}") from e
+            raise _failure(e, f"chunk {chunk.name}") from e
 
     def on_free(self, chunk: Chunk) -> None:
+        """Never refuses: a free takes effect in memory even when the state disk is
+        full, and its delete waits in ``unrecorded`` until ``catch_up`` records it."""
+        self.unrecorded[chunk.id] = chunk.name
         try:
-            self.db.execute("DELETE FROM chunks WHERE id = ?", (chunk.id,))
+            self._record_frees()
         except (sqlite3.Error, OverflowError) as e:
-            raise CmaError(errno.EIO, f"journal: cannot record free of {chunk.name}: {e}") from e
+            if not self._outage:  # once per outage, not once per free
+                log.warning("journal: cannot record the free of chunk %s (%s): freed in "
+                            "memory; the journal catches up when it can be written",
+                            chunk.name, e)
+            self._outage = True
 
     def on_move(self, chunk: Chunk, old_start: int) -> None:
         """One statement, so one atomic commit: the chunk is at old_start or at start."""
         try:
+            self._record_frees()
             self.db.execute("UPDATE chunks SET start = ?, movable = ? WHERE id = ?",
-                            (chunk.start, int(chunk.movable), chunk.id))
+                            (_i64(chunk.start), int(chunk.movable), chunk.id))
         except (sqlite3.Error, OverflowError) as e:
-            raise CmaError(errno.EIO, f"journal: cannot record move of {chunk.name}: {e}") from e
+            raise _failure(e, f"the move of chunk {chunk.name}") from e
+
+    def _record_frees(self) -> None:
+        """Delete the rows of the frees not recorded yet, all or none."""
+        if not self.unrecorded:
+            return
+        ids = list(self.unrecorded)
+        if len(ids) == 1:
+            self.db.execute("DELETE FROM chunks WHERE id = ?", (ids[0],))
+        else:
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.executemany("DELETE FROM chunks WHERE id = ?", [(i,) for i in ids])
+        for i in ids:
+            del self.unrecorded[i]
+        if self._outage:
+            self._outage = False
+            log.info("journal: recorded %d frees that waited for the state disk", len(ids))
+
+    def catch_up(self) -> int:
+        """Retry the frees not recorded yet (the heartbeat calls this); how many
+        are still waiting."""
+        try:
+            self._record_frees()
+        except (sqlite3.Error, OverflowError):
+            pass
+        return len(self.unrecorded)
 
     def forget(self, ids: list[int]) -> None:
         with self.db:
@@ -225,6 +356,45 @@ class Journal:
 
     def close(self) -> None:
         self.db.close()
+
+
+def restore_allocators(cma: Cma, journal: Journal) -> None:
+    """Give back the allocators written to regions' ``alloc`` files at runtime,
+    before the chunks they made are recovered (SPEC 5: a restart never fails
+    because of them).
+
+    The configuration wins where it changed that region's allocator since the
+    write (the administrator's later word), unless the region has journalled
+    chunks: those were made by the runtime allocator and could not be put back
+    by another, so it stays, with a warning, until a start finds the region empty.
+    """
+    for region in cma.regions:
+        saved = journal.runtime_allocator(region.name)
+        if saved is None:
+            continue
+        runtime, configured_then = saved
+        configured = alloc_spec_text(region.configured)
+        if configured != configured_then:
+            chunks = journal.count(region.name)
+            if not chunks:
+                log.info("region %s: the configuration's allocator %r replaces %r, written "
+                         "to its alloc file at runtime", region.name, configured, runtime)
+                if not journal.readonly:
+                    journal.forget_allocator(region.name)
+                continue
+            log.warning("region %s: keeping allocator %r, written to its alloc file at "
+                        "runtime, for its %d journalled chunks; the configuration's %r "
+                        "applies at a start that finds the region empty", region.name,
+                        runtime, chunks, configured)
+        try:
+            cma.set_allocator(region.name, runtime)
+        except CmaError as e:
+            log.warning("region %s: cannot restore allocator %r written at runtime (%s); "
+                        "the configuration's %r stays", region.name, runtime, e.why,
+                        configured)
+            continue
+        log.info("region %s: allocator %r, written to its alloc file at runtime, restored",
+                 region.name, runtime)
 
 
 def restore_record(cma: Cma, record: dict) -> Chunk:

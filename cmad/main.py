@@ -12,13 +12,13 @@ import sqlite3
 import sys
 from functools import partial
 
-from . import __version__, service
+from . import __version__, ratelimit, service
 from .arena import Arena, hugetlbfs_mounts
-from .allocator import registry
+from .allocators import registry
 from .cma import Cma, plan_regions
 from .config import Config, ConfigError, load
 from .errors import CmaError
-from .journal import Journal, recover
+from .journal import Journal, recover, restore_allocators
 
 log = logging.getLogger("cmad")
 
@@ -125,7 +125,10 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
                   hugetlb_memfd=journal is None)
     try:
         if journal is not None:  # before the arena: sticky regions keep their chunks' pages
+            next_id = journal.next_id()  # before recovery forgets transient chunks
+            restore_allocators(cma, journal)
             recover(cma, journal, arena_survived=survived)
+            cma.skip_ids(next_id)
         cma.attach_arena(arena)
         if journal is not None:
             journal.set(arena_file=arena.path, regions=config.regions, base=cma.base,
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(stream=sys.stderr, format="cmad: %(levelname)s %(message)s",
                         level=logging.INFO)
+    ratelimit.install()  # bounded lines, client-caused warnings rate-limited
     if argv and argv[0] in ("check", "reset", "hugepages"):
         from . import offline
         return offline.main(argv)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import re
 
-from .errors import einval
+from .errors import clip, einval
 
 U64_MAX = (1 << 64) - 1
+# No literal of a 64-bit value is longer (octal with a suffix is 24); leading
+# zeros past this are refused rather than parsed: int() of 5,000 decimal
+# digits raises ValueError, and the work would grow with the client's text.
+MAX_NUMBER_TEXT = 64
 
 _SHIFT = {"k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 # 0x hex, leading-0 octal (a lone 0 too), else decimal; optional suffix.
@@ -19,9 +23,13 @@ def memparse(text: str, what: str = "size") -> int:
     Strict where the kernel is lenient: trailing junk, ``0x`` without digits
     and values that do not fit in 64 bits are EINVAL, naming ``what``.
     """
+    if len(text) > MAX_NUMBER_TEXT:
+        raise einval(f"{what} {clip(text, 24)} is longer than {MAX_NUMBER_TEXT} characters: "
+                     "no 64-bit number is")
     m = _NUMBER.fullmatch(text)
     if m is None:
-        raise einval(f"{what} {text!r} is not a number (C literal with optional K/M/G/T/P/E)")
+        raise einval(f"{what} {clip(text)} is not a number (C literal with optional "
+                     "K/M/G/T/P/E)")
     digits, suffix = m.groups()
     if digits[:2] in ("0x", "0X"):
         value = int(digits[2:], 16)
@@ -30,7 +38,7 @@ def memparse(text: str, what: str = "size") -> int:
     if suffix:
         value <<= _SHIFT[suffix.lower()]
     if value > U64_MAX:
-        raise einval(f"{what} {text!r} does not fit in 64 bits")
+        raise einval(f"{what} {clip(text)} does not fit in 64 bits")
     return value
 
 

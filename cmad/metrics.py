@@ -6,7 +6,8 @@ from .cma import Cma
 from .regions import RegionStats
 
 STAT_KEYS = ("alloc_ok", "alloc_fail", "freed", "bytes_allocated", "largest_free",
-             "fragmentation", "peak_used", "moved", "compactions")
+             "fragmentation", "peak_used", "moved", "compactions", "pageblock", "blocks_free",
+             "blocks_pinned", "blocks_movable", "blocks_mixed", "fallbacks")
 
 # name, type, help; the value is the RegionStats field of the same key.
 _METRICS = (
@@ -19,6 +20,12 @@ _METRICS = (
     ("peak_used", "gauge", "Most bytes ever held at once."),
     ("moved", "counter", "Chunks moved by compaction."),
     ("compactions", "counter", "Compaction runs."),
+    ("pageblock", "gauge", "Pageblock size in bytes (grouping by mobility); 0: off."),
+    ("blocks_free", "gauge", "Pageblocks holding no chunk."),
+    ("blocks_pinned", "gauge", "Pageblocks holding pinned chunks only."),
+    ("blocks_movable", "gauge", "Pageblocks holding movable chunks only."),
+    ("blocks_mixed", "gauge", "Pageblocks holding both, after a fallback."),
+    ("fallbacks", "counter", "Allocations served from a block of the other mobility."),
 )
 
 

@@ -10,7 +10,7 @@ import sys
 
 from .cma import Cma
 from .errors import CmaError
-from .journal import JOURNAL, BadRow, Journal, restore_record
+from .journal import JOURNAL, BadRow, Journal, restore_allocators, restore_record
 from .memparse import human
 
 log = logging.getLogger("cmad")
@@ -29,6 +29,7 @@ def check(state_dir: str) -> list[str]:
         if regions is None or base is None:
             return ["journal has no recorded configuration (never started?)"]
         cma = Cma(regions, "", base=int(base))
+        restore_allocators(cma, journal)
         problems = []
         try:
             for record in journal.records():

@@ -15,11 +15,14 @@ import errno
 import re
 from dataclasses import dataclass, field
 
-from .allocator import PAGE_SIZE, Allocator
-from .errors import CmaError, einval
+from .allocators import PAGE_SIZE, Allocator
+from .allocators.pageblocks import make_allocator
+from .errors import CmaError, clip, einval
 from .memparse import fmt_addr, human, is_power_of_two, memparse
 
-NAME = re.compile(r"[A-Za-z0-9_.-]+")
+NAME_MAX = 64  # as labels: names are file names and log words, never a client's essay
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,%d}" % NAME_MAX)
+_START_DIR = re.compile(r"[0-9a-fA-F]{16}")
 KINDS = ("exclusive", "sticky")
 
 _REGION = re.compile(
@@ -30,8 +33,21 @@ _ALLOC = re.compile(r"(?P<name>[^()]*)(?:\((?P<params>[^()]*)\))?")
 
 
 def check_name(name: str, what: str) -> str:
+    """Device, type, region and parameter names: ``[A-Za-z0-9_.-]``, 1 to 64 of them
+    (fullmatch: no trailing newline slips through, as it would with ``$``)."""
     if not NAME.fullmatch(name):
-        raise einval(f"{what} {name!r}: names use only [A-Za-z0-9_.-] and are not empty")
+        raise einval(f"{what} {clip(name)}: names use only [A-Za-z0-9_.-], 1 to "
+                     f"{NAME_MAX} of them")
+    return name
+
+
+def check_region_name(name: str, what: str = "region name") -> str:
+    """A region name is also an entry of ``regions/`` beside the ``%016x`` start
+    directories: ``.``, ``..`` and 16 hex digits would alias one of those."""
+    check_name(name, what)
+    if name in (".", "..") or _START_DIR.fullmatch(name):
+        raise einval(f"{what} {name!r}: '.', '..' and 16 hex digits are names of "
+                     "directories in regions/")
     return name
 
 
@@ -62,6 +78,13 @@ class AllocSpec:
     name: str | None = None  # None: the default allocator
     params: dict[str, int] = field(default_factory=dict)
     kind: str = "exclusive"
+
+
+def alloc_spec_text(spec: AllocSpec) -> str:
+    """The canonical text of a spec (parse_alloc_spec reads it back as the same)."""
+    params = ([spec.kind] if spec.kind != "exclusive" else []) + [
+        f"{k}={v}" for k, v in sorted(spec.params.items())]
+    return (spec.name or "") + (f"({','.join(params)})" if params else "")
 
 
 def parse_alloc_spec(text: str, what: str = "allocator") -> AllocSpec:
@@ -117,7 +140,7 @@ def _parse_region(text: str) -> RegionSpec:
     m = _REGION.fullmatch(text)
     if m is None:
         raise einval(f"region {text!r}: expected NAME=SIZE[@START][/ALIGN][:ALLOC[(PARAMS)]]")
-    name = check_name(m["name"], "region name")
+    name = check_region_name(m["name"])
     size = memparse(m["size"], f"region {name}: size")
     if size == 0:
         raise einval(f"region {name}: size is 0")
@@ -146,6 +169,9 @@ def layout(specs: list[RegionSpec], base: int, arena_size: int | None,
                 raise CmaError(errno.EADDRINUSE,
                                f"region {name} [{start:#x}, {start + size:#x}) overlaps "
                                f"region {other} [{s:#x}, {e:#x})")
+        if start + size > 1 << 64:
+            raise einval(f"region {name} ({human(size)} at {start:#x}) would end past 2^64: "
+                         "bus addresses are 64-bit")
         if limit is not None and start + size > limit:
             raise CmaError(errno.ENOMEM,
                            f"region {name} ({human(size)} at {start:#x}) does not fit in the "
@@ -193,6 +219,12 @@ class RegionStats:
     peak_used: int
     moved: int
     compactions: int
+    pageblock: int = 0  # grouping by mobility (SPEC 4b); 0: off
+    blocks_free: int = 0
+    blocks_pinned: int = 0
+    blocks_movable: int = 0
+    blocks_mixed: int = 0
+    fallbacks: int = 0
 
 
 def fragmentation(free: int, largest_free: int) -> float:
@@ -208,11 +240,12 @@ class Region:
         self.size = spec.size
         self.kind = spec.alloc.kind
         self.wanted: AllocSpec = spec.alloc  # what the alloc attribute asked for
+        self.configured: AllocSpec = spec.alloc  # what the configuration said
         self.allocator: Allocator | None = None
         self.users = 0
         self.used = 0
         self.movable_users = 0
-        self.futile_at = -1  # region.freed when a full compaction last failed
+        self.last_compact = 0  # chunks the latest compact moved
         self.alloc_ok = self.alloc_fail = self.freed = 0
         self.peak_used = self.moved = self.moved_bytes = self.compactions = 0
 
@@ -236,7 +269,7 @@ class Region:
         if self.users:
             raise CmaError(errno.EBUSY, f"region {self.name} has {self.users} chunks; "
                                         "its allocator can change only when it has none")
-        allocator = cls(self.start, self.size, **params)
+        allocator = make_allocator(cls, self.start, self.size, params)
         self.detach()
         self.allocator = allocator
 
@@ -254,7 +287,23 @@ class Region:
         largest = self.largest_free()
         return RegionStats(self.alloc_ok, self.alloc_fail, self.freed, self.used, largest,
                            fragmentation(self.free, largest), self.peak_used, self.moved,
-                           self.compactions)
+                           self.compactions, **self.pageblock_stats())
+
+    def pageblock_stats(self) -> dict[str, int]:
+        """The pageblock keys of stats: O(1), the allocator keeps the counts."""
+        allocator = self.allocator
+        blocks = getattr(allocator, "block_counts", None)
+        if blocks is None:
+            return {}
+        free, pinned, movable, mixed = blocks()
+        return dict(pageblock=allocator.pageblock, blocks_free=free, blocks_pinned=pinned,
+                    blocks_movable=movable, blocks_mixed=mixed, fallbacks=allocator.fallbacks)
+
+    def pageblocks(self) -> str:
+        """The ``pageblocks`` file: one character per block, '.' free, 'P' pinned,
+        'M' movable, 'X' mixed, 64 per line; empty when grouping is off."""
+        picture = getattr(self.allocator, "picture", None)
+        return picture() if picture is not None else ""
 
     def describe(self) -> str:
         """For log lines: name, free bytes and largest hole."""

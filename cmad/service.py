@@ -58,8 +58,10 @@ def watchdog_interval() -> float | None:
 
 
 async def heartbeat(cma, interval: float | None) -> None:
-    """WATCHDOG=1 (when asked for) and a fresh STATUS= line, forever."""
+    """WATCHDOG=1 (when asked for) and a fresh STATUS= line, forever; on each beat
+    the journal retries what a full state disk kept it from recording."""
     while True:
+        cma.catch_up()
         fields = {"STATUS": status(cma)}
         if interval is not None:
             fields["WATCHDOG"] = 1

@@ -45,6 +45,7 @@ REGION_ATTRS = {
     "kind": lambda r: r.kind,
     "stats": lambda r: show_stats(r.stats()),
     "bitmap": lambda r: region_bitmap(r),
+    "pageblocks": lambda r: r.pageblocks(),
 }
 
 CHUNK_ATTRS = {

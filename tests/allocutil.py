@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cmad.allocator import PAGE_SIZE
+from cmad.allocators.interface import PAGE_SIZE
 
 K = 1 << 10
 M = 1 << 20

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from sortedcontainers import SortedDict
 
-from cmad.allocator import _registry, registry
-from cmad.bf import BestFit
+from cmad.allocators.interface import _registry, registry
+from cmad.allocators.bf import BestFit
 from cmad.errors import CmaError
 
 from allocutil import BASE, K, M, P, align_up, complement

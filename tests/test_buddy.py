@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from sortedcontainers import SortedDict
 
-from cmad.allocator import PAGE_SIZE, _registry
-from cmad.buddy import Buddy
+from cmad.allocators.interface import PAGE_SIZE, _registry
+from cmad.allocators.buddy import Buddy
 from cmad.errors import CmaError
 
 from allocutil import BASE, K, M, complement

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cmad import Arena, Cma, CmaError
-from cmad.allocator import Allocator, register
+from cmad.allocators.interface import Allocator, register
 
 M = 1 << 20
 DEFAULT = "video=32M:bf;common=16M:buddy;dma=8M:bitmap"

@@ -229,3 +229,21 @@ def test_cmad_check_names_a_tampered_row(tmp_path):
     problems = check(str(tmp_path))
     assert len(problems) == 1 and problems[0].startswith("journal row id=1 ")
     assert "size 'big'" in problems[0]
+
+
+def test_bulk_recovery_of_addresses_from_2_63_up(tmp_path):
+    regions, base = "lo=64K:bf;hi=1M:bf", 1 << 63
+    cma = Cma(regions, "*=hi", base=base)
+    journal = Journal(str(tmp_path))
+    cma.listeners.append(journal)
+    made = [cma.alloc("dev", 8 * K, label=f"c{i}") for i in range(5)]
+    cma.alloc_from("lo", K)
+    journal.close()
+    assert all(c.start >= base for c in made)
+    reference, bulk = Cma(regions, base=base), Cma(regions, base=base)
+    journal = Journal(str(tmp_path))
+    assert row_by_row(reference, journal) == []
+    journal.close()
+    assert recover(bulk, Journal(str(tmp_path)), arena_survived=True) == 6
+    assert snapshot(bulk) == snapshot(reference)
+    assert [c.start for c in bulk.chunks][1:] == [c.start for c in made]

@@ -34,8 +34,8 @@ import errno
 import re
 from typing import Iterator
 
-from .allocator import PAGE_SHIFT, PAGE_SIZE, Allocator, register
-from .errors import CmaError
+from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator, register
+from ..errors import CmaError
 
 MAX_ORDER_PER_BIT = 20
 SUPER = 512  # blocks per superblock
@@ -69,6 +69,7 @@ def _aligned_up(first: int, at: int, mask: int) -> int:
 @register
 class Bitmap(Allocator):
     name = "bitmap"
+    groupable = True
     params = ("order_per_bit",)
     _super = SUPER  # class attributes so tests can shrink them (_limit >= _super)
     _limit = LIMIT

@@ -42,8 +42,8 @@ import errno
 from heapq import heapify, heappop, heappush
 from typing import Iterator
 
-from .allocator import PAGE_SHIFT, PAGE_SIZE, Allocator, register
-from .errors import CmaError
+from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator, register
+from ..errors import CmaError
 
 _PAGE_MASK = PAGE_SIZE - 1
 
@@ -64,6 +64,7 @@ class Buddy(Allocator):
     """Binary buddy allocator over one region; see the module docstring."""
 
     name = "buddy"
+    groupable = True
     params = ()
 
     def __init__(self, start: int, size: int, **params: int):

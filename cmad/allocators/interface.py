@@ -6,8 +6,11 @@ and calls for one region are serialised (the Cma lock).  Addresses are bus
 addresses (absolute), so natural alignment means alignment of the address.
 
 Subclasses implement ``alloc``, ``free``, ``reserve``, ``holes``,
-``largest_free`` and ``_check``; ``free_bytes`` is kept here.  ``reserve_many``
-has a generic loop here; an allocator may override it for bulk recovery.
+``largest_free`` and ``_check``; ``free_bytes`` is kept here.  The
+``*_for`` entry points carry a chunk's mobility: a plain allocator ignores
+it, ``pageblocks.Grouped`` keeps pinned and movable chunks in blocks of
+their own (SPEC 4b).  ``reserve_many`` (bulk recovery) has a generic loop
+here; an allocator may override it to rebuild its index once.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import errno
 from typing import Callable, Iterator
 
-from .errors import CmaError
+from ..errors import CmaError
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -65,14 +68,15 @@ class Allocator:
         """
         raise NotImplementedError
 
-    def reserve_many(self, ranges: list[tuple[int, int]]) -> list[bool]:
-        """``reserve`` each (start, size) of ``ranges``, sorted by start (recovery).
+    def reserve_many(self, ranges: list[tuple[int, int, bool]]) -> list[bool]:
+        """``reserve_for`` each (start, size, movable) of ``ranges``, sorted by
+        start (recovery).
 
-        Exactly what a loop of ``reserve`` calls would do, in one call: an
+        Exactly what a loop of ``reserve_for`` calls would do, in one call: an
         allocator can override it to rebuild its index once (``bf`` does).
         Returns one success flag per range.
         """
-        return [self.reserve(start, size) for start, size in ranges]
+        return [self.reserve_for(start, size, movable) for start, size, movable in ranges]
 
     def holes(self) -> Iterator[tuple[int, int]]:
         """Free ranges (start, size) in address order, adjacent ones merged."""
@@ -81,6 +85,38 @@ class Allocator:
     def largest_free(self) -> int:
         """The largest request that would succeed now with page alignment."""
         raise NotImplementedError
+
+    # -- mobility (SPEC 4b).  An allocator that knows nothing of it serves every
+    # chunk alike; ``pageblocks.Grouped`` overrides these.
+
+    groupable = False  # whether pageblocks.Grouped may split it by mobility
+
+    @classmethod
+    def full(cls, start: int, size: int, **params: int) -> "Allocator":
+        """An instance over [start, start + size) with every byte in use."""
+        allocator = cls(start, size, **params)
+        if size and not allocator.reserve(start, size):
+            raise CmaError(errno.EINVAL, f"{cls.name}: cannot start full")
+        return allocator
+
+    def alloc_for(self, size: int, alignment: int, movable: bool,
+                  claim: bool = True) -> tuple[int, int] | None:
+        """alloc for a chunk of that mobility; ``claim=False`` keeps to space the
+        type already has (compaction moving a chunk down)."""
+        return self.alloc(size, alignment)
+
+    def fallback(self, size: int, alignment: int, movable: bool) -> tuple[int, int] | None:
+        """The last resort before ENOMEM: space kept for the other mobility."""
+        return None
+
+    def free_for(self, start: int, size: int, movable: bool) -> None:
+        self.free(start, size)
+
+    def reserve_for(self, start: int, size: int, movable: bool) -> bool:
+        return self.reserve(start, size)
+
+    def retype(self, start: int, size: int, movable: bool) -> None:
+        """The chunk at [start, start + size) is now of that mobility."""
 
     def cleanup(self) -> None:
         """cleanup(region): called when the region has no chunks left."""

@@ -33,8 +33,8 @@ from typing import Iterator
 
 from sortedcontainers import SortedList
 
-from .allocator import PAGE_SIZE, Allocator, register
-from .errors import CmaError
+from .interface import PAGE_SIZE, Allocator, register
+from ..errors import CmaError
 
 _SHIFT = 64
 _LOW = (1 << _SHIFT) - 1
@@ -43,6 +43,7 @@ _LOW = (1 << _SHIFT) - 1
 @register
 class BestFit(Allocator):
     name = "bf"
+    groupable = True
     params = ()
 
     def __init__(self, start: int, size: int, **params: int):
@@ -174,16 +175,17 @@ class BestFit(Allocator):
         self.free_bytes -= size
         return True
 
-    def reserve_many(self, ranges: list[tuple[int, int]]) -> list[bool]:
+    def reserve_many(self, ranges: list[tuple[int, int, bool]]) -> list[bool]:
         """All of recovery's reserves (sorted by start) in one walk over the holes
         in address order, then the indexes rebuilt once: O(n + h log h), not n
-        tree updates.  The same result as a loop of ``reserve``."""
+        tree updates.  The same result as a loop of ``reserve`` (bf ignores
+        mobility)."""
         holes = iter(sorted(self._by_start.items()))
         kept: list[tuple[int, int]] = []
         done: list[bool] = []
         hole = hole_end = None
         taken = 0
-        for start, size in ranges:
+        for start, size, _ in ranges:
             end = start + size
             while hole is None or hole_end <= start:
                 if hole is not None:

@@ -1,0 +1,455 @@
+"""Grouping by mobility: pageblocks of one type each, around any allocator (SPEC 4b).
+
+The kernel's page allocator keeps pinned ("unmovable") and movable pages
+apart so that a few long-lived pinned pages cannot wall off every stretch a
+large request could use; compaction then only ever has movable pages to
+move.  Here a region is cut into *pageblocks* (2 MiB by default) and:
+
+- every block is owned by the pool of free blocks, by the pinned type or by
+  the movable type (``_owner``, one byte per block: "whose block is this" is
+  O(1), as ``get_pageblock_migratetype``);
+- each type has its own instance of the region's allocator (bf, buddy or
+  bitmap) whose free space is exactly the free space inside that type's
+  blocks: the per-type free lists of the kernel, so a request of one type
+  never lands in the other's blocks by accident, and every search stays the
+  allocator's own logarithmic one;
+- the pool of whole free blocks is a best fit over block runs.
+
+A request (``alloc_for``) follows ``__rmqueue``: its own type's space first;
+then whole free blocks claimed for it (a run of them for a request that
+spans blocks, ``try_to_claim_block``); compaction may then empty a window
+of movable blocks for a pinned request (``compaction.evacuate``, the
+``alloc_contig_range`` step, which needs the chunks and so lives outside);
+only as the last step before ENOMEM does ``fallback`` take space in a block
+of the other type (the ``fallbacks[]`` table below), which makes that block
+mixed and is counted.  A block whose last chunk leaves goes back to the pool.
+
+The shown type of a block follows from its owner and what it holds: free
+(pool), pinned or movable (owner's type only), mixed (both).  Counts per
+shown type are kept as blocks change, so stats are O(1).
+"""
+
+from __future__ import annotations
+
+import errno
+from array import array
+from heapq import merge
+from typing import Iterator
+
+from ..errors import CmaError
+from .bf import BestFit
+from .interface import PAGE_SIZE, Allocator
+
+FREE, PINNED, MOVABLE, MIXED = 0, 1, 2, 3
+TYPE_CHARS = ".PMX"
+
+DEFAULT_PAGEBLOCK = 2 << 20
+MIN_BLOCKS = 8          # grouping by default only where a region holds this many blocks
+DEFAULT_MAX_BLOCKS = 1 << 16  # the default block grows past 2 MiB to keep to this many
+MAX_BLOCKS = 1 << 22    # an explicit pageblock may not cut a region finer
+
+# Policy as data: the type a request may borrow from as its last resort.
+FALLBACKS = {PINNED: MOVABLE, MOVABLE: PINNED}
+
+
+def mobility(movable: bool) -> int:
+    return MOVABLE if movable else PINNED
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def pageblock_size(cls: type[Allocator], start: int, size: int, params: dict) -> int:
+    """The region's pageblock from its allocator parameters (0: grouping off).
+
+    Default: 2 MiB (more for regions past 2^16 such blocks) where the region
+    holds at least MIN_BLOCKS of them and its allocator can be grouped.
+    EINVAL for a pageblock that is not a power of two, is finer than the
+    allocator's block, or does not divide the region."""
+    granule = cls.granule(**params)
+    if "pageblock" not in params:
+        block = max(DEFAULT_PAGEBLOCK, _pow2_at_least(-(-size // DEFAULT_MAX_BLOCKS)))
+        fits = start % block == 0 and size % block == 0 and size >= MIN_BLOCKS * block
+        return block if getattr(cls, "groupable", False) and fits and granule <= block else 0
+    block = params["pageblock"]
+    if block == 0:
+        return 0
+    what = f"{cls.name}: pageblock={block:#x}"
+    if not getattr(cls, "groupable", False):
+        raise CmaError(errno.EINVAL, f"{what}: allocator {cls.name!r} cannot group by mobility")
+    if block & (block - 1) or block < max(granule, PAGE_SIZE):
+        raise CmaError(errno.EINVAL, f"{what} must be a power of two no smaller than the "
+                                     f"allocator's block {granule:#x}")
+    if start % block or size % block:
+        raise CmaError(errno.EINVAL, f"{what} must divide the region {start:#x}+{size:#x}")
+    if size // block > MAX_BLOCKS:
+        raise CmaError(errno.EINVAL, f"{what} cuts the region into more than {MAX_BLOCKS} blocks")
+    return block
+
+
+def make_allocator(cls: type[Allocator], start: int, size: int, params: dict) -> Allocator:
+    """The region's allocator: ``cls`` itself, or ``cls`` grouped by mobility."""
+    params = dict(params)
+    block = pageblock_size(cls, start, size, params)
+    params.pop("pageblock", None)
+    if not block:
+        return cls(start, size, **params)
+    return grouped_class(cls)(start, size, pageblock=block, **params)
+
+
+_GROUPED: dict[type, type] = {}
+
+
+def grouped_class(cls: type[Allocator]) -> type["Grouped"]:
+    """A Grouped subclass that shows as ``cls`` (name, granule, params)."""
+    sub = _GROUPED.get(cls)
+    if sub is None:
+        sub = _GROUPED[cls] = type(f"Grouped{cls.__name__}", (Grouped,), {
+            "name": cls.name, "params": (*cls.params, "pageblock"), "inner": cls,
+            "granule": cls.granule})
+    return sub
+
+
+class Grouped(Allocator):
+    """One region's allocator split by mobility into pageblocks; see the module docstring."""
+
+    inner: type[Allocator] = Allocator
+
+    def __init__(self, start: int, size: int, *, pageblock: int, **params: int):
+        inner = self.inner
+        super().__init__(start, size)
+        self.pageblock = pageblock
+        self._shift = pageblock.bit_length() - 1
+        self.nblocks = n = size >> self._shift
+        self._pool = BestFit(start, size)
+        self._typed = {PINNED: inner.full(start, size, **params),
+                       MOVABLE: inner.full(start, size, **params)}
+        self._owner = bytearray(n)
+        self._bytes = {PINNED: array("q", bytes(8 * n)), MOVABLE: array("q", bytes(8 * n))}
+        self._counts = [n, 0, 0, 0]  # blocks per shown type
+        self.fallbacks = 0
+
+    # -- blocks ----------------------------------------------------------
+
+    def block_type(self, i: int) -> int:
+        """The shown type of block i.  O(1)."""
+        owner = self._owner[i]
+        if owner == FREE or not self._bytes[FALLBACKS[owner]][i]:
+            return owner
+        return MIXED
+
+    def block_counts(self) -> tuple[int, int, int, int]:
+        """Blocks that are free, pinned, movable, mixed.  O(1)."""
+        return tuple(self._counts)  # type: ignore[return-value]
+
+    def picture(self) -> str:
+        """One character per block (``.PMX``), 64 per line."""
+        cells = "".join(TYPE_CHARS[self.block_type(i)] for i in range(self.nblocks))
+        return "\n".join(cells[i:i + 64] for i in range(0, len(cells), 64))
+
+    def _span(self, lo: int, hi: int) -> range:
+        start, shift = self.start, self._shift
+        return range((lo - start) >> shift, ((hi - 1 - start) >> shift) + 1)
+
+    def _block(self, i: int) -> int:
+        return self.start + (i << self._shift)
+
+    def _account(self, lo: int, hi: int, kind: int, sign: int) -> None:
+        """Add (sign 1) or take (-1) the bytes [lo, hi) of a chunk of ``kind``."""
+        counts = self._counts
+        held = self._bytes[kind]
+        for i in self._span(lo, hi):
+            b = self._block(i)
+            before = self.block_type(i)
+            held[i] += sign * (min(hi, b + self.pageblock) - max(lo, b))
+            after = self.block_type(i)
+            if after != before:
+                counts[before] -= 1
+                counts[after] += 1
+            if sign < 0 and not held[i] and not self._bytes[FALLBACKS[kind]][i]:
+                self._reclaim(i)
+
+    def _set_owner(self, i: int, owner: int) -> None:
+        counts = self._counts
+        counts[self.block_type(i)] -= 1
+        self._owner[i] = owner
+        counts[self.block_type(i)] += 1
+
+    def _reclaim(self, i: int) -> None:
+        """An emptied block goes back to the pool (not while compaction holds part of it)."""
+        owner = self._owner[i]
+        b = self._block(i)
+        if owner != FREE and self._typed[owner].reserve(b, self.pageblock):
+            self._pool.free(b, self.pageblock)
+            self._set_owner(i, FREE)
+
+    def _assign(self, lo: int, hi: int, kind: int) -> None:
+        """Blocks [lo, hi), just taken from the pool, become space of ``kind``."""
+        for i in self._span(lo, hi):
+            self._set_owner(i, kind)
+        self._typed[kind].free(lo, hi - lo)
+
+    def _unassign(self, lo: int, hi: int, kind: int) -> None:
+        """Undo ``_assign`` of blocks that are still wholly free."""
+        taken = self._typed[kind].reserve(lo, hi - lo)
+        assert taken, "unassigned blocks must be wholly free"
+        self._pool.free(lo, hi - lo)
+        for i in self._span(lo, hi):
+            self._set_owner(i, FREE)
+
+    def claim_shape(self, size: int, alignment: int, kind: int) -> tuple[int, int]:
+        """The run of whole blocks (bytes, alignment) a request of ``kind`` claims."""
+        need, align = self._typed[kind].footprint(size, alignment)
+        mask = self.pageblock - 1
+        return (need + mask) & ~mask, max(align, self.pageblock)
+
+    def _claim(self, kind: int, size: int, alignment: int) -> tuple[int, int] | None:
+        """try_to_claim_block: take a run of whole free blocks for the request."""
+        span, align = self.claim_shape(size, alignment, kind)
+        run = self._pool.alloc(span, align)
+        if run is None:
+            return None
+        self._assign(run[0], run[0] + span, kind)
+        got = self._typed[kind].alloc(size, alignment)
+        if got is None:
+            self._unassign(run[0], run[0] + span, kind)
+            return None
+        self._account(got[0], got[0] + got[1], kind, 1)
+        for i in self._span(run[0], run[0] + span):  # a claimed block the chunk missed
+            if not self._bytes[kind][i]:
+                self._reclaim(i)
+        return got
+
+    # -- the mobility-aware interface ------------------------------------
+
+    def alloc_for(self, size: int, alignment: int, movable: bool,
+                  claim: bool = True) -> tuple[int, int] | None:
+        """Own type's blocks first, then a claimed run of free blocks.  O(log n)
+        plus the claim's O(log blocks)."""
+        kind = mobility(movable)
+        got = self._typed[kind].alloc(size, alignment)
+        if got is not None:
+            self._account(got[0], got[0] + got[1], kind, 1)
+        elif claim:
+            got = self._claim(kind, size, alignment)
+        if got is not None:
+            self.free_bytes -= got[1]
+        return got
+
+    def fallback(self, size: int, alignment: int, movable: bool) -> tuple[int, int] | None:
+        """The last resort: space in blocks of the other type (they become mixed)."""
+        kind = mobility(movable)
+        got = self._typed[FALLBACKS[kind]].alloc(size, alignment)
+        if got is not None:
+            self._account(got[0], got[0] + got[1], kind, 1)
+            self.free_bytes -= got[1]
+            self.fallbacks += 1
+        return got
+
+    def free_for(self, start: int, size: int, movable: bool) -> None:
+        """Give a chunk back to the type whose blocks hold it.  O(log n + blocks)."""
+        if start < self.start or start + size > self.start + self.size or size <= 0:
+            raise CmaError(errno.EINVAL, f"{self.name}: free of {start:#x}+{size:#x} "
+                                         "outside the region")
+        owner = self._owner[(start - self.start) >> self._shift]
+        assert owner != FREE, f"free of {start:#x} in a free block"
+        self._typed[owner].free(start, size)
+        self.free_bytes += size
+        self._account(start, start + size, mobility(movable), -1)
+
+    def reserve_for(self, start: int, size: int, movable: bool) -> bool:
+        """Claim exactly [start, start + size) for a chunk of that mobility.
+
+        The range's blocks must all be free or belong to one type; free ones
+        are claimed for it (that type, or the chunk's own if all are free).
+        Recovery reserves in address order, so a chunk's blocks past its
+        first one are always still free."""
+        if size <= 0 or start < self.start or start + size > self.start + self.size:
+            return False
+        kind = mobility(movable)
+        span = self._span(start, start + size)
+        owners = {self._owner[i] for i in span} - {FREE}
+        if len(owners) > 1:
+            return False
+        owner = owners.pop() if owners else kind
+        claimed = []
+        for i in span:
+            if self._owner[i] == FREE:
+                b = self._block(i)
+                taken = self._pool.reserve(b, self.pageblock)
+                assert taken, f"free block {i} is not wholly in the pool"
+                self._assign(b, b + self.pageblock, owner)
+                claimed.append(b)
+        if not self._typed[owner].reserve(start, size):
+            for b in claimed:
+                self._unassign(b, b + self.pageblock, owner)
+            return False
+        self._account(start, start + size, kind, 1)
+        self.free_bytes -= size
+        return True
+
+    def retype(self, start: int, size: int, movable: bool) -> None:
+        """A chunk changed mobility (a movable chunk was pinned): its bytes change sides."""
+        kind = mobility(movable)
+        self._account(start, start + size, FALLBACKS[kind], -1)
+        self._account(start, start + size, kind, 1)
+
+    def owner_of(self, addr: int) -> int:
+        """The type that owns the block holding ``addr`` (FREE for the pool).  O(1)."""
+        return self._owner[(addr - self.start) >> self._shift]
+
+    # -- compaction support ------------------------------------------------
+
+    def windows(self, span: int, align: int, budget: int) -> list[tuple[int, int, int]]:
+        """Runs of ``span`` bytes at ``align`` made of free and movable-only blocks
+        whose movable bytes (the cost of emptying them) are at most ``budget``
+        and fit in the movable and free space outside the run: (cost, lo, hi),
+        cheapest first.  O(blocks)."""
+        n, k = self.nblocks, span >> self._shift
+        step = max(align >> self._shift, 1)
+        first = (-(self.start >> self._shift)) % step
+        owner, pinned, movable = self._owner, self._bytes[PINNED], self._bytes[MOVABLE]
+        cost = [0] * (n + 1)
+        walls = [0] * (n + 1)   # blocks holding pinned bytes
+        frees = [0] * (n + 1)   # pool blocks
+        for i in range(n):
+            cost[i + 1] = cost[i] + movable[i]
+            walls[i + 1] = walls[i] + (pinned[i] > 0 or owner[i] == PINNED)
+            frees[i + 1] = frees[i] + (owner[i] == FREE)
+        room_m = self._typed[MOVABLE].free_bytes
+        room_pool = self._pool.free_bytes
+        out = []
+        for i in range(first, n - k + 1, step):
+            j = i + k
+            c = cost[j] - cost[i]
+            if walls[j] != walls[i] or c > budget or not c:
+                continue
+            free_in = frees[j] - frees[i]
+            # The movable space inside the run is given up while it is emptied.
+            m_in = (k - free_in) * self.pageblock - c
+            if room_m - m_in + room_pool - free_in * self.pageblock < c:
+                continue
+            out.append((c, self._block(i), self._block(j)))
+        out.sort()
+        return out
+
+    def isolate(self, lo: int, hi: int, used: list[tuple[int, int]]) -> list[tuple[int, int, int]] | None:
+        """Hold every free byte of [lo, hi) (``used`` lists the chunks' ranges, sorted)
+        so nothing is placed there while it is emptied; None if it cannot be held."""
+        holds: list[tuple[int, int, int]] = []
+        at = lo
+        gaps = []
+        for s, n in used:
+            if s > at:
+                gaps.append((at, s))
+            at = max(at, s + n)
+        if at < hi:
+            gaps.append((at, hi))
+        for g_lo, g_hi in gaps:
+            for i in self._span(g_lo, g_hi):
+                b = self._block(i)
+                p_lo, p_hi = max(g_lo, b), min(g_hi, b + self.pageblock)
+                owner = self._owner[i]
+                where = self._pool if owner == FREE else self._typed[owner]
+                if not where.reserve(p_lo, p_hi - p_lo):
+                    self.release(holds)
+                    return None
+                holds.append((owner, p_lo, p_hi - p_lo))
+        return holds
+
+    def release(self, holds: list[tuple[int, int, int]]) -> None:
+        """Give back what ``isolate`` held; blocks left empty go back to the pool."""
+        for owner, start, size in holds:
+            (self._pool if owner == FREE else self._typed[owner]).free(start, size)
+        for owner, start, size in holds:
+            for i in self._span(start, start + size):
+                if self._owner[i] != FREE and not self._bytes[PINNED][i] \
+                        and not self._bytes[MOVABLE][i]:
+                    self._reclaim(i)
+
+    # -- the plain interface: a chunk of unknown mobility is pinned ----------
+
+    def alloc(self, size: int, alignment: int) -> tuple[int, int] | None:
+        return self.alloc_for(size, alignment, False)
+
+    def free(self, start: int, size: int) -> None:
+        self.free_for(start, size, False)
+
+    def reserve(self, start: int, size: int) -> bool:
+        return self.reserve_for(start, size, False)
+
+    def footprint(self, size: int, alignment: int) -> tuple[int, int]:
+        return self._typed[PINNED].footprint(size, alignment)
+
+    def holes(self) -> Iterator[tuple[int, int]]:
+        """Free ranges of all three owners in address order, adjacent ones merged."""
+        cur = end = None
+        for start, size in merge(self._pool.holes(), self._typed[PINNED].holes(),
+                                 self._typed[MOVABLE].holes()):
+            if start == end:
+                end += size
+                continue
+            if cur is not None:
+                yield cur, end - cur
+            cur, end = start, start + size
+        if cur is not None:
+            yield cur, end - cur
+
+    def largest_free(self) -> int:
+        """The largest request that succeeds now: in a type's blocks, or as free blocks."""
+        return max(self._pool.largest_free(), self._typed[PINNED].largest_free(),
+                   self._typed[MOVABLE].largest_free())
+
+    def cleanup(self) -> None:
+        for allocator in self._typed.values():
+            allocator.cleanup()
+
+    def check_chunks(self, chunks) -> None:
+        """Assert that block types agree with the chunks inside them:
+        ``chunks`` is every (start, size, movable) of the region."""
+        held = {PINNED: [0] * self.nblocks, MOVABLE: [0] * self.nblocks}
+        for start, size, movable in chunks:
+            kind = mobility(movable)
+            owners = {self._owner[i] for i in self._span(start, start + size)}
+            assert len(owners) == 1 and FREE not in owners, \
+                f"chunk {start:#x}+{size:#x} lies in blocks of owners {owners}"
+            for i in self._span(start, start + size):
+                b = self._block(i)
+                held[kind][i] += min(start + size, b + self.pageblock) - max(start, b)
+        for kind in (PINNED, MOVABLE):
+            assert list(self._bytes[kind]) == held[kind], f"type {kind} bytes disagree with chunks"
+
+    def _check(self) -> None:
+        """Every pageblock invariant, and each owner's allocator's own."""
+        self._pool._check()
+        pb, n = self.pageblock, self.nblocks
+        free_in = {PINNED: [0] * n, MOVABLE: [0] * n}
+        for start, size in self._pool.holes():
+            assert (start - self.start) % pb == 0 and size % pb == 0, \
+                f"pool hole {start:#x}+{size:#x} is not whole blocks"
+            for i in self._span(start, start + size):
+                assert self._owner[i] == FREE, f"pool holds block {i} of owner {self._owner[i]}"
+        for kind, allocator in self._typed.items():
+            allocator._check()
+            for start, size in allocator.holes():
+                for i in self._span(start, start + size):
+                    assert self._owner[i] == kind, \
+                        f"type {kind} has free space in block {i} of owner {self._owner[i]}"
+                    b = self._block(i)
+                    free_in[kind][i] += min(start + size, b + pb) - max(start, b)
+        counts = [0, 0, 0, 0]
+        for i in range(n):
+            owner = self._owner[i]
+            used = self._bytes[PINNED][i] + self._bytes[MOVABLE][i]
+            assert min(self._bytes[PINNED][i], self._bytes[MOVABLE][i]) >= 0
+            if owner == FREE:
+                assert used == 0, f"free block {i} holds {used} bytes"
+            else:
+                assert used > 0, f"empty block {i} was not given back to the pool"
+                assert used + free_in[owner][i] == pb, f"block {i}: used + free != block"
+            counts[self.block_type(i)] += 1
+        assert counts == self._counts, (counts, self._counts)
+        assert self._pool.free_bytes == counts[FREE] * pb
+        assert self.free_bytes == self._pool.free_bytes + sum(
+            a.free_bytes for a in self._typed.values()), "free bytes disagree with the owners"
