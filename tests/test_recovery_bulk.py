@@ -13,7 +13,8 @@ from cmad import Cma, CmaError
 from cmad.journal import BadRow, Journal, check_rows, recover, restore_record
 
 K = 4096
-REGIONS = "a=1M:bf;b=1M:buddy;c=1M:bitmap(order_per_bit=1);d=512K:bf(sticky)"
+REGIONS = ("a=1M:bf;b=1M:buddy;c=1M:bitmap(order_per_bit=1);d=512K:bf(sticky);"
+           "g=1M:bf(pageblock=64K);h=1M:buddy(pageblock=128K)")  # g, h grouped by mobility
 STARTS = {r.name: r.start for r in Cma(REGIONS).regions}
 INSERT = "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
@@ -30,10 +31,20 @@ def snapshot(cma: Cma) -> dict:
         "ids_after": [c.id for c in cma.chunks.ids_after(0)],
         "regions": {r.name: (list(r.allocator.holes()), r.allocator.free_bytes,
                              r.allocator.largest_free(), r.users, r.used, r.movable_users,
-                             r.alloc_ok, r.freed, r.peak_used, r.stats()) for r in cma.regions},
+                             r.alloc_ok, r.freed, r.peak_used, r.stats(),
+                             grouping(r.allocator)) for r in cma.regions},
         "held": dict(cma._held),
         "next_id": cma._next_id,
     }
+
+
+def grouping(allocator) -> tuple | None:
+    """A grouped allocator's blocks: owners, bytes per type, counts, each type's holes."""
+    if not hasattr(allocator, "block_counts"):
+        return None
+    return (bytes(allocator._owner), {k: list(v) for k, v in allocator._bytes.items()},
+            allocator.block_counts(), list(allocator._pool.holes()),
+            {k: list(a.holes()) for k, a in allocator._typed.items()})
 
 
 def row_by_row(cma: Cma, journal: Journal) -> list[str]:
@@ -50,7 +61,7 @@ def row_by_row(cma: Cma, journal: Journal) -> list[str]:
 
 
 chunk_rows = st.lists(st.tuples(
-    st.sampled_from(["a", "b", "c", "d", "gone"]),
+    st.sampled_from(["a", "b", "c", "d", "g", "h", "gone"]),
     st.integers(0, 6),                       # gap before, in pages
     st.integers(1, 9),                       # size in pages
     st.sampled_from([None, None, "x", "y", "cam.0", "z_1"]),
@@ -102,7 +113,7 @@ def test_bulk_recovery_equals_row_by_row(tmp_path_factory, rows):
     assert not problems, f"bulk restored what row by row refuses: {problems}"
     assert snapshot(bulk) == snapshot(reference)
     bulk._check()
-    for name in ("a", "b", "c", "d"):  # the allocators answer alike afterwards too
+    for name in ("a", "b", "c", "d", "g", "h"):  # the allocators answer alike afterwards
         assert next_start(reference, name) == next_start(bulk, name)
 
 
