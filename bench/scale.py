@@ -365,6 +365,7 @@ def table(results: list[dict]) -> None:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # daemons cleaned up on the way out
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="10k")
     p.add_argument("--seconds", type=float, default=10.0)
