@@ -330,7 +330,7 @@ class Tree:
         if chunk.label:
             self.chunks.invalidate(chunk.label)
             if self._labels is not None:
-                self._labels.remove(chunk.label)
+                self._labels.discard(chunk.label)
 
     def on_move(self, chunk: Chunk, old_start: int) -> None:
         """Only the address names change meaning; ids/<id> and the label stay."""

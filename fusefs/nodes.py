@@ -83,6 +83,9 @@ async def _maybe_await(value: Any) -> Any:
 class Node:
     """Base of all nodes: permission bits, owner, place in the tree."""
 
+    __slots__ = ("mode", "uid", "gid", "name", "parent", "inode", "mtime_ns", "kernel_refs",
+                 "_gone_from", "__weakref__")
+
     kind = 0                # S_IFDIR / S_IFREG / S_IFLNK, set by subclasses
 
     def __init__(self, mode: int, uid: int = 0, gid: int = 0):
@@ -132,6 +135,8 @@ class Node:
 
 class Dir(Node):
     """A directory: children by name, listed in insertion order."""
+
+    __slots__ = ("_children", "_seq_of", "_name_of", "_seqs", "_next_seq", "_subdirs")
 
     kind = stat.S_IFDIR
 
@@ -248,6 +253,8 @@ class LazyDir(Dir):
     populate left it and is not populated again.
     """
 
+    __slots__ = ("_populate",)
+
     def __init__(self, populate: Callable[["LazyDir"], None], mode: int = 0o755,
                  uid: int = 0, gid: int = 0):
         super().__init__(mode, uid, gid)
@@ -287,12 +294,15 @@ class DynamicDir(Dir):
     *dirs* (optional) counts the subdirectories, for st_nlink.
     """
 
+    __slots__ = ("provider", "_dirs", "_held", "_held_peak")
+
     def __init__(self, provider: Provider, mode: int = 0o755, uid: int = 0, gid: int = 0,
                  dirs: Optional[Callable[[], int]] = None):
         super().__init__(mode, uid, gid)
         self.provider = provider
         self._dirs = dirs
         self._held: dict[str, tuple[object, Node]] = {}
+        self._held_peak = 0
 
     def add(self, name: str, node: Node) -> Node:
         raise TypeError(f"{self.path()}: a DynamicDir's children come from its provider")
@@ -329,7 +339,10 @@ class DynamicDir(Dir):
 
     def _hold(self, name: str, target: object, node: Node) -> None:
         """The kernel is given *node*: keep it until FORGET."""
-        self._held[name] = (target, node)
+        held = self._held
+        held[name] = (target, node)
+        if len(held) > self._held_peak:
+            self._held_peak = len(held)
 
     def _listing(self, after: Optional[Hashable]) -> Iterator[tuple[Any, str, object, Node]]:
         """(key, name, target, node) after *after*; nodes not held yet."""
@@ -340,6 +353,15 @@ class DynamicDir(Dir):
         held = self._held.get(node.name)
         if held is not None and held[1] is node:
             del self._held[node.name]
+            self._shrink()
+
+    def _shrink(self) -> None:
+        """A dict never gives back its table: copy it once it holds a small
+        part of its peak (amortised O(1)), so a `find` is given back whole."""
+        held = self._held
+        if self._held_peak > 64 and len(held) * 8 < self._held_peak:
+            self._held = dict(held)
+            self._held_peak = len(held)
 
     def invalidate(self, name: str) -> None:
         """*name* means something else now (or nothing): the kernel drops
@@ -349,6 +371,7 @@ class DynamicDir(Dir):
         held = self._held.pop(name, None)
         if held is not None and held[1].kernel_refs:
             invalidator.entry(self.inode, os.fsencode(name), held[1].inode)
+        self._shrink()
 
     def held(self) -> int:
         """How many children the kernel holds (what this directory stores)."""
@@ -375,6 +398,8 @@ class Symlink(Node):
     """A symbolic link; *target* is a str or a zero-argument callable
     returning one (e.g. ``../regions/00000000400000``)."""
 
+    __slots__ = ("target",)
+
     kind = stat.S_IFLNK
 
     def __init__(self, target: Union[str, Callable[[], str]], uid: int = 0, gid: int = 0):
@@ -388,6 +413,8 @@ class Symlink(Node):
 
 class File(Node):
     """Base of regular files: each open makes a handle (see `_open`)."""
+
+    __slots__ = ()
 
     kind = stat.S_IFREG
 
@@ -425,6 +452,8 @@ class Attr(File):
     4096 bytes, a NUL byte or bad UTF-8 is refused with EINVAL.
     Either callback may be a coroutine function.
     """
+
+    __slots__ = ("show", "store")
 
     def __init__(self, show: Optional[Callable[[], str]] = None,
                  store: Optional[Callable[[str, Caller], None]] = None,
@@ -502,6 +531,8 @@ class Table(File):
     pieces is not a snapshot). st_size is 4096, like an attribute.
     """
 
+    __slots__ = ("rows",)
+
     def __init__(self, rows: Callable[[Optional[Any]], Iterable[tuple[Any, str]]],
                  mode: int = 0o444, uid: int = 0, gid: int = 0):
         super().__init__(mode, uid, gid)
@@ -563,6 +594,8 @@ class Stream(File):
     handle's methods may be coroutine functions.
     """
 
+    __slots__ = ("open",)
+
     def __init__(self, open: Callable[[Caller], Any], mode: int = 0o660,
                  uid: int = 0, gid: int = 0):
         super().__init__(mode, uid, gid)
@@ -611,6 +644,8 @@ class Bytes(File):
     with ENOSPC, a write straddling the end is cut short. direct_io, so it
     stays coherent with other mappings of the same memory.
     """
+
+    __slots__ = ("buffer",)
 
     def __init__(self, buffer: Callable[[], memoryview], mode: int = 0o600,
                  uid: int = 0, gid: int = 0):

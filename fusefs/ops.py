@@ -107,6 +107,7 @@ class Filesystem(pyfuse3.Operations):
         # inode -> node for the nodes the kernel holds; each node counts
         # its own lookups (node.kernel_refs), which Dir.remove also reads.
         self._inodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
+        self._inodes_peak = 1
         root.kernel_refs = 1
         self._handles: dict[int, _Handle] = {}
         self._dir_handles: dict[int, _DirHandle] = {}
@@ -128,8 +129,18 @@ class Filesystem(pyfuse3.Operations):
 
     def _remember(self, node: Node) -> None:
         """The kernel got a reference to *node* (one more lookup)."""
-        self._inodes[node.inode] = node
+        inodes = self._inodes
+        inodes[node.inode] = node
         node.kernel_refs += 1
+        if len(inodes) > self._inodes_peak:
+            self._inodes_peak = len(inodes)
+
+    def _shrink_inodes(self) -> None:
+        """A dict never gives back its table: copy the inode table once the
+        kernel holds a small part of its peak (amortised O(1))."""
+        if self._inodes_peak > 64 and len(self._inodes) * 8 < self._inodes_peak:
+            self._inodes = dict(self._inodes)
+            self._inodes_peak = len(self._inodes)
 
     def _node(self, inode: int) -> Node:
         try:
@@ -231,6 +242,7 @@ class Filesystem(pyfuse3.Operations):
                     del inodes[inode]
                     if node.parent is not None:
                         node.parent._child_forgotten(node)
+            self._shrink_inodes()
         except Exception:
             log.exception("forget %r failed", inode_list[:10])
 

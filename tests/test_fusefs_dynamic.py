@@ -6,6 +6,7 @@ A DynamicDir stores no children: nodes exist while the kernel holds them.
 import errno
 import gc
 import os
+import sys
 import weakref
 
 from sortedcontainers import SortedDict
@@ -187,6 +188,18 @@ async def test_lookup_walks_of_many_names_leave_nothing_behind():
         who = (await fs.lookup(d, b"who", ctx())).st_ino
         await fs.forget([(who, 1), (d, 1)])
     assert dyn.held() == 0 and len(fs._inodes) == before
+
+
+async def test_tables_are_given_back_after_a_walk_is_forgotten():
+    """A dict keeps its peak size: the inode table and the held names are
+    copied once the kernel holds a small part of their peak."""
+    names = [f"n{i:05d}" for i in range(5000)]
+    provider, dyn, fs = setup(names)
+    entries, _ = await list_dir(fs, await lookup(fs, "dyn"), capacity=500)
+    peak = sys.getsizeof(fs._inodes), sys.getsizeof(dyn._held)
+    await fs.forget([(e[1], 1) for e in entries[2:]])
+    assert sys.getsizeof(fs._inodes) * 50 < peak[0]
+    assert sys.getsizeof(dyn._held) * 50 < peak[1]
 
 
 async def test_dynamic_dirs_refuse_add_and_remove():
