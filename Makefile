@@ -44,6 +44,7 @@ bench: $(STAMP)
 	taskset -c 1 $(PY) bench/core.py
 	$(PY) bench/fs.py
 	$(PY) bench/frag.py
+	taskset -c 1 $(PY) bench/compact.py
 	$(PY) bench/client.py
 	$(PY) bench/scale.py --sizes 10k,200k,1m --growth
 

@@ -20,6 +20,7 @@ from array import array
 
 from .errors import CmaError
 from .memparse import human
+from .privileges import pagemap_fd
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,7 @@ class Arena:
         self.mm[offset:offset + size:mmap.PAGESIZE]  # fault the pages into our page table
         first, count = (base + offset) // mmap.PAGESIZE, -(-size // mmap.PAGESIZE)
         entries = array("Q")
-        with open("/proc/self/pagemap", "rb") as f:
-            entries.frombytes(os.pread(f.fileno(), count * 8, first * 8))
+        entries.frombytes(os.pread(pagemap_fd(), count * 8, first * 8))
         segments: list[list[int]] = []
         for i, entry in enumerate(entries):
             if not entry >> 63:

@@ -153,6 +153,7 @@ class Cma:
             region.attach(self._allocator_class(spec.alloc.name, ""), spec.alloc.params)
             self._regions[spec.name] = region
         self._map = Map(map)
+        self._names_ok: set[tuple[str, str]] = set()
         self.chunks = ChunkIndex()
         self._next_id = 1
         self.limits: dict[int, int] = dict(limits or {})
@@ -270,14 +271,23 @@ class Cma:
               **options) -> Chunk:
         """Allocate from the regions the map gives (dev, type), tried in order."""
         type = type or DEFAULT_TYPE
-        check_name(dev, "device")  # 1 to 64 of [A-Za-z0-9_.-]: no newline in chunkinfo
-        check_name(type, "type")
+        self._check_names(dev, type)
         names = self._map.lookup(dev, type)
         regions = [self._regions[n] for n in dict.fromkeys(names) if n in self._regions]
         if not regions:
             raise CmaError(errno.ENOENT, f"map sends {dev}/{type} to {','.join(names)}, "
                                          "none of which exists")
         return self._alloc(regions, size, alignment, dev, type, **options)
+
+    def _check_names(self, dev: str, type: str) -> None:
+        """1 to 64 of [A-Za-z0-9_.-] (no newline in chunkinfo, no essay in the
+        journal); a pair seen before is known good, as the map's memo knows it."""
+        if (dev, type) in self._names_ok:
+            return
+        check_name(dev, "device")
+        check_name(type, "type")
+        if len(self._names_ok) < 4096:
+            self._names_ok.add((dev, type))
 
     @_locked
     def alloc_from(self, regions: str | Sequence[str], size: int, alignment: int = 0,
@@ -684,7 +694,7 @@ class Cma:
         try:
             chunk = self.find(key)
         except CmaError as e:
-            log.warning("free: %s", e.why, extra={"client": True})
+            log.warning("free: %s", e.why, extra={"client": True, "why": e.why})
             raise
         if uid is not None and uid != 0 and uid != chunk.uid:
             raise CmaError(errno.EPERM, f"free {chunk.name}: owned by uid {chunk.uid}, "

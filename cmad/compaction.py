@@ -37,7 +37,7 @@ from bisect import bisect_left, bisect_right
 from itertools import accumulate
 from typing import TYPE_CHECKING, Iterator
 
-from .allocators.pageblocks import MOVABLE, PINNED, Grouped
+from .allocators.pageblocks import LARGE, MOVABLE, Grouped
 from .regions import Region, align_up
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def make_room(cma: Cma, region: Region, size: int, alignment: int,
     if isinstance(allocator, Grouped):
         if movable:
             return None  # movable requests take free blocks or fall back, never move others
-        span, align = allocator.claim_shape(size, alignment, PINNED)
+        span, align = allocator.claim_shape(size, alignment, LARGE)
         windows = allocator.windows(span, align, budget)
     else:
         window, window_alignment = allocator.footprint(size, alignment)
@@ -136,7 +136,10 @@ def evacuate(cma: Cma, region: Region, lo: int, hi: int) -> bool:
     try:
         placed = []
         for c in sorted(victims, key=lambda c: -c.size):
-            got = allocator.alloc_for(c.size, c.alignment, True)
+            # Movable or free blocks first; then the holes of pinned blocks,
+            # which no large request could use anyway (the block turns mixed).
+            got = allocator.alloc_for(c.size, c.alignment, True) or \
+                allocator.fallback(c.size, c.alignment, True)
             if got is None or got[1] != c.size:
                 if got is not None:
                     allocator.free_for(got[0], got[1], True)

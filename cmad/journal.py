@@ -235,13 +235,14 @@ class Journal:
     def on_allocator(self, region: Region) -> None:
         """Record the region's allocator when it differs from the configuration's,
         with the configuration it overrode (which decides at the next start)."""
-        runtime, configured = alloc_spec_text(region.wanted), alloc_spec_text(region.configured)
+        wanted, configured = region.wanted, region.configured
         key = ALLOC_KEY + region.name
         try:
-            if runtime == configured:
+            if (wanted.name, wanted.params) == (configured.name, configured.params):
                 self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
             else:
-                self.set(**{key: json.dumps({"alloc": runtime, "configured": configured})})
+                self.set(**{key: json.dumps({"alloc": alloc_spec_text(wanted),
+                                             "configured": alloc_spec_text(configured)})})
         except sqlite3.Error as e:
             raise _failure(e, f"the allocator of region {region.name}") from e
 
@@ -257,6 +258,10 @@ class Journal:
             log.warning("journal: unreadable allocator record for region %s: %.80r; ignored",
                         region, value)
             return None
+
+    def runtime_allocator_regions(self) -> list[str]:
+        return [key[len(ALLOC_KEY):] for (key,) in self.db.execute(
+            "SELECT key FROM meta WHERE substr(key, 1, ?) = ?", (len(ALLOC_KEY), ALLOC_KEY))]
 
     def forget_allocator(self, region: str) -> None:
         self.db.execute("DELETE FROM meta WHERE key = ?", (ALLOC_KEY + region,))
@@ -368,6 +373,10 @@ def restore_allocators(cma: Cma, journal: Journal) -> None:
     chunks: those were made by the runtime allocator and could not be put back
     by another, so it stays, with a warning, until a start finds the region empty.
     """
+    names = {region.name for region in cma.regions}
+    for gone in set(journal.runtime_allocator_regions()) - names:
+        if not journal.readonly:  # a region the configuration no longer has
+            journal.forget_allocator(gone)
     for region in cma.regions:
         saved = journal.runtime_allocator(region.name)
         if saved is None:

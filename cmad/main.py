@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import grp
 import logging
 import os
+import signal
 import sqlite3
 import sys
 from functools import partial
+from typing import Iterator
 
-from . import __version__, ratelimit, service
+from . import __version__, privileges, ratelimit, service
 from .arena import Arena, hugetlbfs_mounts
 from .allocators import registry
 from .cma import Cma, plan_regions
@@ -207,24 +210,131 @@ class Reloader:
         log.info("reload: map %r, limits %s", self.cma.map, self.cma.limits or "none")
 
 
-def serve_tree(cma: Cma, config: Config, args: argparse.Namespace) -> None:
-    from fusefs import Filesystem, serve
-
+def plant_tree(mount, cma: Cma, config: Config) -> None:
+    """Build the tree and hand it to the mount made at start (`start`)."""
     from .tree import Tree
 
     arena = cma.arena
     tree = Tree(cma, gid=group_id(config.group), extra_stats={
         "backing": arena.backing, "page_size": 4096, "arena_size": arena.size,
         "base": f"{cma.base:#x}", "arena_file": arena.path})
+    mount.fs.replace_root(tree.root)
 
+
+def serve_tree(mount, cma: Cma, config: Config, args: argparse.Namespace) -> None:
+    """Drop what serving does not need (privileges.py) and answer requests until
+    unmounted."""
     def ready() -> None:
         settle_gc()
-        log.info("ready: %s, mounted at %s", service.status(cma), config.mountpoint)
+        log.info("ready: %s, mounted at %s", service.status(cma), mount.mountpoint)
         service.notify(READY=1, STATUS=service.status(cma))
 
-    serve(Filesystem(tree.root), config.mountpoint, fsname="cmad", on_ready=ready, tasks=[
+    privileges.drop(privileges.SERVING)
+    mount.serve(on_ready=ready, tasks=[
         partial(service.heartbeat, cma, service.watchdog_interval()),
         partial(service.reload_on_sighup, Reloader(cma, config, args))])
+
+
+def state_dir_problem(state_dir: str | None) -> str | None:
+    """Why *state_dir* cannot hold a journal, found before anything is mounted."""
+    if state_dir is None or not os.path.lexists(state_dir):
+        return None
+    if not os.path.isdir(state_dir):
+        return f"state_dir {state_dir} exists and is not a directory"
+    return None
+
+
+def layout_problem(config: Config) -> str | None:
+    """Why the regions cannot be laid out, found before anything is mounted."""
+    try:
+        layout(config)
+    except CmaError as e:
+        return e.why
+    return None
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT while the tree is built: unmount, serve nothing."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM/SIGINT raise Interrupted in the block.  Outside such blocks start()
+    keeps them blocked, from before the mount until the serving loop's own
+    receiver takes them (fusefs.serve): a death in between would leave the mount
+    stale, an ignored signal would keep the daemon running."""
+    def interrupt(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def start_failed(e: BaseException) -> int | None:
+    """Log why the tree could not be built and return the exit status; None for
+    a bug, whose traceback says more than a line could."""
+    if isinstance(e, (CmaError, sqlite3.Error)):
+        log.error("configuration: %s", getattr(e, "why", e))
+        return 2
+    if isinstance(e, OSError):
+        log.error("start-up: %s", getattr(e, "why", None) or e)
+        return 1
+    if isinstance(e, Interrupted):
+        log.info("%s during start-up: unmounted before serving", e)
+        return 0
+    return None
+
+
+def start(config: Config, args: argparse.Namespace, fs, mountpoint: str) -> int:
+    """Mount *fs* on *mountpoint* (resolved and checked), then recover and build
+    the tree, then serve.
+
+    Mounting comes first (in place of a stale mount, see fusefs.Mount): from
+    then on the kernel holds every client request until the tree answers, so
+    a client's ``echo L > free`` waits instead of landing in the bare
+    directory, however long recovery takes.  SIGTERM/SIGINT end start-up
+    cleanly at any point (`interruptible`).
+    """
+    from fusefs import Mount
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        mount = Mount(fs, mountpoint, fsname="cmad", privileged=privileges.raised)
+    except OSError as e:
+        log.error("%s", getattr(e, "why", None) or e)
+        return 1
+    hold_gc()
+    try:
+        with interruptible():
+            cma, journal = build(config)
+    except BaseException as e:
+        mount.close()
+        status = start_failed(e)
+        if status is None:
+            raise
+        return status
+    try:
+        with interruptible():
+            plant_tree(mount, cma, config)
+        serve_tree(mount, cma, config, args)
+    except Interrupted as e:
+        return start_failed(e)
+    except OSError as e:
+        log.error("%s", getattr(e, "why", None) or e)
+        return 1
+    finally:
+        mount.close()
+        stop(cma, journal)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,26 +352,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return 2
-    try:  # before anything is touched: another daemon's live mount (and arena) stays
-        from fusefs import check_mountpoint
-        check_mountpoint(config.mountpoint)
-    except OSError as e:
-        log.error("%s", getattr(e, "why", None) or e)
-        return 1
-    hold_gc()
-    try:
-        cma, journal = build(config)
-    except (CmaError, sqlite3.Error) as e:
-        log.error("configuration: %s", getattr(e, "why", e))
+    problem = state_dir_problem(config.state_dir) or layout_problem(config)
+    if problem:
+        log.error("configuration: %s", problem)
         return 2
+    from fusefs import Dir, Filesystem, check_mountpoint
+
     try:
-        serve_tree(cma, config, args)
+        privileges.pagemap_fd()  # opened while privileged: see privileges.py
+    except OSError as e:
+        log.warning("%s: phys will not work", e)
+    fs = Filesystem(Dir())  # ready before a stale mount goes: then mount at once
+    try:  # before anything is touched: another daemon's live mount (and arena) stays
+        mountpoint = check_mountpoint(config.mountpoint)
     except OSError as e:
         log.error("%s", getattr(e, "why", None) or e)
         return 1
-    finally:
-        stop(cma, journal)
-    return 0
+    return start(config, args, fs, mountpoint)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,63 @@ from .memparse import human
 log = logging.getLogger("cmad")
 
 
+def holders(state_dir: str) -> list[str]:
+    """The processes with the journal open (a daemon running on *state_dir*), as
+    ``pid N (command line)``: the offline commands leave a live state alone."""
+    journal = os.path.realpath(os.path.join(state_dir, JOURNAL))
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) != os.getpid() and _holds(pid, journal):
+            found.append(f"pid {pid} ({_command(pid)})")
+    return found
+
+
+def _holds(pid: str, journal: str) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target == journal or target.startswith(journal + "-"):
+            return True
+    return False
+
+
+def _command(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return "?"
+    text = " ".join(w.decode(errors="replace") for w in words)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _locked(path: str) -> str | None:
+    """Why the journal at *path* cannot be taken for writing now, or None."""
+    db = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        db.execute("BEGIN EXCLUSIVE")
+        db.execute("ROLLBACK")
+        return None
+    except sqlite3.OperationalError as e:
+        return f"its journal is in use ({e})"
+    finally:
+        db.close()
+
+
 def check(state_dir: str) -> list[str]:
     """Every problem found in a state directory (none: it is consistent)."""
     if not os.path.exists(os.path.join(state_dir, JOURNAL)):
         return [f"{state_dir}: no journal ({JOURNAL})"]
+    running = holders(state_dir)
+    if running:
+        return [f"a daemon runs on {state_dir}: {', '.join(running)}; 'cmad check' verifies "
+                "the state of a stopped daemon"]
     journal = Journal(state_dir, readonly=True)
     try:
         integrity = journal.db.execute("PRAGMA integrity_check").fetchone()[0]
@@ -58,9 +111,15 @@ def check(state_dir: str) -> list[str]:
         journal.close()
 
 
-def reset(state_dir: str) -> None:
-    """Forget everything: the arena file and the journal."""
+def reset(state_dir: str) -> int:
+    """Forget everything: the arena file and the journal; never under a live daemon."""
     path = os.path.join(state_dir, JOURNAL)
+    running = holders(state_dir)
+    why = (f"a daemon runs on it: {', '.join(running)}; stop it first" if running
+           else os.path.exists(path) and _locked(path))
+    if why:
+        print(f"refusing to reset {state_dir}: {why}", file=sys.stderr)
+        return 1
     if os.path.exists(path):
         journal = Journal(state_dir, readonly=True)
         arena = journal.get("arena_file")
@@ -72,6 +131,7 @@ def reset(state_dir: str) -> None:
         if os.path.exists(path + suffix):
             os.unlink(path + suffix)
     print(f"reset {state_dir}")
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -82,8 +142,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--state-dir", required=True)
     args = p.parse_args(argv[1:])
     if argv[0] == "reset":
-        reset(args.state_dir)
-        return 0
+        return reset(args.state_dir)
     try:
         problems = check(args.state_dir)
     except (sqlite3.Error, CmaError) as e:

@@ -60,15 +60,30 @@ def bound(text: str, limit: int = MAX_LINE) -> str:
 
 
 class ClientLogFilter(logging.Filter):
-    """Bounds every line; rate-limits client-caused warnings per call site."""
+    """Bounds every line; rate-limits client-caused warnings per call site; drops
+    the boundary's line for a refusal the core has just warned about (its
+    ``extra={"why": ...}``), so one refusal is one line."""
 
     def __init__(self, burst: int = BURST, interval: float = INTERVAL,
                  clock: Callable[[], float] = time.monotonic):
         super().__init__()
         self._bucket = lambda: TokenBucket(burst, interval, clock)
         self.buckets: dict[tuple[str, int], TokenBucket] = {}
+        self._warned: str | None = None  # the why of the core's last client warning
+
+    def _repeats_a_warning(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "why", None):
+            self._warned = record.why
+            return False
+        if self._warned and record.name == "fusefs" and record.getMessage().endswith(
+                self._warned):
+            self._warned = None
+            return True
+        return False
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if self._repeats_a_warning(record):
+            return False
         note = ""
         if caused_by_client(record):
             site = (record.pathname, record.lineno)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import errno
 import re
+import time
 from collections import deque
 from functools import partial
 from typing import Iterator
 
+import trio
 from sortedcontainers import SortedList
 
 from fusefs import Attr, Bytes, Caller, Dir, DynamicDir, LazyDir, Node, Stream, Symlink, Table
@@ -31,6 +33,7 @@ from .metrics import render, show_stats
 from .regions import Region
 
 MAX_REQUEST = 4096
+COMPACT_SLICE = 0.005  # seconds of compaction between letting other clients in
 MAX_UNREAD = 256            # result lines an alloc handle keeps unread
 START_NAME = re.compile(r"[0-9a-f]{16}")       # only the %p form names a chunk
 ID_NAME = re.compile(r"0|[1-9][0-9]{0,19}")
@@ -262,10 +265,16 @@ class Tree:
                 e.logged = True     # Cma.free warned already: "no such chunk" once
             raise
 
-    def _store_compact(self, region: Region, text: str, caller: Caller) -> None:
+    async def _store_compact(self, region: Region, text: str, caller: Caller) -> None:
+        """Compaction runs in steps of bounded work; every COMPACT_SLICE the loop
+        serves other clients, so a long compaction stalls nobody."""
         if caller.uid != 0:
             raise CmaError(errno.EPERM, f"compact {region.name}: root only")
-        self.cma.compact(region.name)
+        deadline = time.monotonic() + COMPACT_SLICE
+        for _ in self.cma.compact_steps(region.name):
+            if time.monotonic() >= deadline:
+                await trio.sleep(0)
+                deadline = time.monotonic() + COMPACT_SLICE
 
     def labels_after(self, label: str | None) -> Iterator[str]:
         """Labels in sorted order, after ``label`` (all when None)."""

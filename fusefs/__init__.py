@@ -8,10 +8,10 @@ what the tree is for.
 from .nodes import (ATTR_SIZE, MAX_STORE, Attr, Bytes, Caller, Dir, DynamicDir, File,
                     LazyDir, Node, Provider, Stream, Symlink, Table)
 from .ops import Filesystem, describe_error
-from .serve import check_mountpoint, mount_options, serve
+from .serve import Mount, check_mountpoint, mount_options, serve, unseal_mountpoint
 
 __all__ = [
     "ATTR_SIZE", "MAX_STORE", "Attr", "Bytes", "Caller", "Dir", "DynamicDir", "File",
-    "Filesystem", "LazyDir", "Node", "Provider", "Stream", "Symlink", "Table", "check_mountpoint",
-    "describe_error", "mount_options", "serve",
+    "Filesystem", "LazyDir", "Mount", "Node", "Provider", "Stream", "Symlink", "Table",
+    "check_mountpoint", "describe_error", "mount_options", "serve", "unseal_mountpoint",
 ]

@@ -11,7 +11,7 @@ The guard holds nothing of the mount.  It polls the daemon and, once it is
 gone or a zombie, aborts the connection through fusectl, which fails every
 waiting request and lets everyone go.  Run as a script (stdlib only, no
 package import), so starting it is cheap:
-``python guard.py <daemon-pid> <connection-minor>``.
+``python guard.py <daemon-pid> <abort-file-fd> [<daemon start time>]``.
 """
 
 import os
@@ -23,35 +23,69 @@ import time
 FUSECTL = "/sys/fs/fuse/connections"
 
 
-def alive(pid: int) -> bool:
-    """Whether *pid* runs (a zombie does not: it may be stuck exiting)."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on: the name may hold spaces and ')'."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
+            return f.read().rpartition(")")[2].split()
     except OSError:
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    """When *pid* started, in clock ticks since boot (field 22): with the pid it
+    names one process, whatever process holds the pid later."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def alive(pid: int, start: int | None = None) -> bool:
+    """Whether *pid* runs (a zombie does not: it may be stuck exiting) and, given
+    *start*, is still the process that started then."""
+    fields = _stat_fields(pid)
+    if not fields or fields[0] == "Z":
         return False
+    return start is None or int(fields[19]) == start
+
+
+def _abort_file(minor: int) -> str:
+    if os.path.isdir(FUSECTL) and not os.listdir(FUSECTL):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], capture_output=True)
+    return os.path.join(FUSECTL, str(minor), "abort")
 
 
 def abort_connection(minor: int) -> bool:
     """Abort FUSE connection *minor* (fusectl): every request waiting on it fails."""
-    if not os.path.isdir(FUSECTL):
-        return False
-    if not os.listdir(FUSECTL):
-        subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], capture_output=True)
     try:
-        with open(os.path.join(FUSECTL, str(minor), "abort"), "w") as f:
+        with open(_abort_file(minor), "w") as f:
             f.write("1")
         return True
     except OSError:
         return False  # gone already: the kernel aborted it when the daemon's fd closed
 
 
-def main(pid: int, minor: int, interval: float = 0.2) -> None:
+def open_abort(minor: int) -> int:
+    """A descriptor on connection *minor*'s abort file, for `main` to hold."""
+    return os.open(_abort_file(minor), os.O_WRONLY | os.O_CLOEXEC)
+
+
+def main(pid: int, abort: int, start: int | None = None, interval: float = 0.2) -> None:
+    """Abort the connection through *abort* once *pid* is gone.
+
+    The daemon opens the abort file right after mounting, while the
+    connection is its own, and hands the descriptor over: a connection made
+    later with the same minor (the next daemon's, mounted while this guard
+    still polls) has another file, and writing to this one once its
+    connection is gone does nothing.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the daemon to handle
-    while alive(pid):
+    while alive(pid, start):
         time.sleep(interval)
-    abort_connection(minor)
+    try:
+        os.write(abort, b"1")
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -96,23 +96,32 @@ class Filesystem(pyfuse3.Operations):
     def __init__(self, root: Dir, *, entry_timeout: float = 300.0,
                  attr_timeout: float = 300.0):
         super().__init__()
-        if not isinstance(root, Dir):
-            raise TypeError(f"root must be a Dir, not {type(root).__name__}")
-        if root.parent is not None:
-            raise ValueError("root must not be inside another tree")
-        root.inode = pyfuse3.ROOT_INODE
-        self.root = root
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
         # inode -> node for the nodes the kernel holds; each node counts
         # its own lookups (node.kernel_refs), which Dir.remove also reads.
-        self._inodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
+        self._inodes: dict[int, Node] = {}
         self._inodes_peak = 1
-        root.kernel_refs = 1
+        self.replace_root(root)
         self._handles: dict[int, _Handle] = {}
         self._dir_handles: dict[int, _DirHandle] = {}
         self._fh_numbers = itertools.count(1)
         self.init_hooks: list[Callable[[], None]] = []   # run at FUSE INIT
+
+    def replace_root(self, root: Dir) -> None:
+        """Serve *root* as the mount root.  Only before the loop answers the
+        kernel's INIT: a daemon mounts first, on a placeholder, so requests wait
+        for it while it builds the tree, then hands the real root over here."""
+        if not isinstance(root, Dir):
+            raise TypeError(f"root must be a Dir, not {type(root).__name__}")
+        if root.parent is not None:
+            raise ValueError("root must not be inside another tree")
+        if len(self._inodes) > 1:
+            raise RuntimeError("the kernel already holds nodes of the old root")
+        root.inode = pyfuse3.ROOT_INODE
+        root.kernel_refs = 1
+        self.root = root
+        self._inodes[pyfuse3.ROOT_INODE] = root
 
     # ---- bookkeeping ----------------------------------------------------
 

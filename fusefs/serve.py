@@ -8,7 +8,10 @@ error, always through `pyfuse3.close(unmount=True)`.
 
 from __future__ import annotations
 
+import array
+import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -16,19 +19,23 @@ import shutil
 import signal
 import subprocess
 import sys
-from typing import Awaitable, Callable, Iterable, Optional
+from typing import Awaitable, Callable, ContextManager, Iterable, Optional
 
 import pyfuse3
 import trio
 
-from . import guard
-from .guard import abort_connection, alive
+from . import guard, mountapi
+from .guard import abort_connection, alive, start_time
 from .notify import invalidator
 from .ops import Filesystem
 
-__all__ = ["serve", "check_mountpoint", "mount_options", "mount_entry", "abort_connection"]
+__all__ = ["Mount", "serve", "check_mountpoint", "resolve", "seal_mountpoint",
+           "unseal_mountpoint", "mount_options", "mount_entry", "abort_connection"]
 
 log = logging.getLogger("fusefs")
+
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS = 0x80086601, 0x40086602  # <linux/fs.h>, 64-bit
+FS_IMMUTABLE_FL = 0x00000010
 
 
 def mount_options(fsname: str = "fusefs", options: Iterable[str] = ()) -> set[str]:
@@ -41,11 +48,114 @@ def mount_options(fsname: str = "fusefs", options: Iterable[str] = ()) -> set[st
     direct_io a read of 1 MiB is one request (max_read is unlimited).
     """
     opts = set(pyfuse3.default_options)
-    # The pid in the source lets the next daemon tell a stale mount from a
-    # live one by the mount table alone (see check_mountpoint).
-    opts.update(("allow_other", "default_permissions", f"fsname={fsname}:{os.getpid()}"))
+    # The pid and its start time in the source let the next daemon tell a stale
+    # mount from a live one by the mount table alone (see check_mountpoint).
+    opts.update(("allow_other", "default_permissions", f"fsname={fsname}:{mount_owner()}"))
     opts.update(options)
     return opts
+
+
+def mount_owner(pid: int | None = None) -> str:
+    """``<pid>:<start time>`` of this process, as the mount source records it."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{start_time(pid)}"
+
+
+class Mount:
+    """A filesystem mounted on *mountpoint*, from the mount to the unmount.
+
+    From the mount on, the kernel holds every request (the lookup of a
+    client's ``echo L > mnt/free`` included) until `serve` answers its INIT:
+    a daemon mounts first and builds its tree afterwards, on the root it then
+    hands to `Filesystem.replace_root`, so no request reaches the bare
+    directory while it starts.  A stale mount that `check_mountpoint` left
+    on *mountpoint* is replaced with no moment in between (mountapi.py);
+    where the kernel cannot, it is detached just before mounting.
+    *privileged* wraps the unmount: a daemon serving without capabilities
+    raises the one unmount needs there.
+    """
+
+    def __init__(self, fs: Filesystem, mountpoint: str, *, options: Iterable[str] = (),
+                 fsname: str = "fusefs",
+                 privileged: Callable[[], ContextManager] = contextlib.nullcontext):
+        self.fs, self.mountpoint = fs, os.fspath(mountpoint)
+        self.privileged, self.served = privileged, False
+        opts = mount_options(fsname, options)
+        log.debug("mounting %s on %s with %s", fsname, self.mountpoint, ",".join(sorted(opts)))
+        fuse = self._replace(self.mountpoint, opts)
+        self.own_mount = fuse is not None
+        try:
+            pyfuse3.init(fs, f"/dev/fd/{fuse}" if self.own_mount else self.mountpoint, opts)
+        except RuntimeError as e:
+            # libfuse has printed its reason (bad mount point...) on stderr.
+            raise OSError(errno.EIO, f"cannot mount on {self.mountpoint}: {e}",
+                          self.mountpoint) from e
+        mount = mount_entry(self.mountpoint)
+        self.minor = mount[2] if mount is not None else None
+        self.watchman = _start_guard(self.mountpoint)
+
+    @staticmethod
+    def _replace(path: str, opts: set[str]) -> int | None:
+        """Mount through the kernel's mount API, beneath a stale mount if there is
+        one, then detach that: the /dev/fuse descriptor.  None where the kernel
+        or the options do not allow it: the stale mount is then detached and
+        libfuse mounts."""
+        stale = mount_entry(path)
+        if stale is not None and not _stale(path, stale[0], stale[1]):
+            raise OSError(errno.EBUSY, f"{path} became a live mount point ({stale[0]} type "
+                          f"{stale[1]}); not touching it", path)
+        fuse, why = None, "options the mount API cannot express"
+        if mountapi.supported(opts):
+            try:
+                fuse = mountapi.mount_fuse(path, opts, beneath=stale is not None)
+            except OSError as e:
+                why = f"mount API: {e.strerror}"
+        if fuse is None:
+            log.log(logging.INFO if stale else logging.DEBUG, "%s: %s; mounting through "
+                    "libfuse%s", path, why, ", after detaching the stale mount" if stale else "")
+        if stale is not None:
+            _lazy_unmount(path)
+            if fuse is None:
+                seal_mountpoint(path)
+        return fuse
+    def serve(self, *, on_ready: Optional[Callable[[], None]] = None,
+              tasks: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
+        """Answer requests until the filesystem is unmounted or a signal ends the loop.
+
+        *on_ready()* is called once, when the kernel has completed the FUSE
+        handshake (the mount is live). *tasks* are async callables run in the
+        same nursery as the FUSE loop and cancelled when it ends.
+        """
+        self.served = True
+        trio.run(_run, self.fs, on_ready, list(tasks))
+
+    def close(self) -> None:
+        """Stop the guard and unmount (also when `serve` never ran)."""
+        if self.watchman is not None:
+            self.watchman.kill()
+            self.watchman.wait()
+        with self.privileged():
+            if not invalidator.stop():
+                # The invalidation thread waits on a directory lock that a lookup
+                # holds while it waits for the loop we just stopped: abort the
+                # connection, or the process could never exit.
+                mount = mount_entry(self.mountpoint)
+                if mount is not None and abort_connection(mount[2]):
+                    log.warning("aborted the FUSE connection to free a blocked invalidation")
+            if self.own_mount:
+                self._unmount_own()
+            pyfuse3.close(unmount=not self.own_mount)
+        # A start that failed before serving has said why: no second line.
+        log.log(logging.INFO if self.served else logging.DEBUG, "unmounted %s", self.mountpoint)
+
+    def _unmount_own(self) -> None:
+        mount = mount_entry(self.mountpoint)
+        if mount is None or mount[2] != self.minor:
+            return  # unmounted already (fusermount3 -u), or covered: leave the rest alone
+        try:
+            mountapi.detach(self.mountpoint)
+        except OSError as e:
+            log.error("%s", e)
 
 
 def serve(fs: Filesystem, mountpoint: str, *, options: Iterable[str] = (),
@@ -58,31 +168,11 @@ def serve(fs: Filesystem, mountpoint: str, *, options: Iterable[str] = (),
     same nursery as the FUSE loop and cancelled when it ends. SIGTERM and
     SIGINT end the loop; the filesystem is unmounted before returning.
     """
-    mountpoint = os.fspath(mountpoint)
-    opts = mount_options(fsname, options)
-    tasks = list(tasks)
-    log.debug("mounting %s on %s with %s", fsname, mountpoint, ",".join(sorted(opts)))
+    mount = Mount(fs, mountpoint, options=options, fsname=fsname)
     try:
-        pyfuse3.init(fs, mountpoint, opts)
-    except RuntimeError as e:
-        # libfuse has printed its reason (bad mount point...) on stderr.
-        raise OSError(errno.EIO, f"cannot mount on {mountpoint}: {e}", mountpoint) from e
-    watchman = _start_guard(mountpoint)
-    try:
-        trio.run(_run, fs, on_ready, tasks)
+        mount.serve(on_ready=on_ready, tasks=tasks)
     finally:
-        if watchman is not None:
-            watchman.kill()
-            watchman.wait()
-        if not invalidator.stop():
-            # The invalidation thread waits on a directory lock that a lookup
-            # holds while it waits for the loop we just stopped: abort the
-            # connection, or the process could never exit.
-            mount = mount_entry(os.path.abspath(mountpoint))
-            if mount is not None and abort_connection(mount[2]):
-                log.warning("aborted the FUSE connection to free a blocked invalidation")
-        pyfuse3.close(unmount=True)
-        log.info("unmounted %s", mountpoint)
+        mount.close()
 
 
 async def _run(fs: Filesystem, on_ready, tasks) -> None:
@@ -112,6 +202,8 @@ async def _terminate_on_signals() -> None:
     # a second signal during shutdown cannot kill us before the unmount.
     terminated = False
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # A daemon may block them while it starts (cmad/main.py): ours from now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
         async for signum in signals:
             name = signal.Signals(signum).name
             if terminated:
@@ -124,53 +216,158 @@ async def _terminate_on_signals() -> None:
 
 def _start_guard(mountpoint: str) -> Optional[subprocess.Popen]:
     """The guard process (guard.py): aborts our connection if we die stuck."""
-    mount = mount_entry(os.path.abspath(mountpoint))
+    mount = mount_entry(mountpoint)
     if mount is None:
         return None
-    return subprocess.Popen([sys.executable, "-S", guard.__file__, str(os.getpid()),
-                             str(mount[2])], stdin=subprocess.DEVNULL, close_fds=True)
+    try:
+        abort = guard.open_abort(mount[2])
+    except OSError as e:
+        log.warning("no guard for %s: fusectl: %s", mountpoint, e.strerror)
+        return None
+    pid = os.getpid()
+    try:
+        return subprocess.Popen([sys.executable, "-S", guard.__file__, str(pid), str(abort),
+                                 str(start_time(pid))], stdin=subprocess.DEVNULL,
+                                close_fds=True, pass_fds=(abort,))
+    finally:
+        os.close(abort)
 
 
-def check_mountpoint(path: str) -> None:
-    """Make *path* usable as a mountpoint, or refuse.
+def check_mountpoint(path: str) -> str:
+    """Make *path* usable as a mountpoint and return it resolved, or refuse.
 
+    Every check is made on the path with its symlinks resolved (`resolve`):
+    the mount table names real paths, and the kernel mounts on the real one.
     The mount table says what is there without touching the filesystem (a
     call into a FUSE mount whose daemon died while the kernel waited on it
     can block forever; even statvfs):
-    - a FUSE mount whose source names a pid (``serve`` mounts as
-      ``<fsname>:<pid>``) that is dead or a zombie is stale: its connection
+    - a FUSE mount whose source names its daemon (``serve`` mounts as
+      ``<fsname>:<pid>:<start time>``) is stale when that pid is dead, a
+      zombie, or now another process (another start time): its connection
       is aborted through fusectl (which frees every process blocked on it,
-      including a dying daemon stuck in an entry invalidation) and it is
-      lazily unmounted, with a log line;
+      including a dying daemon stuck in an entry invalidation), with a log
+      line;
     - any other FUSE mount is probed with statvfs: ENOTCONN means stale;
     - a live mount of anything raises OSError(EBUSY) naming it: another
       daemon's mount is never touched;
-    - a missing directory is created.
+    - a stale mount is left for `Mount` to replace;
+    - a missing directory is created; the bare directory is sealed
+      (`seal_mountpoint`), so that nothing lands in it while no daemon serves.
     """
-    path = os.path.abspath(os.fspath(path))
+    given = os.fspath(path)
+    path = resolve(given)
+    shown = path if path == os.path.abspath(given) else f"{given} (= {path})"
     mount = mount_entry(path)
     if mount is not None:
         source, fstype, minor = mount
-        pid = _source_pid(source)
-        if fstype.startswith("fuse") and pid is not None:
-            stale = not alive(pid)
-        elif fstype.startswith("fuse"):
-            try:
-                os.statvfs(path)
-                stale = False
-            except OSError as e:
-                if e.errno != errno.ENOTCONN:
-                    raise
-                stale = True
-        else:
-            stale = False
-        if not stale:
-            raise OSError(errno.EBUSY, f"{path} is already a live mount point ({source} "
+        if not _stale(path, source, fstype):
+            raise OSError(errno.EBUSY, f"{shown} is already a live mount point ({source} "
                           f"type {fstype}); not touching it", path)
-        log.warning("%s: stale FUSE mount (%s, its daemon is gone), clearing it", path, source)
+        log.warning("%s: stale FUSE mount (%s, its daemon is gone), clearing it", shown, source)
         abort_connection(minor)
-        _lazy_unmount(path)
+        return path  # Mount replaces it
     os.makedirs(path, exist_ok=True)
+    seal_mountpoint(path)
+    return path
+
+
+def _stale(path: str, source: str, fstype: str) -> bool:
+    if not fstype.startswith("fuse"):
+        return False
+    owner = _source_owner(source)
+    if owner is not None:
+        pid, start = owner
+        return not alive(pid, start)
+    try:
+        os.statvfs(path)
+        return False
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+        return True
+
+
+def resolve(path: str) -> str:
+    """*path* absolute with every symlink resolved, like os.path.realpath, but
+    never looking into a mount point (a mount point is never a symlink, and a
+    dead daemon's mount can block whoever touches it)."""
+    mounts = mount_points()
+    pending = [p for p in os.path.join(os.getcwd(), os.fspath(path)).split("/") if p]
+    done, links = "/", 0
+    while pending:
+        part = pending.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            done = os.path.dirname(done)
+            continue
+        candidate = os.path.join(done, part)
+        target = None if candidate in mounts else _readlink(candidate)
+        if target is None:
+            done = candidate
+            continue
+        links += 1
+        if links > 40:
+            raise OSError(errno.ELOOP, f"{path}: too many levels of symbolic links", path)
+        if target.startswith("/"):
+            done = "/"
+        pending[:0] = [p for p in target.split("/") if p]
+    return done
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:  # not a link, or not there (created later, as a directory)
+        return None
+
+
+def seal_mountpoint(path: str) -> bool:
+    """Make the bare directory under the mount immutable (FS_IOC_SETFLAGS).
+
+    Without a mount on it, ``echo L > mnt/free`` would create a plain file
+    there and exit 0: an immutable directory refuses that, to root too, with
+    EPERM, and can still be mounted on.  The flag stays after the daemon
+    stops (``chattr -i`` removes it).  Where the filesystem or the missing
+    CAP_LINUX_IMMUTABLE does not allow it, a warning says so.
+    """
+    leftovers = sorted(os.listdir(path))
+    if leftovers:
+        log.warning("%s holds %s: while no daemon serves it, writes to these files succeed "
+                    "silently; remove them", path, ", ".join(leftovers[:8]) +
+                    (", ..." if len(leftovers) > 8 else ""))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        log.warning("%s: cannot open the mountpoint to seal it: %s", path, e.strerror)
+        return False
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
+        if not flags[0] & FS_IMMUTABLE_FL:
+            flags[0] |= FS_IMMUTABLE_FL
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags)
+        return True
+    except OSError as e:
+        log.warning("%s: cannot make the mountpoint immutable (%s): while no daemon serves "
+                    "it, a write to alloc or free creates a plain file there and succeeds",
+                    path, e.strerror)
+        return False
+    finally:
+        os.close(fd)
+
+
+def unseal_mountpoint(path: str) -> None:
+    """Clear the immutable flag `seal_mountpoint` set (so the directory can go)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
+        if flags[0] & FS_IMMUTABLE_FL:
+            flags[0] &= ~FS_IMMUTABLE_FL
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags)
+    finally:
+        os.close(fd)
 
 
 def mount_entry(path: str) -> tuple[str, str, int] | None:
@@ -188,12 +385,34 @@ def mount_entry(path: str) -> tuple[str, str, int] | None:
     return found
 
 
-def _source_pid(source: str) -> int | None:
-    name, colon, pid = source.rpartition(":")
-    return int(pid) if colon and name and pid.isdigit() else None
+def mount_points() -> set[str]:
+    """Every mount point in the mount table."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return {_unescape(line.split()[4]) for line in f if len(line.split()) > 4}
+    except OSError:
+        return set()
+
+
+def _source_owner(source: str) -> tuple[int, int | None] | None:
+    """(pid, start time) from ``<fsname>:<pid>:<start>``; (pid, None) from the
+    ``<fsname>:<pid>`` of daemons before start times were recorded."""
+    name, colon, last = source.rpartition(":")
+    if not (colon and name and last.isdigit()):
+        return None
+    older, colon, pid = name.rpartition(":")
+    if colon and older and pid.isdigit():
+        return int(pid), int(last)
+    return int(last), None
 
 
 def _lazy_unmount(path: str) -> None:
+    """Detach the mount on *path*: umount2 directly (no process to wait for: the
+    next mount follows at once), fusermount3 where that is not permitted."""
+    try:
+        return mountapi.detach(path)
+    except OSError:
+        pass
     tool = shutil.which("fusermount3")
     argv = [tool, "-u", "-z", path] if tool else ["umount", "-l", path]
     done = subprocess.run(argv, capture_output=True, text=True)

@@ -137,6 +137,16 @@ def cleanup(proc, path, timeout=10):
             abort_connection(mount[2])
         lazy_unmount(path)
     proc.wait()
+    unseal(path)
+
+
+def unseal(path):
+    """Clear the immutable flag a daemon leaves on its bare mountpoint, so the
+    directory can be removed (fusefs.serve.seal_mountpoint)."""
+    from fusefs.serve import unseal_mountpoint
+    if os.path.isdir(path) and not is_mounted(path):
+        with contextlib.suppress(OSError):
+            unseal_mountpoint(path)
 
 
 @contextlib.contextmanager

@@ -288,3 +288,41 @@ BestFitMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
 )
 TestBestFitMachine = BestFitMachine.TestCase
+
+
+def test_start_index_survives_any_mix_of_reserves_allocs_and_frees(monkeypatch):
+    """The start index is kept while reserves come and dropped when idle; reserve
+    stays right either way, and carve claims inside the hole free returned."""
+    import random
+
+    import cmad.allocators.bf as bf
+
+    monkeypatch.setattr(bf, "IDLE", 8)
+    a = BestFit(0x40000000, 4 << 20)
+    rng = random.Random(5)
+    live = []
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.4 or not live:
+            got = a.alloc(rng.randint(1, 8) << 12, 4096)
+            if got:
+                live.append(got)
+        elif op < 0.75:
+            start, size = live.pop(rng.randrange(len(live)))
+            hole = a.free(start, size)
+            assert hole[0] <= start and start + size <= hole[0] + hole[1]
+            if rng.random() < 0.2 and a.carve(hole[0], hole[1], start, size):
+                live.append((start, size))
+        else:
+            start = 0x40000000 + (rng.randrange(1024) << 12)
+            size = rng.randint(1, 4) << 12
+            free_before = a.free_bytes
+            if a.reserve(start, size):
+                live.append((start, size))
+                assert a.free_bytes == free_before - size
+            else:
+                assert any(s < start + size and start < s + n for s, n in live) \
+                    or start + size > 0x40000000 + (4 << 20)
+        if step % 50 == 0:
+            a._check()
+    a._check()

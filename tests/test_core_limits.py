@@ -219,6 +219,21 @@ def test_client_warnings_are_rate_limited_per_call_site_with_a_count():
         restore(log, handler)
 
 
+def test_a_refusal_the_core_warned_about_is_one_line(cma):
+    log_filter = ClientLogFilter()
+    core, handler = logger_with(log_filter, "cmad.cma")
+    boundary, boundary_handler = logger_with(log_filter, "fusefs")
+    try:
+        e = refused(errno.ENOENT, cma.free, "nolabel")
+        boundary.info("write /free: ENOENT: %s", e.why)  # what fusefs logs next
+        boundary.info("write /free: ENOENT: %s", e.why)  # not after a warning: kept
+        assert handler.lines == ["free: no chunk labelled 'nolabel'"]
+        assert boundary_handler.lines == ["write /free: ENOENT: no chunk labelled 'nolabel'"]
+    finally:
+        restore(core, handler)
+        restore(boundary, boundary_handler)
+
+
 def test_the_cores_unknown_free_warning_is_rate_limited(cma):
     log, handler = logger_with(ClientLogFilter(), "cmad.cma")
     try:

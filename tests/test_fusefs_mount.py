@@ -240,7 +240,7 @@ def test_second_daemon_refuses_a_live_mount(mnt):
     r = subprocess.run(demo_argv(mnt, "--many", "1"), capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
     assert re.search(rf"{re.escape(str(mnt))} is already a live mount point "
-                     r"\(fusefs-demo:\d+ type fuse\)", r.stderr)
+                     r"\(fusefs-demo:\d+:\d+ type fuse\)", r.stderr)
     assert (mnt / "ro").read_text() == "read only\n"           # still ours
 
 
@@ -272,13 +272,25 @@ def test_stale_mount_is_cleared(tmp_path):
         with pytest.raises(OSError) as info:
             os.statvfs(path)
         assert info.value.errno == errno.ENOTCONN
-        fusefs.check_mountpoint(path)
-        assert not is_mounted(path)
-        os.statvfs(path)
-        assert os.path.isdir(path)
-        # And a new daemon mounts there again.
-    with mounted(demo_argv(path, "--many", "10"), path):
-        assert (path / "ro").read_text() == "read only\n"
+        assert fusefs.check_mountpoint(path) == str(path)  # stale: left to be replaced
+        # A new daemon replaces it in place: one mount, never the bare directory.
+        again = subprocess.Popen(demo_argv(path, "--many", "10"), stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while again.poll() is None and time.monotonic() < deadline:
+                try:
+                    if (path / "ro").read_text() == "read only\n":
+                        break
+                except OSError as e:
+                    assert e.errno == errno.ENOTCONN
+                time.sleep(0.02)
+            assert (path / "ro").read_text() == "read only\n"
+            with open("/proc/self/mountinfo") as f:
+                assert sum(line.split()[4] == str(path) for line in f) == 1
+        finally:
+            again.send_signal(signal.SIGTERM)
+            assert again.wait(20) == 0
+    assert not is_mounted(path)
 
 
 def test_check_mountpoint_creates_missing_dir(tmp_path):

@@ -606,10 +606,11 @@ def test_stale_mount_detection_helpers(tmp_path):
     import subprocess
 
     from fusefs.guard import alive as _alive
-    from fusefs.serve import _source_pid, mount_entry
+    from fusefs.serve import _source_owner, mount_entry
 
-    assert _source_pid("cmad:1234") == 1234
-    assert _source_pid("cmad") is None and _source_pid(":12") is None
+    assert _source_owner("cmad:1234:99") == (1234, 99)
+    assert _source_owner("cmad:1234") == (1234, None)
+    assert _source_owner("cmad") is None and _source_owner(":12") is None
     child = subprocess.Popen(["true"])
     deadline = time.monotonic() + 10
     while _alive(child.pid) and time.monotonic() < deadline:

@@ -266,3 +266,25 @@ def test_pending_runtime_allocator_stays_pending_after_a_restart(tmp_path):
     cma2, journal2 = session(tmp_path)
     assert cma2.region("video").alloc_text == "[later]"
     journal2.close()
+
+
+def test_runtime_allocator_of_a_region_the_configuration_dropped_is_forgotten(tmp_path):
+    cma, journal = session(tmp_path)
+    cma.set_allocator("dma", "bf")
+    journal.close()
+    _, journal2 = session(tmp_path, "video=32M:bf;common=16M:buddy")
+    assert journal2.runtime_allocator_regions() == []
+    journal2.close()
+    cma3, journal3 = session(tmp_path)  # dma is back as configured, not as written then
+    assert cma3.region("dma").alloc_text == "bitmap"
+    journal3.close()
+
+
+def test_writing_back_the_configured_allocator_of_a_sticky_region_drops_the_record(tmp_path):
+    regions = "video=32M:bf(sticky);common=16M:buddy"
+    cma, journal = session(tmp_path, regions)
+    cma.set_allocator("video", "buddy")
+    assert journal.runtime_allocator("video") == ("buddy", "bf(sticky)")
+    cma.set_allocator("video", "bf")  # the kind is the configuration's, not the write's
+    assert journal.runtime_allocator("video") is None
+    journal.close()

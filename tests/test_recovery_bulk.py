@@ -42,9 +42,9 @@ def grouping(allocator) -> tuple | None:
     """A grouped allocator's blocks: owners, bytes per type, counts, each type's holes."""
     if not hasattr(allocator, "block_counts"):
         return None
-    return (bytes(allocator._owner), {k: list(v) for k, v in allocator._bytes.items()},
+    return (bytes(allocator._owner), [v and list(v) for v in allocator._bytes],
             allocator.block_counts(), list(allocator._pool.holes()),
-            {k: list(a.holes()) for k, a in allocator._typed.items()})
+            [a and list(a.holes()) for a in allocator._typed])
 
 
 def row_by_row(cma: Cma, journal: Journal) -> list[str]:

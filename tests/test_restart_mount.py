@@ -127,3 +127,4 @@ def test_a_client_cannot_flood_or_bloat_the_log(daemon, tmp_path):
     assert max(map(len, lines)) < 600
     eperm = [line for line in lines if "EPERM" in line]
     assert 1 <= len(eperm) <= 10, eperm  # one burst, the rest suppressed
+    assert sum("no chunk labelled" in line for line in lines) == 1  # one refusal, one line

@@ -17,13 +17,18 @@ The patch keeps holes in two rb-trees, by size and by start.  Here:
 - ``_starts`` is a SortedList of hole starts, needed only by ``reserve`` to
   find the hole containing an address.  Keeping it on the hot path would
   cost two more tree updates per alloc and free, so it is built on demand by
-  ``reserve``, kept up to date across consecutive reserves (recovery
-  reserves every chunk in a row), and dropped by the next alloc or free.
+  ``reserve`` and then kept up to date by alloc and free, until
+  ``max(IDLE, 4 n)`` of them came without a reserve: a rebuild (O(n log n))
+  is paid for by at least 4n operations that did not need the index, so
+  reserve stays O(log n) amortised however reserves and the hot path mix
+  (recovery reserves every chunk in a row; compaction and pageblocks
+  reserve now and then).
+- ``carve(hole, size, start, size)``: claim a range inside a hole the
+  caller knows (``free`` returns the merged hole), O(log n) with no index.
 
 Costs, n holes: alloc O(log n) at page alignment (plus one step per
-misaligned candidate otherwise), free O(log n), reserve O(log n) after an
-O(n log n) rebuild if an alloc or free came between, holes O(n log n),
-largest_free O(log n).
+misaligned candidate otherwise), free O(log n), reserve O(log n) amortised,
+holes O(n log n), largest_free O(log n).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from ..errors import CmaError
 
 _SHIFT = 64
 _LOW = (1 << _SHIFT) - 1
+IDLE = 4096  # alloc/free calls without a reserve before the start index is dropped
 
 
 @register
@@ -54,6 +60,7 @@ class BestFit(Allocator):
         self._by_start: dict[int, int] = {}
         self._by_end: dict[int, int] = {}
         self._starts: SortedList | None = None
+        self._idle = 0
         if size:
             self._insert(start, size)
 
@@ -64,12 +71,25 @@ class BestFit(Allocator):
         self._by_size.add((size << _SHIFT) | start)
         self._by_start[start] = size
         self._by_end[start + size] = start
+        if self._starts is not None:
+            self._starts.add(start)
 
     def _remove(self, start: int, size: int) -> None:
         """Drop the hole [start, start + size) from the indexes."""
         self._by_size.remove((size << _SHIFT) | start)
         del self._by_start[start]
         del self._by_end[start + size]
+        if self._starts is not None:
+            self._starts.remove(start)
+
+    def _touched(self) -> SortedList | None:
+        """An alloc or free: the start index to keep up to date, if it is still worth it."""
+        starts = self._starts
+        if starts is not None:
+            self._idle += 1
+            if self._idle > IDLE and self._idle > 4 * len(starts):
+                self._starts = starts = None
+        return starts
 
     # -- the interface -------------------------------------------------
 
@@ -96,7 +116,7 @@ class BestFit(Allocator):
                         break
                 else:
                     return None
-        self._starts = None
+        starts = self._touched()
         # Carve [at, at + size) out of the hole; keep the head and the tail.
         by_size.remove(key)
         by_start = self._by_start
@@ -109,26 +129,31 @@ class BestFit(Allocator):
             by_end[at] = hole
         else:
             del by_start[hole]
+            if starts is not None:
+                starts.remove(hole)
         tail = at + size
         if tail < end:
             rest = end - tail
             by_size.add((rest << _SHIFT) | tail)
             by_start[tail] = rest
             by_end[end] = tail
+            if starts is not None:
+                starts.add(tail)
         else:
             del by_end[end]
         self.free_bytes -= size
         return at, size
 
-    def free(self, start: int, size: int) -> None:
-        """Give back [start, start + size), merged with both neighbours.  O(log n).
+    def free(self, start: int, size: int) -> tuple[int, int]:
+        """Give back [start, start + size), merged with both neighbours; returns
+        the merged hole.  O(log n).
 
         The core only frees what alloc or reserve gave; only the bounds are
         checked here, and _check catches a double free.
         """
         if start < self.start or start + size > self.start + self.size or size <= 0:
             raise CmaError(errno.EINVAL, f"bf: free of {start:#x}+{size:#x} outside the region")
-        self._starts = None
+        starts = self._touched()
         by_size = self._by_size
         by_start = self._by_start
         by_end = self._by_end
@@ -140,14 +165,19 @@ class BestFit(Allocator):
             by_size.remove((left_size << _SHIFT) | left)
             start = left
             size += left_size
+        elif starts is not None:
+            starts.add(start)
         right_size = by_start.pop(end, None)
         if right_size is not None:
             del by_end[end + right_size]
             by_size.remove((right_size << _SHIFT) | end)
+            if starts is not None:
+                starts.remove(end)
             size += right_size
         by_size.add((size << _SHIFT) | start)
         by_start[start] = size
         by_end[start + size] = start
+        return start, size
 
     def reserve(self, start: int, size: int) -> bool:
         """Claim [start, start + size) if all free.  O(log n) between reserves."""
@@ -156,22 +186,24 @@ class BestFit(Allocator):
         starts = self._starts
         if starts is None:
             starts = self._starts = SortedList(self._by_start)
+        self._idle = 0
         i = starts.bisect_right(start)
         if not i:
             return False
         hole = starts[i - 1]
-        hole_size = self._by_start[hole]
+        return self.carve(hole, self._by_start[hole], start, size)
+
+    def carve(self, hole: int, hole_size: int, start: int, size: int) -> bool:
+        """Claim [start, start + size) inside the hole [hole, hole + hole_size) (as
+        ``free`` returned it; False if that is no longer a hole).  O(log n)."""
         end = hole + hole_size
-        if start + size > end:
+        if self._by_start.get(hole) != hole_size or start < hole or start + size > end:
             return False
         self._remove(hole, hole_size)
-        starts.remove(hole)
         if start > hole:
             self._insert(hole, start - hole)
-            starts.add(hole)
         if start + size < end:
             self._insert(start + size, end - start - size)
-            starts.add(start + size)
         self.free_bytes -= size
         return True
 

@@ -24,7 +24,7 @@ fall back to the plain scan from block 0.
 
 Costs, N blocks, S = SUPER, L = LIMIT: alloc O(log N + S + L) (the scans
 in C), plus O(S) per superblock skipped for misalignment; free and reserve
-O(size + log N + S + L); largest_free O(1) unless a run reaches L; holes
+O(size + log N + S + L); largest_free O(1), past LIMIT cached per map version; holes
 O(N).
 """
 
@@ -38,6 +38,7 @@ from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator, register
 from ..errors import CmaError
 
 MAX_ORDER_PER_BIT = 20
+MAX_BITS = 1 << 32  # one byte each: a bigger map is refused, not left to MemoryError
 SUPER = 512  # blocks per superblock
 LIMIT = 1 << 16  # free runs are measured up to this many blocks
 
@@ -85,14 +86,27 @@ class Bitmap(Allocator):
                 f"bitmap: region start {start:#x} and size {size:#x} must be multiples "
                 f"of the block size {block:#x} (order_per_bit={self.order_per_bit})",
             )
+        if start < 0 or start + size > 1 << 64:
+            raise CmaError(errno.EINVAL, f"bitmap: region {start:#x}+{size:#x} is not within "
+                                         "64-bit bus addresses")
+        if size >> shift > MAX_BITS:
+            raise CmaError(errno.EINVAL, f"bitmap: region of {size:#x} bytes needs "
+                                         f"{size >> shift} bits, more than {MAX_BITS}; raise "
+                                         "order_per_bit")
         self._first = start >> shift  # bus block number of block 0
-        self._map = bytearray(size >> shift)
+        try:
+            self._map = bytearray(size >> shift)
+        except MemoryError:
+            raise CmaError(errno.ENOMEM, f"bitmap: no memory for a map of {size >> shift} "
+                                         "blocks; raise order_per_bit") from None
         nsuper = -(-len(self._map) // self._super)
         leaves = 1
         while leaves < nsuper:
             leaves <<= 1
         self._leaves = leaves  # tree[leaves + k] is superblock k; tree[i] = max of its children
         self._tree = [0] * (2 * leaves)
+        self._version = 0  # bumped by every change of the map
+        self._longest = (-1, 0)  # (version, longest run) once runs pass LIMIT
         if self._map:
             self._update(0, self._run(0))
 
@@ -180,6 +194,7 @@ class Bitmap(Allocator):
 
     def _take(self, at: int, end: int) -> None:
         """Mark the free blocks [at, end) used and update the tree."""
+        self._version += 1
         bmap = self._map
         edge = at - self._limit if at > self._limit else 0
         left = bmap.rfind(_USED, edge, at) + 1 or edge
@@ -208,6 +223,7 @@ class Bitmap(Allocator):
 
     def _give(self, at: int, end: int) -> None:
         """The blocks [at, end) were just freed: update the tree."""
+        self._version += 1
         bmap = self._map
         tree = self._tree
         leaves = self._leaves
@@ -319,11 +335,36 @@ class Bitmap(Allocator):
             yield start + (run.start() << shift), (run.end() - run.start()) << shift
 
     def largest_free(self) -> int:
-        """Longest run of free blocks: any request up to it fits.  O(1) below LIMIT."""
+        """Longest run of free blocks: any request up to it fits.  O(1) below LIMIT;
+        past it, O(1) while the map is unchanged, else O(runs past LIMIT x log N)
+        tree steps and one C scan along each such run (``_long_runs``)."""
         longest = self._tree[1]
         if longest >= self._limit:
-            longest = max((len(run) for run in _FREE_RUN.findall(self._map)), default=0)
+            version, longest = self._longest
+            if version != self._version:
+                longest = self._long_runs()
+                self._longest = (self._version, longest)
         return longest << self._shift
+
+    def _long_runs(self) -> int:
+        """The longest free run, measured from each superblock the tree says a run
+        of LIMIT or more starts in; superblocks inside a run are skipped."""
+        bmap, limit, sb = self._map, self._limit, self._super
+        want = bytes(limit)
+        best = 0
+        k = self._next(0, limit)
+        while k >= 0:
+            lo = k * sb
+            at = bmap.find(want, lo, min(lo + sb, len(bmap)) + limit - 1)
+            if at < 0:  # cannot happen while the tree is right; stay correct anyway
+                k = self._next(k + 1, limit)
+                continue
+            end = bmap.find(_USED, at)
+            if end < 0:
+                end = len(bmap)
+            best = max(best, end - at)
+            k = self._next(max(k + 1, end // sb), limit)
+        return best
 
     def _check(self) -> None:
         bmap = self._map
@@ -342,3 +383,5 @@ class Bitmap(Allocator):
         assert tree[leaves:] == longest, "superblock maxima disagree with the map"
         for i in range(1, leaves):
             assert tree[i] == max(tree[2 * i], tree[2 * i + 1]), f"tree node {i}"
+        longest = max((len(run) for run in _FREE_RUN.findall(bmap)), default=0)
+        assert self.largest_free() == longest << shift, "largest_free disagrees with the map"

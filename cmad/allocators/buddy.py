@@ -71,6 +71,9 @@ class Buddy(Allocator):
         super().__init__(start, size, **params)
         if start & _PAGE_MASK or size & _PAGE_MASK or size <= 0:
             raise CmaError(errno.EINVAL, f"buddy: region {start:#x}+{size:#x} is not whole pages")
+        if start < 0 or start + size > 1 << 64:
+            raise CmaError(errno.EINVAL, f"buddy: region {start:#x}+{size:#x} is not within "
+                                         "64-bit bus addresses")
         self._lo = start >> PAGE_SHIFT
         self._hi = (start + size) >> PAGE_SHIFT
         # No block can be larger than the region: orders 0 .. bit_length - 1.

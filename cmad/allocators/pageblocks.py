@@ -13,7 +13,7 @@ move.  Here a region is cut into *pageblocks* (2 MiB by default) and:
   blocks: the per-type free lists of the kernel, so a request of one type
   never lands in the other's blocks by accident, and every search stays the
   allocator's own logarithmic one;
-- the pool of whole free blocks is a best fit over block runs.
+- the pool of whole free blocks is a bitmap with one bit per block.
 
 A request (``alloc_for``) follows ``__rmqueue``: its own type's space first;
 then whole free blocks claimed for it (a run of them for a request that
@@ -37,23 +37,29 @@ from heapq import merge
 from typing import Iterator
 
 from ..errors import CmaError
-from .bf import BestFit
-from .interface import PAGE_SIZE, Allocator
+from .bitmap import MAX_ORDER_PER_BIT, Bitmap
+from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator
 
+# What a block shows: free, pinned, movable, mixed (both, after a fallback).
 FREE, PINNED, MOVABLE, MIXED = 0, 1, 2, 3
 TYPE_CHARS = ".PMX"
+# Who owns a block: the pool (FREE), or one of three kinds of chunk, each with
+# an allocator of its own.  Pinned chunks of a block or more (frames) are
+# LARGE: they show as pinned, but the tails of their blocks are kept for
+# other large ones, so a small long-lived pinned chunk never settles in the
+# blocks a frame leaves and pins them after the frame is gone.
+LARGE = 4
+KINDS = (PINNED, MOVABLE, LARGE)
 
 DEFAULT_PAGEBLOCK = 2 << 20
 MIN_BLOCKS = 8          # grouping by default only where a region holds this many blocks
 DEFAULT_MAX_BLOCKS = 1 << 16  # the default block grows past 2 MiB to keep to this many
 MAX_BLOCKS = 1 << 22    # an explicit pageblock may not cut a region finer
+MAX_PAGEBLOCK = PAGE_SIZE << MAX_ORDER_PER_BIT  # the pool is a bitmap of blocks
 
-# Policy as data: the type a request may borrow from as its last resort.
-FALLBACKS = {PINNED: MOVABLE, MOVABLE: PINNED}
-
-
-def mobility(movable: bool) -> int:
-    return MOVABLE if movable else PINNED
+# Policy as data, as the kernel's fallbacks[]: where a request may borrow
+# space, in order, as its last resort; borrowing across mobility is counted.
+FALLBACKS = {PINNED: (LARGE, MOVABLE), LARGE: (PINNED, MOVABLE), MOVABLE: (PINNED, LARGE)}
 
 
 def _pow2_at_least(n: int) -> int:
@@ -69,8 +75,10 @@ def pageblock_size(cls: type[Allocator], start: int, size: int, params: dict) ->
     allocator's block, or does not divide the region."""
     granule = cls.granule(**params)
     if "pageblock" not in params:
-        block = max(DEFAULT_PAGEBLOCK, _pow2_at_least(-(-size // DEFAULT_MAX_BLOCKS)))
-        fits = start % block == 0 and size % block == 0 and size >= MIN_BLOCKS * block
+        block = min(max(DEFAULT_PAGEBLOCK, _pow2_at_least(-(-size // DEFAULT_MAX_BLOCKS))),
+                    MAX_PAGEBLOCK)
+        fits = (start % block == 0 and size % block == 0 and size >= MIN_BLOCKS * block
+                and size // block <= MAX_BLOCKS)
         return block if getattr(cls, "groupable", False) and fits and granule <= block else 0
     block = params["pageblock"]
     if block == 0:
@@ -78,7 +86,7 @@ def pageblock_size(cls: type[Allocator], start: int, size: int, params: dict) ->
     what = f"{cls.name}: pageblock={block:#x}"
     if not getattr(cls, "groupable", False):
         raise CmaError(errno.EINVAL, f"{what}: allocator {cls.name!r} cannot group by mobility")
-    if block & (block - 1) or block < max(granule, PAGE_SIZE):
+    if block & (block - 1) or block < max(granule, PAGE_SIZE) or block > MAX_PAGEBLOCK:
         raise CmaError(errno.EINVAL, f"{what} must be a power of two no smaller than the "
                                      f"allocator's block {granule:#x}")
     if start % block or size % block:
@@ -122,22 +130,41 @@ class Grouped(Allocator):
         self.pageblock = pageblock
         self._shift = pageblock.bit_length() - 1
         self.nblocks = n = size >> self._shift
-        self._pool = BestFit(start, size)
-        self._typed = {PINNED: inner.full(start, size, **params),
-                       MOVABLE: inner.full(start, size, **params)}
+        self._granule = granule = inner.granule(**params)
+        self._large = pageblock - granule + 1  # sizes from here round up to a block or more
+        self._pool = Bitmap(start, size, order_per_bit=self._shift - PAGE_SHIFT)
+        # each kind's allocator and bytes per block, indexed by kind (tuples: the
+        # hot path indexes them)
+        self._typed = tuple(inner.full(start, size, **params) if k in KINDS else None
+                            for k in range(LARGE + 1))
         self._owner = bytearray(n)
-        self._bytes = {PINNED: array("q", bytes(8 * n)), MOVABLE: array("q", bytes(8 * n))}
+        self._bytes = tuple(array("q", bytes(8 * n)) if k in KINDS else None
+                            for k in range(LARGE + 1))
         self._counts = [n, 0, 0, 0]  # blocks per shown type
         self.fallbacks = 0
+        self._freed_hole: tuple[int, int] | None = None  # what the last free merged into
 
     # -- blocks ----------------------------------------------------------
+
+    def kind(self, size: int, movable: bool) -> int:
+        """The kind of a chunk (or request) of that size and mobility."""
+        if movable:
+            return MOVABLE
+        return LARGE if size >= self._large else PINNED
 
     def block_type(self, i: int) -> int:
         """The shown type of block i.  O(1)."""
         owner = self._owner[i]
-        if owner == FREE or not self._bytes[FALLBACKS[owner]][i]:
-            return owner
-        return MIXED
+        held = self._bytes
+        if owner == FREE:
+            return FREE
+        if owner == MOVABLE:
+            return MIXED if held[PINNED][i] or held[LARGE][i] else MOVABLE
+        return MIXED if held[MOVABLE][i] else PINNED
+
+    def _empty(self, i: int) -> bool:
+        held = self._bytes
+        return not (held[PINNED][i] or held[MOVABLE][i] or held[LARGE][i])
 
     def block_counts(self) -> tuple[int, int, int, int]:
         """Blocks that are free, pinned, movable, mixed.  O(1)."""
@@ -156,18 +183,22 @@ class Grouped(Allocator):
         return self.start + (i << self._shift)
 
     def _account(self, lo: int, hi: int, kind: int, sign: int) -> None:
-        """Add (sign 1) or take (-1) the bytes [lo, hi) of a chunk of ``kind``."""
-        counts = self._counts
+        """Add (sign 1) or take (-1) the bytes [lo, hi) of a chunk of ``kind``;
+        the shown types follow, an emptied block goes back to the pool.
+        O(blocks spanned).  (alloc_for and free_for inline the common case: one
+        block of the chunk's own kind, whose shown type cannot change.)"""
+        start, shift, pb = self.start, self._shift, self.pageblock
         held = self._bytes[kind]
+        counts = self._counts
         for i in self._span(lo, hi):
-            b = self._block(i)
+            b = start + (i << shift)
             before = self.block_type(i)
-            held[i] += sign * (min(hi, b + self.pageblock) - max(lo, b))
+            held[i] += sign * (min(hi, b + pb) - max(lo, b))
             after = self.block_type(i)
             if after != before:
                 counts[before] -= 1
                 counts[after] += 1
-            if sign < 0 and not held[i] and not self._bytes[FALLBACKS[kind]][i]:
+            if sign < 0 and self._empty(i):
                 self._reclaim(i)
 
     def _set_owner(self, i: int, owner: int) -> None:
@@ -177,10 +208,24 @@ class Grouped(Allocator):
         counts[self.block_type(i)] += 1
 
     def _reclaim(self, i: int) -> None:
-        """An emptied block goes back to the pool (not while compaction holds part of it)."""
+        """An emptied block goes back to the pool (not while compaction holds part of it).
+        The hole the last free merged into holds the block: carving it out of
+        that hole needs no search where the allocator can (bf)."""
         owner = self._owner[i]
         b = self._block(i)
-        if owner != FREE and self._typed[owner].reserve(b, self.pageblock):
+        if owner == FREE:
+            return
+        typed = self._typed[owner]
+        hole = self._freed_hole
+        carve = getattr(typed, "carve", None)
+        if hole is not None and carve is not None and hole[0] <= b \
+                and b + self.pageblock <= hole[0] + hole[1]:
+            taken = carve(hole[0], hole[1], b, self.pageblock)
+            rest = hole[0] + hole[1] - b - self.pageblock  # the next block may be in the tail
+            self._freed_hole = (b + self.pageblock, rest) if taken and rest else None
+        else:
+            taken = typed.reserve(b, self.pageblock)
+        if taken:
             self._pool.free(b, self.pageblock)
             self._set_owner(i, FREE)
 
@@ -198,6 +243,22 @@ class Grouped(Allocator):
         for i in self._span(lo, hi):
             self._set_owner(i, FREE)
 
+    def _highest_free(self) -> tuple[int, int] | None:
+        """The free block at the highest address, taken from the pool.  O(blocks) in C.
+
+        Small pinned requests claim from the top of the region and everything
+        else from the bottom (the pool's first fit), so the blocks that pin
+        memory for long gather at one end and leave long runs of free and
+        movable blocks for the large requests."""
+        i = len(self._owner)
+        while True:
+            i = self._owner.rfind(FREE, 0, i)
+            if i < 0:
+                return None
+            b = self._block(i)
+            if self._pool.reserve(b, self.pageblock):  # not held by compaction
+                return b, self.pageblock
+
     def claim_shape(self, size: int, alignment: int, kind: int) -> tuple[int, int]:
         """The run of whole blocks (bytes, alignment) a request of ``kind`` claims."""
         need, align = self._typed[kind].footprint(size, alignment)
@@ -207,7 +268,8 @@ class Grouped(Allocator):
     def _claim(self, kind: int, size: int, alignment: int) -> tuple[int, int] | None:
         """try_to_claim_block: take a run of whole free blocks for the request."""
         span, align = self.claim_shape(size, alignment, kind)
-        run = self._pool.alloc(span, align)
+        top = kind == PINNED and span == align == self.pageblock
+        run = self._highest_free() if top else self._pool.alloc(span, align)
         if run is None:
             return None
         self._assign(run[0], run[0] + span, kind)
@@ -217,7 +279,7 @@ class Grouped(Allocator):
             return None
         self._account(got[0], got[0] + got[1], kind, 1)
         for i in self._span(run[0], run[0] + span):  # a claimed block the chunk missed
-            if not self._bytes[kind][i]:
+            if self._empty(i):
                 self._reclaim(i)
         return got
 
@@ -227,36 +289,59 @@ class Grouped(Allocator):
                   claim: bool = True) -> tuple[int, int] | None:
         """Own type's blocks first, then a claimed run of free blocks.  O(log n)
         plus the claim's O(log blocks)."""
-        kind = mobility(movable)
+        kind = MOVABLE if movable else LARGE if size >= self._large else PINNED
         got = self._typed[kind].alloc(size, alignment)
-        if got is not None:
-            self._account(got[0], got[0] + got[1], kind, 1)
-        elif claim:
-            got = self._claim(kind, size, alignment)
-        if got is not None:
-            self.free_bytes -= got[1]
+        if got is None:
+            got = self._claim(kind, size, alignment) if claim else None
+            if got is not None:
+                self.free_bytes -= got[1]
+            return got
+        lo, n = got
+        i = (lo - self.start) >> self._shift
+        if self._owner[i] == kind and i == (lo + n - 1 - self.start) >> self._shift:
+            self._bytes[kind][i] += n  # _account's hot path, inline
+        else:
+            self._account(lo, lo + n, kind, 1)
+        self.free_bytes -= n
         return got
 
     def fallback(self, size: int, alignment: int, movable: bool) -> tuple[int, int] | None:
-        """The last resort: space in blocks of the other type (they become mixed)."""
-        kind = mobility(movable)
-        got = self._typed[FALLBACKS[kind]].alloc(size, alignment)
-        if got is not None:
-            self._account(got[0], got[0] + got[1], kind, 1)
-            self.free_bytes -= got[1]
-            self.fallbacks += 1
-        return got
+        """The last resort: space kept for the other kinds, in FALLBACKS order;
+        a block of the other mobility becomes mixed, and that is counted."""
+        kind = self.kind(size, movable)
+        for other in FALLBACKS[kind]:
+            got = self._typed[other].alloc(size, alignment)
+            if got is not None:
+                self._account(got[0], got[0] + got[1], kind, 1)
+                self.free_bytes -= got[1]
+                self.fallbacks += (other == MOVABLE) != (kind == MOVABLE)
+                return got
+        return None
 
     def free_for(self, start: int, size: int, movable: bool) -> None:
         """Give a chunk back to the type whose blocks hold it.  O(log n + blocks)."""
-        if start < self.start or start + size > self.start + self.size or size <= 0:
+        offset = start - self.start
+        if offset < 0 or offset + size > self.size or size <= 0:
             raise CmaError(errno.EINVAL, f"{self.name}: free of {start:#x}+{size:#x} "
                                          "outside the region")
-        owner = self._owner[(start - self.start) >> self._shift]
-        assert owner != FREE, f"free of {start:#x} in a free block"
-        self._typed[owner].free(start, size)
+        i = offset >> self._shift
+        owner = self._owner[i]
+        if owner == FREE:
+            raise CmaError(errno.EINVAL, f"{self.name}: free of {start:#x} in a free block")
+        hole = self._typed[owner].free(start, size)
         self.free_bytes += size
-        self._account(start, start + size, mobility(movable), -1)
+        kind = MOVABLE if movable else LARGE if size >= self._large else PINNED
+        if owner == kind and i == (offset + size - 1) >> self._shift:
+            held = self._bytes[kind]  # _account's hot path, inline
+            held[i] -= size
+            if not held[i] and self._empty(i):
+                self._freed_hole = hole  # what _reclaim carves the block from
+                self._reclaim(i)
+                self._freed_hole = None
+        else:
+            self._freed_hole = hole
+            self._account(start, start + size, kind, -1)
+            self._freed_hole = None
 
     def reserve_for(self, start: int, size: int, movable: bool) -> bool:
         """Claim exactly [start, start + size) for a chunk of that mobility.
@@ -267,7 +352,7 @@ class Grouped(Allocator):
         first one are always still free."""
         if size <= 0 or start < self.start or start + size > self.start + self.size:
             return False
-        kind = mobility(movable)
+        kind = self.kind(size, movable)
         span = self._span(start, start + size)
         owners = {self._owner[i] for i in span} - {FREE}
         if len(owners) > 1:
@@ -298,7 +383,7 @@ class Grouped(Allocator):
         would have met alone.  A range that fails gives back the blocks it
         claimed, as ``reserve_for`` does."""
         lo, hi, shift, owner_of = self.start, self.start + self.size, self._shift, self._owner
-        per_owner: dict[int, list] = {PINNED: [], MOVABLE: []}
+        per_owner: dict[int, list] = {k: [] for k in KINDS}
         claims: dict[int, list[int]] = {}
         done = [False] * len(ranges)
         for at, (start, size, movable) in enumerate(ranges):
@@ -310,22 +395,22 @@ class Grouped(Allocator):
                 owners = {owner_of[i] for i in range(first, last + 1)} - {FREE}
                 if len(owners) > 1:
                     continue
-                owner = owners.pop() if owners else mobility(movable)
+                owner = owners.pop() if owners else self.kind(size, movable)
                 claims[at] = self._claim_blocks(first, last, owner)
             per_owner[owner].append((at, start, size, movable))
-        added = {PINNED: {}, MOVABLE: {}}  # kind -> block -> bytes
+        added: dict[int, dict[int, int]] = {k: {} for k in KINDS}  # kind -> block -> bytes
         for owner, wanted in per_owner.items():
             got = self._typed[owner].reserve_many([(s, n, m) for _, s, n, m in wanted])
             for (at, start, size, movable), ok in zip(wanted, got):
                 if ok:
                     done[at] = True
-                    self._tally(added[mobility(movable)], start, size)
+                    self._tally(added[self.kind(size, movable)], start, size)
                     self.free_bytes -= size
         self._add_bytes(added)
         for at, blocks in claims.items():
             if not done[at]:
                 for i in blocks:
-                    if not self._bytes[PINNED][i] and not self._bytes[MOVABLE][i]:
+                    if self._empty(i):
                         self._reclaim(i)
         return done
 
@@ -368,9 +453,9 @@ class Grouped(Allocator):
 
     def retype(self, start: int, size: int, movable: bool) -> None:
         """A chunk changed mobility (a movable chunk was pinned): its bytes change sides."""
-        kind = mobility(movable)
-        self._account(start, start + size, FALLBACKS[kind], -1)
-        self._account(start, start + size, kind, 1)
+        was, now = self.kind(size, not movable), self.kind(size, movable)
+        self._account(start, start + size, now, 1)
+        self._account(start, start + size, was, -1)
 
     def owner_of(self, addr: int) -> int:
         """The type that owns the block holding ``addr`` (FREE for the pool).  O(1)."""
@@ -381,21 +466,25 @@ class Grouped(Allocator):
     def windows(self, span: int, align: int, budget: int) -> list[tuple[int, int, int]]:
         """Runs of ``span`` bytes at ``align`` made of free and movable-only blocks
         whose movable bytes (the cost of emptying them) are at most ``budget``
-        and fit in the movable and free space outside the run: (cost, lo, hi),
+        and fit in the free space outside the run: (cost, lo, hi),
         cheapest first.  O(blocks)."""
         n, k = self.nblocks, span >> self._shift
         step = max(align >> self._shift, 1)
         first = (-(self.start >> self._shift)) % step
-        owner, pinned, movable = self._owner, self._bytes[PINNED], self._bytes[MOVABLE]
+        owner, movable = self._owner, self._bytes[MOVABLE]
+        pinned, large = self._bytes[PINNED], self._bytes[LARGE]
         cost = [0] * (n + 1)
         walls = [0] * (n + 1)   # blocks holding pinned bytes
         frees = [0] * (n + 1)   # pool blocks
         for i in range(n):
             cost[i + 1] = cost[i] + movable[i]
-            walls[i + 1] = walls[i] + (pinned[i] > 0 or owner[i] == PINNED)
+            walls[i + 1] = walls[i] + (pinned[i] > 0 or large[i] > 0 or owner[i] in (PINNED, LARGE))
             frees[i + 1] = frees[i] + (owner[i] == FREE)
         room_m = self._typed[MOVABLE].free_bytes
         room_pool = self._pool.free_bytes
+        # movable chunks may also go to the holes of pinned blocks (a fallback,
+        # so such windows come after those that need none)
+        room_pinned = sum(self._typed[k].free_bytes for k in (PINNED, LARGE))
         out = []
         for i in range(first, n - k + 1, step):
             j = i + k
@@ -405,11 +494,12 @@ class Grouped(Allocator):
             free_in = frees[j] - frees[i]
             # The movable space inside the run is given up while it is emptied.
             m_in = (k - free_in) * self.pageblock - c
-            if room_m - m_in + room_pool - free_in * self.pageblock < c:
+            room = room_m - m_in + room_pool - free_in * self.pageblock
+            if room + room_pinned < c:
                 continue
-            out.append((c, self._block(i), self._block(j)))
+            out.append((room < c, c, self._block(i), self._block(j)))
         out.sort()
-        return out
+        return [w[1:] for w in out]
 
     def isolate(self, lo: int, hi: int, used: list[tuple[int, int]]) -> list[tuple[int, int, int]] | None:
         """Hold every free byte of [lo, hi) (``used`` lists the chunks' ranges, sorted)
@@ -441,8 +531,7 @@ class Grouped(Allocator):
             (self._pool if owner == FREE else self._typed[owner]).free(start, size)
         for owner, start, size in holds:
             for i in self._span(start, start + size):
-                if self._owner[i] != FREE and not self._bytes[PINNED][i] \
-                        and not self._bytes[MOVABLE][i]:
+                if self._owner[i] != FREE and self._empty(i):
                     self._reclaim(i)
 
     # -- the plain interface: a chunk of unknown mobility is pinned ----------
@@ -462,8 +551,8 @@ class Grouped(Allocator):
     def holes(self) -> Iterator[tuple[int, int]]:
         """Free ranges of all three owners in address order, adjacent ones merged."""
         cur = end = None
-        for start, size in merge(self._pool.holes(), self._typed[PINNED].holes(),
-                                 self._typed[MOVABLE].holes()):
+        for start, size in merge(self._pool.holes(),
+                                 *(self._typed[k].holes() for k in KINDS)):
             if start == end:
                 end += size
                 continue
@@ -475,39 +564,39 @@ class Grouped(Allocator):
 
     def largest_free(self) -> int:
         """The largest request that succeeds now: in a type's blocks, or as free blocks."""
-        return max(self._pool.largest_free(), self._typed[PINNED].largest_free(),
-                   self._typed[MOVABLE].largest_free())
+        return max(self._pool.largest_free(), *(self._typed[k].largest_free() for k in KINDS))
 
     def cleanup(self) -> None:
-        for allocator in self._typed.values():
-            allocator.cleanup()
+        for k in KINDS:
+            self._typed[k].cleanup()
 
     def check_chunks(self, chunks) -> None:
         """Assert that block types agree with the chunks inside them:
         ``chunks`` is every (start, size, movable) of the region."""
-        held = {PINNED: [0] * self.nblocks, MOVABLE: [0] * self.nblocks}
+        held = {k: [0] * self.nblocks for k in KINDS}
         for start, size, movable in chunks:
-            kind = mobility(movable)
+            kind = self.kind(size, movable)
             owners = {self._owner[i] for i in self._span(start, start + size)}
             assert len(owners) == 1 and FREE not in owners, \
                 f"chunk {start:#x}+{size:#x} lies in blocks of owners {owners}"
             for i in self._span(start, start + size):
                 b = self._block(i)
                 held[kind][i] += min(start + size, b + self.pageblock) - max(start, b)
-        for kind in (PINNED, MOVABLE):
+        for kind in KINDS:
             assert list(self._bytes[kind]) == held[kind], f"type {kind} bytes disagree with chunks"
 
     def _check(self) -> None:
         """Every pageblock invariant, and each owner's allocator's own."""
         self._pool._check()
         pb, n = self.pageblock, self.nblocks
-        free_in = {PINNED: [0] * n, MOVABLE: [0] * n}
+        free_in = {k: [0] * n for k in KINDS}
         for start, size in self._pool.holes():
             assert (start - self.start) % pb == 0 and size % pb == 0, \
                 f"pool hole {start:#x}+{size:#x} is not whole blocks"
             for i in self._span(start, start + size):
                 assert self._owner[i] == FREE, f"pool holds block {i} of owner {self._owner[i]}"
-        for kind, allocator in self._typed.items():
+        for kind in KINDS:
+            allocator = self._typed[kind]
             allocator._check()
             for start, size in allocator.holes():
                 for i in self._span(start, start + size):
@@ -518,8 +607,8 @@ class Grouped(Allocator):
         counts = [0, 0, 0, 0]
         for i in range(n):
             owner = self._owner[i]
-            used = self._bytes[PINNED][i] + self._bytes[MOVABLE][i]
-            assert min(self._bytes[PINNED][i], self._bytes[MOVABLE][i]) >= 0
+            used = sum(self._bytes[k][i] for k in KINDS)
+            assert min(self._bytes[k][i] for k in KINDS) >= 0
             if owner == FREE:
                 assert used == 0, f"free block {i} holds {used} bytes"
             else:
@@ -529,4 +618,4 @@ class Grouped(Allocator):
         assert counts == self._counts, (counts, self._counts)
         assert self._pool.free_bytes == counts[FREE] * pb
         assert self.free_bytes == self._pool.free_bytes + sum(
-            a.free_bytes for a in self._typed.values()), "free bytes disagree with the owners"
+            self._typed[k].free_bytes for k in KINDS), "free bytes disagree with the owners"
