@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) bench/frag.py
 	taskset -c 1 $(PY) bench/compact.py
 	$(PY) bench/client.py
+	$(PY) bench/arena.py
 	$(PY) bench/scale.py --sizes 10k,200k,1m --growth
 
 lint: $(STAMP)

@@ -19,6 +19,7 @@ import stat
 from array import array
 
 from .errors import CmaError
+from .hugepages import fs_type, page_size, release_mount
 from .memparse import human
 from .privileges import pagemap_fd
 
@@ -29,27 +30,7 @@ _THP_SHMEM = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 
 
 def hugepage_size() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("Hugepagesize:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2 << 20
-
-
-def fs_type(path: str) -> str:
-    """The filesystem type of the mount holding ``path`` (longest prefix in /proc/mounts)."""
-    path = os.path.realpath(path)
-    best, kind = "", ""
-    with open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            mnt = fields[1].replace("\\040", " ")
-            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, kind = mnt, fields[2]
-    return kind
+    return page_size()
 
 
 def hugetlbfs_mounts() -> list[str]:
@@ -81,35 +62,82 @@ class Unsafe(CmaError):
     """An arena file someone else could read or swap: never used."""
 
 
-def open_private(path: str) -> int:
-    """Open (creating it 0600) a regular file only we can touch; no symlinks followed.
+# Kernel interfaces whose files look regular (/proc/self/mem is a 0600 root file with one
+# link): never an arena file.
+PSEUDO_FS = ("proc", "sysfs", "devtmpfs", "devpts", "debugfs", "tracefs", "securityfs",
+             "cgroup", "cgroup2", "bpf", "configfs", "efivarfs", "pstore", "fusectl", "fuse",
+             "binfmt_misc", "mqueue", "autofs", "")
 
-    The default place is /dev/shm, writable by everyone: a file planted there
-    by another user, or a symlink, must be refused, not adopted.
-    """
+
+def check_own(path: str, st: os.stat_result) -> None:
+    """EPERM unless ``st`` is the daemon's own arena file: a regular file owned by us,
+    mode 0600, one link, not on a kernel interface (procfs, sysfs, ...).  Anything
+    else is neither used nor deleted."""
+    problems = []
+    if not stat.S_ISREG(st.st_mode):
+        problems.append("not a regular file")
+    if st.st_uid != os.geteuid():
+        problems.append(f"owned by uid {st.st_uid}")
+    if stat.S_IMODE(st.st_mode) != 0o600:
+        problems.append(f"mode {stat.S_IMODE(st.st_mode):o}")
+    if st.st_nlink != 1:
+        problems.append(f"{st.st_nlink} links")
+    kind = fs_type(path)
+    if kind in PSEUDO_FS:
+        problems.append(f"on {kind or 'an unknown filesystem'}, a kernel interface")
+    if problems:
+        raise Unsafe(errno.EPERM, f"arena file {path} is not the daemon's own ("
+                                  f"{', '.join(problems)}; it must be a regular file of uid "
+                                  f"{os.geteuid()}, mode 0600, one link, not in /proc, /sys "
+                                  "or /dev): refusing to use or delete it")
+
+
+def remove_own(path: str) -> bool:
+    """Delete the daemon's own arena file at ``path``; True if there was one.
+    EPERM (and nothing deleted) for any other file, symlink or device."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise Unsafe(errno.EPERM, f"arena file {path}: {e.strerror}") from None
+    check_own(path, st)
+    os.unlink(path)
+    return True
+
+
+def open_private(path: str) -> tuple[int, bool]:
+    """Open (creating it 0600) the daemon's own file; no symlinks followed.
+    Returns (fd, created)."""
+    kind = fs_type(os.path.dirname(path) or ".")
+    if kind in PSEUDO_FS:
+        raise Unsafe(errno.EPERM, f"arena file {path}: the directory is on "
+                                  f"{kind or 'an unknown filesystem'}, a kernel interface")
     flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
     except FileExistsError:
         pass
+    except OSError as e:
+        raise Unsafe(e.errno, f"arena file {path}: {e.strerror}") from None
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, flags | os.O_NONBLOCK)
     except OSError as e:
         raise Unsafe(errno.EPERM, f"arena file {path}: {e.strerror} (a symlink is refused)")
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+    try:
+        check_own(path, os.fstat(fd))
+    except Unsafe:
         os.close(fd)
-        raise Unsafe(errno.EPERM, f"arena file {path} is not a regular file of uid "
-                                  f"{os.geteuid()} with mode 0600 (uid {st.st_uid}, mode "
-                                  f"{stat.S_IMODE(st.st_mode):o}): refusing it; remove it")
-    return fd
+        raise
+    return fd, False
 
 
 class Arena:
     """``size`` bytes of shared memory mapped into the daemon, zero-copy by memoryview."""
 
     def __init__(self, size: int, *, path: str | None = None, backing: str = "auto",
-                 populate: bool = False, hugetlb_memfd: bool = False):
+                 populate: bool = False, hugetlb_memfd: bool = False, no_hugetlb: str = "",
+                 fd: int = -1):
         if backing not in BACKINGS:
             raise CmaError(errno.EINVAL, f"backing {backing!r}: expected one of {BACKINGS}")
         if size <= 0:
@@ -118,10 +146,14 @@ class Arena:
         self.named = path is not None
         self.path = path
         self.existed = path is not None and os.path.exists(path)
-        self.fd = -1
+        self.fd = fd  # a hugetlb file already laid out (physmap.build_file)
+        self.created = False
+        self.pool = None  # the hugepage pool to give back to when the file is deleted
+        self.layout = None  # physmap.Layout for a hugetlbfs arena laid out by frame
         self.mm: mmap.mmap | None = None
-        failures = []
-        for kind in (("hugetlb", "thp", "shm") if backing == "auto" else (backing,)):
+        failures = [f"hugetlb: {no_hugetlb}"] if no_hugetlb and backing == "auto" else []
+        kinds = ("hugetlb", "thp", "shm") if backing == "auto" else (backing,)
+        for kind in kinds[1:] if failures else kinds:
             self.size = size
             try:
                 self._open(kind, path, populate, hugetlb_memfd)
@@ -131,6 +163,7 @@ class Arena:
             except OSError as e:
                 failures.append(f"{kind}: {e.strerror or e}")
                 self._close_fd()
+                self._unlink_created()
                 continue
             self.backing = kind
             self.why = "; ".join(failures) or "first choice"
@@ -146,22 +179,23 @@ class Arena:
             self.size = -(-self.size // hugepage_size()) * hugepage_size()
             if path is not None and hugetlb_memfd and fs_type(os.path.dirname(path)) != "hugetlbfs":
                 path = None  # not persistent: hugepages by memfd beat a named tmpfs file
-            if path is None and _hugepages_free() * hugepage_size() < self.size:
+            if self.fd < 0 and path is None and _hugepages_free() * hugepage_size() < self.size:
                 raise OSError(errno.ENOMEM, f"{_hugepages_free()} free hugepages of "
                                             f"{human(hugepage_size())}, need "
                                             f"{self.size // hugepage_size()}")
-            if path is None:
+            if path is None and self.fd < 0:
                 self.fd = os.memfd_create("cmad-arena", os.MFD_HUGETLB | os.MFD_CLOEXEC)
-            elif fs_type(os.path.dirname(path) or ".") != "hugetlbfs":
+            elif path is not None and fs_type(os.path.dirname(path) or ".") != "hugetlbfs":
                 raise OSError(errno.EINVAL, f"{path} is not on a hugetlbfs mount")
         elif path is not None and fs_type(os.path.dirname(path) or ".") == "hugetlbfs":
             raise OSError(errno.EINVAL, f"{path} is on hugetlbfs, which is not {kind}")
         if kind == "thp" and _thp_shmem_mode() not in ("always", "within_size", "advise"):
             raise OSError(errno.ENOTSUP, f"shmem THP is {_thp_shmem_mode()!r} "
                                          f"in {_THP_SHMEM}")
-        if self.fd < 0:
-            self.fd = (os.memfd_create("cmad-arena", os.MFD_CLOEXEC) if path is None
-                       else open_private(path))
+        if self.fd < 0 and path is None:
+            self.fd = os.memfd_create("cmad-arena", os.MFD_CLOEXEC)
+        elif self.fd < 0:
+            self.fd, self.created = open_private(path)
         if os.fstat(self.fd).st_size < self.size:
             os.ftruncate(self.fd, self.size)
         flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
@@ -238,6 +272,20 @@ class Arena:
                 segments.append([addr, mmap.PAGESIZE])
         return [(a, n) for a, n in segments]
 
+    def frames(self, first: int, count: int) -> list[int]:
+        """The physical address of each of ``count`` hugepages from page ``first``."""
+        from .physmap import read_frames
+        return read_frames(self._address() + first * self.page, count, self.page)
+
+    def _unlink_created(self) -> None:
+        """A failed start leaves no file it made (a sparse 4 TiB one, say) behind."""
+        if self.created and self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.created = False
+
     def _close_fd(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -256,3 +304,6 @@ class Arena:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+            release_mount(fs_type(os.path.dirname(self.path)) or "none")
+        if unlink and self.pool is not None:  # the arena is gone: so are the pages we added
+            self.pool.give_back()

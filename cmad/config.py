@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 
 from .arena import BACKINGS
 from .errors import CmaError
+from .hugepages import MODES
+from .physmap import CONTIGUOUS
 from .memparse import memparse
 
 DEFAULT_REGIONS = "video=32M:bf;common=16M:buddy;dma=8M:bitmap"
@@ -34,6 +36,8 @@ class Config:
     group: str = "cma"
     limits: dict[int, int] = field(default_factory=dict)
     log_level: str = "info"
+    hugepages: str = "reserve"
+    contiguous: str = "auto"
 
     def update(self, values: dict, source: str) -> None:
         known = {f.name for f in fields(self)}
@@ -75,6 +79,10 @@ def _convert(key: str, value):
         raise ConfigError(key, f"expected a string, got {value!r}")
     if key == "backing" and value not in BACKINGS:
         raise ConfigError(key, f"{value!r} is not one of {', '.join(BACKINGS)}")
+    if key == "hugepages" and value not in MODES:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(MODES)}")
+    if key == "contiguous" and value not in CONTIGUOUS:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(CONTIGUOUS)}")
     if key == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(key, f"{value!r} is not debug, info, warning or error")
     return value

@@ -15,9 +15,12 @@ import sys
 from functools import partial
 from typing import Iterator
 
-from . import __version__, privileges, ratelimit, service
-from .arena import Arena, hugetlbfs_mounts
+from . import __version__, physmap, privileges, ratelimit, service
 from .allocators import registry
+from .arena import Arena, remove_own
+from .hugepages import RUN_DIR, Pool, escaped_name, fs_type, private_mount, record_path, shm_dir
+from .memparse import human
+from .regions import Region
 from .cma import Cma, plan_regions
 from .config import Config, ConfigError, load
 from .errors import CmaError
@@ -26,7 +29,7 @@ from .journal import Journal, recover, restore_allocators
 log = logging.getLogger("cmad")
 
 FLAGS = ("regions", "map", "mountpoint", "arena_size", "base", "backing", "arena_file",
-         "state_dir", "group", "log_level")
+         "state_dir", "group", "log_level", "hugepages", "contiguous")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state-dir", help="directory for the journal (persistence)")
     p.add_argument("--group", help="group allowed to alloc and free (default cma)")
     p.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    p.add_argument("--hugepages", help="reserve (raise the pool as root when short, the "
+                   "default) or free (use only pages already free)")
+    p.add_argument("--contiguous", help="auto (physically contiguous regions where the "
+                   "hugepages allow, the default), physical (or fail) or virtual")
     return p.parse_args(argv)
 
 
@@ -104,28 +111,44 @@ def group_id(name: str) -> int:
         return 0
 
 
-def arena_path(config: Config) -> str:
-    """The arena file: configured, else in the first hugetlbfs mount, else in /dev/shm."""
+ATTEMPTS = 3  # layouts tried when another process takes pages in the middle of one
+
+
+def arena_paths(config: Config) -> list[str]:
+    """Where this daemon's arena file may be: configured, else its name (unique per
+    mountpoint) in the private hugetlbfs mount, or in the shared-memory directory."""
     if config.arena_file:
-        return config.arena_file
-    name = "cmad" + os.path.abspath(config.mountpoint).replace("/", "-")
-    mounts = hugetlbfs_mounts()
-    return os.path.join(mounts[0] if mounts else "/dev/shm", name)
+        return [config.arena_file]
+    name = escaped_name(config.mountpoint)
+    if os.geteuid() != 0:
+        return [f"/dev/shm/cmad-{os.geteuid()}/{name}"]
+    return [os.path.join(RUN_DIR, "hugetlbfs", name), os.path.join(RUN_DIR, name),
+            os.path.join(RUN_DIR, "tmpfs", name), os.path.join("/dev/shm/cmad-0", name)]
+
+
+def arena_path(config: Config) -> str:
+    """The arena file in use (the first candidate that exists), else the preferred one."""
+    paths = arena_paths(config)
+    return next((p for p in paths if os.path.lexists(p)), paths[0])
 
 
 def build(config: Config) -> tuple[Cma, Journal | None]:
     """The core with its arena and, with a state directory, its recovered journal."""
     cma = Cma(config.regions, config.map, base=config.base, arena_size=config.arena_size,
               limits=config.limits)
+    refuse_sticky_physical(cma, config.contiguous)
     journal = Journal(config.state_dir) if config.state_dir else None
-    path = config.arena_file or (journal and journal.get("arena_file")) or arena_path(config)
-    if journal is not None and journal.count():
-        check_journal_matches(journal, config, path, cma.base)
-    if journal is None and os.path.lexists(path):
-        os.unlink(path)  # a non-persistent daemon starts with a fresh arena
-    survived = os.path.exists(path)
-    arena = Arena(cma.arena_size, path=path, backing=config.backing,
-                  hugetlb_memfd=journal is None)
+    pool = Pool(record_path(config.state_dir, config.mountpoint), config.hugepages)
+    kept = journal is not None and journal.count() > 0
+    path = config.arena_file or (journal.get("arena_file") if kept else None) or None
+    if kept:
+        check_journal_matches(journal, config, path or arena_path(config), cma.base)
+    survived = kept and path is not None and os.path.exists(path)
+    if survived:
+        check_arena_length(path, journal, cma.arena_size)
+    else:
+        remove_stale_arenas(config, path)
+    arena = open_arena(cma, config, path, pool, journal if survived else None)
     try:
         if journal is not None:  # before the arena: sticky regions keep their chunks' pages
             next_id = journal.next_id()  # before recovery forgets transient chunks
@@ -133,14 +156,173 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
             recover(cma, journal, arena_survived=survived)
             cma.skip_ids(next_id)
         cma.attach_arena(arena)
+        mark_regions(cma, arena)
         if journal is not None:
             journal.set(arena_file=arena.path, regions=config.regions, base=cma.base,
-                        arena_size=arena.size)
+                        arena_size=arena.size, arena_layout=physmap.record(arena.layout))
             cma.listeners.append(journal)
     except BaseException:
-        arena.close()  # never unlink here: the bytes may be all that is left
+        if survived:
+            arena.close()  # never unlink here: the bytes may be all that is left
+        else:
+            arena.close(unlink=True)  # a failed start leaves no arena file of its own
         raise
     return cma, journal
+
+
+def refuse_sticky_physical(cma: Cma, contiguous: str) -> None:
+    """Sticky regions give pages back and never get the same frame again: not physical."""
+    sticky = [r.name for r in cma.regions if r.kind == "sticky"]
+    if contiguous == "physical" and sticky:
+        raise CmaError(errno.EINVAL, f"contiguous=physical: region {sticky[0]} is sticky; a "
+                                     "sticky region gives its pages back and can never get "
+                                     "the same physical pages again (drop 'sticky' or use "
+                                     "contiguous=auto)")
+
+
+def check_arena_length(path: str, journal: Journal, size: int) -> None:
+    """An arena file shorter than the journal says lost chunk bytes: never zero-fill them."""
+    want = max(int(journal.get("arena_size") or 0), size)
+    have = os.stat(path).st_size
+    if have < want:
+        raise CmaError(errno.EINVAL, f"arena file {path} is {have} bytes, shorter than the "
+                                     f"{want} the journal recorded (truncated behind the "
+                                     f"daemon's back?): {journal.count()} journalled chunks "
+                                     "would come back zeroed; refusing to start (run 'cmad "
+                                     "reset' to forget them)")
+
+
+def remove_stale_arenas(config: Config, path: str | None) -> None:
+    """No journalled chunk lives in an old arena file of ours: delete it (and only if it
+    is ours: never a file someone else made at an explicit --arena-file)."""
+    for candidate in [path] if path else arena_paths(config):
+        if remove_own(candidate):
+            log.info("arena: removed the previous arena file %s (no chunk lives in it)",
+                     candidate)
+
+
+def spans_of(cma: Cma, contiguous: str) -> list[physmap.Span]:
+    return [physmap.Span(r.name, r.start - cma.base, r.size,
+                         wants=contiguous != "virtual" and r.kind != "sticky")
+            for r in cma.regions]
+
+
+def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
+               journal: Journal | None) -> Arena:
+    """Adopt the surviving arena file (``journal`` given), else build a fresh one:
+    hugetlbfs laid out by frame where the pool allows, else shared memory."""
+    spans = spans_of(cma, config.contiguous)
+    if journal is not None:
+        arena = Arena(cma.arena_size, path=path, backing=config.backing)
+        arena.pool = pool
+        record = journal.get("arena_layout")
+        if arena.backing == "hugetlb" and record:
+            arena.layout = physmap.verify(record, spans, arena.frames, arena.page, path)
+        virtual = [s for s in spans if s.wants and (
+            arena.layout is None or arena.layout.phys.get(s.name) is None)]
+        if config.contiguous == "physical" and virtual:
+            arena.close()
+            raise CmaError(errno.EINVAL, f"contiguous=physical: region {virtual[0].name} lies "
+                                         f"in the surviving arena file {path} without a "
+                                         "physical run, and its journalled chunks keep that "
+                                         "layout; use contiguous=auto or run 'cmad reset'")
+        return arena
+    strict = config.contiguous == "physical"
+    why = "backing is " + config.backing
+    if config.backing in ("auto", "hugetlb"):
+        try:
+            return hugetlb_arena(cma, config, path, pool, spans, strict)
+        except OSError as e:
+            why = e.strerror or str(e)
+    if strict:
+        span = next(s for s in spans if s.wants)
+        raise physmap.refusal(span, 0, 0, why)
+    if config.backing == "hugetlb":
+        raise CmaError(errno.ENOMEM, f"arena of {human(cma.arena_size)}: hugetlb: {why}")
+    spath = path or os.path.join(shm_dir(), escaped_name(config.mountpoint))
+    return Arena(cma.arena_size, path=spath, backing=config.backing, no_hugetlb=why)
+
+
+def hugetlb_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
+                  spans: list[physmap.Span], strict: bool) -> Arena:
+    """A fresh hugetlb arena laid out so that regions lie in physical runs: a file in the
+    private hugetlbfs mount when it must outlive the daemon, else a memfd."""
+    if path is None and config.state_dir:
+        if os.geteuid() != 0:
+            raise OSError(errno.EPERM, "not root: no private hugetlbfs mount")
+        path = os.path.join(private_mount("hugetlbfs"), escaped_name(config.mountpoint))
+    elif path is not None and fs_type(os.path.dirname(path) or ".") != "hugetlbfs":
+        raise OSError(errno.EINVAL, f"{path} is not on a hugetlbfs mount")
+    size = -(-cma.arena_size // pool.page) * pool.page
+    for attempt in range(1, ATTEMPTS + 1):
+        arena = laid_out_arena(path, size, spans, pool, strict and attempt == ATTEMPTS)
+        layout = arena.layout
+        failed = [s for s in spans if s.wants and layout.phys[s.name] is None]
+        if not failed or attempt == ATTEMPTS or not layout.planned & {s.name for s in failed}:
+            break
+        log.info("arena: another process took hugepages while the arena was laid out "
+                 "(%s not physical as planned); again", ", ".join(s.name for s in failed))
+        arena.close()  # the pool and the mount stay for the next attempt
+        if path is not None:
+            os.unlink(path)
+    if strict and failed:
+        arena.close(unlink=True)
+        raise physmap.refusal(failed[0], layout.longest, layout.gathered,
+                              layout.why[failed[0].name])
+    log.info("arena: %d hugepages gathered, %d kept, longest physical run %s, in %.2f s",
+             layout.gathered, layout.kept, human(layout.longest), layout.seconds)
+    return arena
+
+
+def laid_out_arena(path: str | None, size: int, spans: list[physmap.Span], pool: Pool,
+                   strict: bool) -> Arena:
+    """One attempt: gather, lay out, map, and decide each region on the real frames."""
+    try:
+        fd, layout = physmap.build_file(path, size, spans, pool, strict=strict)
+    except OSError as e:  # another process took pages between the gathering and us
+        if e.errno != errno.ENOSPC:
+            raise
+        log.info("arena: hugetlb: %s; gathering again", e.strerror)
+        fd, layout = physmap.build_file(path, size, spans, pool, strict=strict)
+    arena = Arena(size, path=path, backing="hugetlb", fd=fd)
+    arena.created, arena.pool = path is not None, pool
+    try:
+        physmap.decide(spans, arena.frames(0, size // pool.page), pool.page, layout)
+    except CmaError as e:  # frames hidden: every region is virtual
+        layout.phys = {s.name: None for s in spans}
+        layout.why = {s.name: e.why for s in spans if s.wants}
+    arena.layout = layout
+    return arena
+
+
+def mark_regions(cma: Cma, arena: Arena) -> None:
+    """Each region's ``contiguous`` and physical start, logged once per region."""
+    layout = arena.layout
+    for region in cma.regions:
+        phys = layout.phys.get(region.name) if layout is not None else None
+        region.contiguous = "physical" if phys is not None else "virtual"
+        region.phys = phys
+        if phys is not None:
+            log.info("region %s: physically contiguous, %s at physical %#x", region.name,
+                     human(region.size), phys)
+        else:
+            log.info("region %s: virtual only (%s)", region.name, virtual_reason(
+                region, arena, layout))
+    physical = sum(getattr(r, "phys", None) is not None for r in cma.regions)
+    log.info("arena: %s-backed, %d of %d regions physically contiguous",
+             "hugepage" if arena.backing == "hugetlb" else arena.backing, physical,
+             len(cma.regions))
+
+
+def virtual_reason(region: Region, arena: Arena, layout: physmap.Layout | None) -> str:
+    """Why a region is not physical, for its start-up log line."""
+    if region.kind == "sticky":
+        return "sticky regions give pages back and cannot keep their frames"
+    if arena.backing != "hugetlb":
+        return f"the arena is {arena.backing}, not hugepages"
+    if layout is None or region.name not in layout.phys:
+        return "contiguous=virtual" if layout is not None else "no layout recorded"
+    return layout.why.get(region.name, "contiguous=virtual")
 
 
 def check_journal_matches(journal: Journal, config: Config, path: str, base: int) -> None:
@@ -162,7 +344,8 @@ def stop(cma: Cma, journal: Journal | None) -> None:
     """Keep the arena file only while a journal says chunks live in it."""
     service.notify(STOPPING=1)
     keep = journal is not None and len(cma.chunks) > 0
-    cma.arena.close(unlink=not keep)
+    with privileges.raised():  # the private hugetlbfs mount goes with its last file
+        cma.arena.close(unlink=not keep)
     if journal is not None:
         journal.close()
     log.info("stopped with %d chunks%s", len(cma.chunks),
@@ -195,7 +378,8 @@ class Reloader:
                       "stay: restart the daemon to apply it", new.regions)
             new.regions, new.base, new.arena_size = (self.config.regions, self.config.base,
                                                      self.config.arena_size)
-        for key in ("mountpoint", "backing", "arena_file", "state_dir", "group"):
+        for key in ("mountpoint", "backing", "arena_file", "state_dir", "group", "hugepages",
+                    "contiguous"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; it takes effect at the next start", key)
                 setattr(new, key, getattr(self.config, key))
@@ -210,6 +394,13 @@ class Reloader:
         log.info("reload: map %r, limits %s", self.cma.map, self.cma.limits or "none")
 
 
+def physical_facts(cma: Cma, arena: Arena) -> dict[str, object]:
+    """Root ``stats`` keys: which regions are physically contiguous, and the pool."""
+    physical = [r.name for r in cma.regions if getattr(r, "contiguous", "") == "physical"]
+    return {"physical_regions": ",".join(physical) or "-",
+            "hugepages_added": arena.pool.added if arena.pool is not None else 0}
+
+
 def plant_tree(mount, cma: Cma, config: Config) -> None:
     """Build the tree and hand it to the mount made at start (`start`)."""
     from .tree import Tree
@@ -217,7 +408,7 @@ def plant_tree(mount, cma: Cma, config: Config) -> None:
     arena = cma.arena
     tree = Tree(cma, gid=group_id(config.group), extra_stats={
         "backing": arena.backing, "page_size": 4096, "arena_size": arena.size,
-        "base": f"{cma.base:#x}", "arena_file": arena.path})
+        "base": f"{cma.base:#x}", "arena_file": arena.path, **physical_facts(cma, arena)})
     mount.fs.replace_root(tree.root)
 
 

@@ -55,7 +55,9 @@ def render(cma: Cma) -> str:
     for key, help, value in (
             ("size_bytes", "Region size in bytes.", lambda r: r.size),
             ("free_bytes", "Free bytes in the region.", lambda r: r.free),
-            ("users", "Live chunks in the region.", lambda r: r.users)):
+            ("users", "Live chunks in the region.", lambda r: r.users),
+            ("physical", "1 if the region lies in one run of physically adjacent pages.",
+             lambda r: int(getattr(r, "contiguous", "") == "physical"))):
         out += [f"# HELP cma_region_{key} {help}", f"# TYPE cma_region_{key} gauge"]
         out += [f'cma_region_{key}{{region="{_label(r.name)}"}} {value(r)}' for r, _ in regions]
     out += ["# HELP cma_arena_size_bytes Bytes in the arena.",

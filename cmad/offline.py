@@ -8,7 +8,9 @@ import os
 import sqlite3
 import sys
 
+from .arena import remove_own
 from .cma import Cma
+from .hugepages import give_back_record, release_mount
 from .errors import CmaError
 from .journal import JOURNAL, BadRow, Journal, restore_allocators, restore_record
 from .memparse import human
@@ -124,9 +126,16 @@ def reset(state_dir: str) -> int:
         journal = Journal(state_dir, readonly=True)
         arena = journal.get("arena_file")
         journal.close()
-        if arena and os.path.exists(arena):
-            os.unlink(arena)
-            print(f"removed arena {arena}")
+        if arena and os.path.lexists(arena):
+            try:
+                remove_own(arena)
+                print(f"removed arena {arena}")
+            except CmaError as e:
+                print(f"kept {arena}: {e.why}", file=sys.stderr)
+    gone = give_back_record(os.path.join(state_dir, "hugepages"))
+    release_mount()
+    if gone:
+        print(f"gave {gone} hugepages back to the pool")
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.unlink(path + suffix)

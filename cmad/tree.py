@@ -46,6 +46,7 @@ REGION_ATTRS = {
     "free": lambda r: str(r.free),
     "users": lambda r: str(r.users),
     "kind": lambda r: r.kind,
+    "contiguous": lambda r: getattr(r, "contiguous", "virtual"),
     "stats": lambda r: show_stats(r.stats()),
     "bitmap": lambda r: region_bitmap(r),
     "pageblocks": lambda r: r.pageblocks(),
@@ -242,6 +243,7 @@ class Tree:
                             lambda text, caller: self.cma.set_allocator(region.name, text),
                             mode=0o644))
         d.add("compact", Attr(store=partial(self._store_compact, region), mode=0o200))
+        d.add("phys", Attr(partial(self._region_phys, region), mode=0o400))
         self.region_chunks[region.name] = d.add("chunks", DynamicDir(RegionLinks(self.cma,
                                                                                  region)))
         self.regions.add(region.name, Symlink(fmt_addr(region.start)))
@@ -311,6 +313,20 @@ class Tree:
             raise CmaError(errno.ENODEV, "no arena behind this daemon")
         self.cma.pin(chunk)
         return f"{arena.path} {chunk.start - self.cma.base} {chunk.size}"
+
+    def _region_phys(self, region: Region) -> str:
+        """One line for a physical region; a virtual one's segments (a sticky one's
+        chunks only: its holes have no pages)."""
+        phys = getattr(region, "phys", None)
+        if phys is not None:
+            return f"{fmt_addr(phys)} {region.size}\n"
+        ranges = ([(c.start, c.size) for c in self.cma.chunks_of(region)]
+                  if region.kind == "sticky" else [(region.start, region.size)])
+        arena = self.cma.arena
+        if arena is None:
+            raise CmaError(errno.ENODEV, "no arena behind this daemon")
+        return "".join(f"{fmt_addr(addr)} {length}\n" for start, size in ranges
+                       for addr, length in arena.phys(start - self.cma.base, size))
 
     def _phys(self, chunk: Chunk) -> str:
         self.cma.check_live(chunk)

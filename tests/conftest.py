@@ -1,9 +1,14 @@
 """Fixtures shared by the test modules: ``daemon`` and ``hugepages``."""
 
+import gc
+import glob
 import os
+import subprocess
+import sys
 
 import pytest
 
+from cmad.hugepages import give_back_record
 from daemonutil import daemon  # noqa: F401
 from test_arena import hugepages  # noqa: F401
 
@@ -18,3 +23,34 @@ def unseal_mountpoints(tmp_path_factory):
         dirs[:] = [d for d in dirs if not is_mounted(os.path.join(top, d))]
         for d in dirs:
             unseal(os.path.join(top, d))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def hugepage_records():
+    """At the end, the hugepages test daemons recorded and could not give back (a
+    client mapping in this process still holds them) go back to the pool: now, or
+    from a helper process once this one has exited and its mappings are gone."""
+    yield
+    gc.collect()
+    left = [r for r in glob.glob("/run/cmad/cmad-tmp-pytest-*.hugepages")
+            if give_back_record(r) is not None and os.path.exists(r)]
+    if left:
+        subprocess.Popen([sys.executable, "-c", GIVE_BACK_LATER, str(os.getpid()), *left],
+                         start_new_session=True, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+GIVE_BACK_LATER = """
+import os, sys, time
+from cmad.hugepages import give_back_record
+pid, records = int(sys.argv[1]), sys.argv[2:]
+for _ in range(600):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(0.1)
+for record in records:
+    give_back_record(record)
+"""

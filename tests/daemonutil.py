@@ -13,7 +13,8 @@ import time
 import pytest
 
 from cmad.config import Config
-from cmad.main import arena_path
+from cmad.hugepages import escaped_name, give_back_record, record_path, release_mount
+from cmad.main import arena_paths
 from mountutil import MountError, cleanup, daemon_stderr, mounted, require_fuse
 
 
@@ -35,10 +36,17 @@ class Daemons:
         self.count = 0
         self.proc = None
         self.arenas: set[str] = set()
+        self.records: set[str] = set()
         stack.callback(self.remove_arenas)  # runs last, once every daemon has stopped
 
     def argv(self, mnt: pathlib.Path, args) -> list[str]:
-        self.arenas.add(arena_path(Config(mountpoint=str(mnt))))
+        self.arenas.update(arena_paths(Config(mountpoint=str(mnt))))
+        state = args[list(args).index("--state-dir") + 1] if "--state-dir" in args else None
+        self.records.add(record_path(state, str(mnt)) or "")
+        self.records.add(record_path(None, str(mnt)) or "")
+        self.arenas.add(os.path.join("/run/cmad/hugetlbfs", escaped_name(str(mnt))))
+        if "--contiguous" not in args:  # the layout search only where a test asks for it
+            args = (*args, "--contiguous", "virtual")
         return [sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt), *args]
 
     def remove_arenas(self) -> None:
@@ -46,6 +54,9 @@ class Daemons:
         for path in self.arenas:
             if os.path.lexists(path):
                 os.unlink(path)
+        for record in self.records:  # a killed daemon's hugepages go back to the pool
+            give_back_record(record or None)
+        release_mount()
 
     def __call__(self, *args: str, env: dict | None = None, mountpoint=None) -> pathlib.Path:
         self.count += 1

@@ -90,7 +90,7 @@ def test_bad_arguments():
         Arena(M, backing="magic")
     with pytest.raises(CmaError):
         Arena(0)
-    arena = Arena(M)
+    arena = Arena(M, backing="shm")
     with pytest.raises(CmaError):
         arena.view(M - 4096, 8192)
     arena.close()

@@ -2,6 +2,8 @@
 
 import errno
 import logging
+import os
+import pathlib
 
 import pytest
 
@@ -118,12 +120,23 @@ def test_check_finds_overlap_and_passes_clean_state(tmp_path, capsys):
 def test_check_without_journal_and_reset(tmp_path):
     assert "no journal" in check(str(tmp_path))[0]
     cma, journal = run_session(tmp_path)
-    arena = tmp_path / "arena"
+    arena = pathlib.Path(f"/dev/shm/cmad-test-reset-{os.getpid()}")  # the daemon's own
     arena.write_bytes(b"x")
+    arena.chmod(0o600)
     journal.set(arena_file=str(arena))
     journal.close()
     reset(str(tmp_path))
     assert not arena.exists() and not (tmp_path / "journal.db").exists()
+
+
+def test_reset_never_deletes_a_file_that_is_not_the_daemons_own(tmp_path):
+    cma, journal = run_session(tmp_path)
+    other = tmp_path / "precious"  # on disk, mode 0644: not an arena file of ours
+    other.write_bytes(b"x")
+    journal.set(arena_file=str(other))
+    journal.close()
+    reset(str(tmp_path))
+    assert other.read_bytes() == b"x" and not (tmp_path / "journal.db").exists()
 
 
 def test_journal_failure_vetoes_the_allocation(tmp_path):

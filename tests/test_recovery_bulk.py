@@ -213,15 +213,18 @@ def test_daemon_refuses_a_tampered_journal_with_one_line(tmp_path):
     write_journal(state, [("a", 0, 1, None, False, False, 0, None, 0)])
     arena = tmp_path / "arena"
     arena.touch(mode=0o600)
+    os.truncate(arena, Cma(REGIONS).arena_size)  # the size the journal says: no other refusal
     journal = Journal(str(state))
-    journal.set(arena_file=str(arena), regions=REGIONS, base=Cma(REGIONS).base)
+    journal.set(arena_file=str(arena), regions=REGIONS, base=Cma(REGIONS).base,
+                arena_size=Cma(REGIONS).arena_size)
     journal.db.execute("UPDATE chunks SET label = '../x'")
     journal.close()
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     run = subprocess.run([sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt),
                           "--regions", REGIONS, "--state-dir", str(state),
-                          "--arena-file", str(arena)], capture_output=True, text=True,
+                          "--arena-file", str(arena), "--contiguous", "virtual"],
+                         capture_output=True, text=True,
                          timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode == 2, run.stderr
     errors = [line for line in run.stderr.splitlines() if "ERROR" in line]
