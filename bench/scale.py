@@ -1,7 +1,8 @@
 """Scale benchmark: one daemon holding 10k, 200k, 1M chunks of 4 KiB.
 
 The state: a sticky region ``r=8G:bf(sticky)``, the state directory and the
-arena file on tmpfs (/dev/shm).  It is built in bulk, not through the
+arena file on tmpfs (/dev/shm); the daemon takes no hugepages (``--hugepages
+free --contiguous virtual``: an 8 GiB pool is not the subject here).  It is built in bulk, not through the
 filesystem: an in-process Cma with the Journal as its listener allocates the
 N chunks (the same code and rows the daemon writes, in one transaction), the
 arena file gets the chunks' pages, and the daemon starts from that journal,
@@ -160,7 +161,8 @@ class Daemon:
             ["taskset", "-c", DAEMON_CPU, sys.executable, "-m", "cmad.main",
              "--mountpoint", self.mnt, "--regions", REGIONS, "--map", MAP,
              "--state-dir", self.state_dir, "--arena-file", self.arena_file,
-             "--log-level", "warning"], env=self.env, stdin=subprocess.DEVNULL, stdout=self.log,
+             "--log-level", "warning", "--hugepages", "free", "--contiguous", "virtual"],
+            env=self.env, stdin=subprocess.DEVNULL, stdout=self.log,
             stderr=self.log, cwd=os.path.join(HERE, ".."))
         path = os.path.join(self.mnt, "allocators")
         while True:
