@@ -47,6 +47,7 @@ bench: $(STAMP)
 	taskset -c 1 $(PY) bench/compact.py
 	$(PY) bench/client.py
 	$(PY) bench/arena.py
+	$(PY) bench/scale.py --sizes 10k,200k,1m --growth
 
 lint: $(STAMP)
 	$(PY) -m compileall -q cmad fusefs tests bench

@@ -13,13 +13,18 @@ from .errors import CmaError, clip, einval
 from .memparse import fmt_addr
 from .regions import Region
 
+# A chunk as the journal records it and ``Cma.restore_many`` takes it back: a
+# plain tuple in this order (no dict per row: recovery handles millions).
+RECORD = ("id", "start", "size", "region", "dev", "type", "uid", "pid", "label", "created",
+          "movable", "transient", "bound", "alignment")
+
 LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
-_ADDR_FORM = re.compile(r"[0-9a-fA-F]{16}")
+ADDR_FORM = re.compile(r"[0-9a-fA-F]{16}")
 
 
 def check_label(label: str) -> str:
     """Labels are file names in chunks/ and never read as a start address."""
-    if not LABEL.fullmatch(label) or _ADDR_FORM.fullmatch(label):
+    if not LABEL.fullmatch(label) or ADDR_FORM.fullmatch(label):
         raise einval(f"label {clip(label)}: must match [A-Za-z][A-Za-z0-9_.-]{{0,63}} and not be "
                      "16 hex digits")
     return label
@@ -32,9 +37,11 @@ class Chunk:
                  "created", "movable", "transient", "bound", "alignment", "__weakref__")
 
     def __init__(self, id: int, start: int, size: int, region: Region, dev: str, type: str,
-                 *, uid: int = 0, pid: int = 0, label: str | None = None,
-                 movable: bool = False, transient: bool = False, bound: int | None = None,
-                 created: float | None = None, alignment: int = 4096):
+                 uid: int = 0, pid: int = 0, label: str | None = None,
+                 created: float | None = None, movable: bool = False,
+                 transient: bool = False, bound: int | None = None, alignment: int = 4096):
+        """Arguments in RECORD order (region an object), so recovery passes them
+        positionally: keyword passing costs measurably per million chunks."""
         self.id = id
         self.start = start
         self.size = size
@@ -82,6 +89,21 @@ class ChunkIndex:
             self._by_label[chunk.label] = chunk
         self._by_start[chunk.start] = chunk
         self._by_id[chunk.id] = chunk
+
+    def add_many(self, chunks: list[Chunk]) -> None:
+        """Index chunks sorted by start, none of them indexed yet, labels unique.
+
+        Into an empty index the sorted dicts are built in one go (recovery);
+        otherwise one by one.
+        """
+        if self._by_start:
+            for chunk in chunks:
+                self.add(chunk)
+            return
+        self._by_start = SortedDict([(chunk.start, chunk) for chunk in chunks])
+        self._by_id = SortedDict([(chunk.id, chunk) for chunk in chunks])
+        self._by_label.update((chunk.label, chunk) for chunk in chunks
+                              if chunk.label is not None)
 
     def remove(self, chunk: Chunk) -> None:
         del self._by_start[chunk.start]

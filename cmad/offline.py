@@ -12,7 +12,7 @@ from .arena import remove_own
 from .cma import Cma
 from .hugepages import give_back_record, release_mount
 from .errors import CmaError
-from .journal import JOURNAL, Journal, restore_allocators, restore_record
+from .journal import JOURNAL, BadRow, Journal, restore_allocators, restore_record
 from .memparse import human
 
 log = logging.getLogger("cmad")
@@ -86,11 +86,14 @@ def check(state_dir: str) -> list[str]:
         cma = Cma(regions, "", base=int(base))
         restore_allocators(cma, journal)
         problems = []
-        for record in journal.records():
-            try:
-                restore_record(cma, record)
-            except CmaError as e:
-                problems.append(e.why)
+        try:
+            for record in journal.records():
+                try:
+                    restore_record(cma, record)
+                except CmaError as e:
+                    problems.append(e.why)
+        except BadRow as e:
+            return [e.why]
         try:
             cma._check()
         except AssertionError as e:

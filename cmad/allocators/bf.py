@@ -207,6 +207,43 @@ class BestFit(Allocator):
         self.free_bytes -= size
         return True
 
+    def reserve_many(self, ranges: list[tuple[int, int, bool]]) -> list[bool]:
+        """All of recovery's reserves (sorted by start) in one walk over the holes
+        in address order, then the indexes rebuilt once: O(n + h log h), not n
+        tree updates.  The same result as a loop of ``reserve`` (bf ignores
+        mobility)."""
+        holes = iter(sorted(self._by_start.items()))
+        kept: list[tuple[int, int]] = []
+        done: list[bool] = []
+        hole = hole_end = None
+        taken = 0
+        for start, size, _ in ranges:
+            end = start + size
+            while hole is None or hole_end <= start:
+                if hole is not None:
+                    kept.append((hole, hole_end - hole))
+                hole, hole_size = next(holes, (None, 0))
+                if hole is None:
+                    break
+                hole_end = hole + hole_size
+            ok = size > 0 and hole is not None and hole <= start and end <= hole_end
+            done.append(ok)
+            if not ok:
+                continue
+            taken += size
+            if start > hole:
+                kept.append((hole, start - hole))
+            hole = end if end < hole_end else None
+        if hole is not None:
+            kept.append((hole, hole_end - hole))
+        kept.extend(holes)
+        self._by_start = dict(kept)
+        self._by_end = {start + size: start for start, size in kept}
+        self._by_size = SortedList([(size << _SHIFT) | start for start, size in kept])
+        self._starts = None
+        self.free_bytes -= taken
+        return done
+
     def holes(self) -> Iterator[tuple[int, int]]:
         """Free ranges in address order (adjacent holes never exist).  O(n log n)."""
         return iter(sorted(self._by_start.items()))

@@ -9,7 +9,8 @@ Subclasses implement ``alloc``, ``free``, ``reserve``, ``holes``,
 ``largest_free`` and ``_check``; ``free_bytes`` is kept here.  The
 ``*_for`` entry points carry a chunk's mobility: a plain allocator ignores
 it, ``pageblocks.Grouped`` keeps pinned and movable chunks in blocks of
-their own (SPEC 4b).
+their own (SPEC 4b).  ``reserve_many`` (bulk recovery) has a generic loop
+here; an allocator may override it to rebuild its index once.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ class Allocator:
         does not suit the allocator's granule.
         """
         raise NotImplementedError
+
+    def reserve_many(self, ranges: list[tuple[int, int, bool]]) -> list[bool]:
+        """``reserve_for`` each (start, size, movable) of ``ranges``, sorted by
+        start (recovery).
+
+        Exactly what a loop of ``reserve_for`` calls would do, in one call: an
+        allocator can override it to rebuild its index once (``bf`` does).
+        Returns one success flag per range.
+        """
+        return [self.reserve_for(start, size, movable) for start, size, movable in ranges]
 
     def holes(self) -> Iterator[tuple[int, int]]:
         """Free ranges (start, size) in address order, adjacent ones merged."""

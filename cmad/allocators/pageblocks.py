@@ -374,6 +374,83 @@ class Grouped(Allocator):
         self.free_bytes -= size
         return True
 
+    def reserve_many(self, ranges: list[tuple[int, int, bool]]) -> list[bool]:
+        """``reserve_for`` of every (start, size, movable), sorted by start (recovery):
+        the blocks are claimed range by range as there, then each type's allocator
+        reserves all its ranges in one ``reserve_many`` and the bytes are counted
+        per block once.  Ranges come in address order, so the blocks a later range
+        claims lie outside an earlier range's span: each range meets the state it
+        would have met alone.  A range that fails gives back the blocks it
+        claimed, as ``reserve_for`` does."""
+        lo, hi, shift, owner_of = self.start, self.start + self.size, self._shift, self._owner
+        per_owner: dict[int, list] = {k: [] for k in KINDS}
+        claims: dict[int, list[int]] = {}
+        done = [False] * len(ranges)
+        for at, (start, size, movable) in enumerate(ranges):
+            if size <= 0 or start < lo or start + size > hi:
+                continue
+            first, last = (start - lo) >> shift, (start + size - 1 - lo) >> shift
+            owner = owner_of[first]
+            if first != last or owner == FREE:
+                owners = {owner_of[i] for i in range(first, last + 1)} - {FREE}
+                if len(owners) > 1:
+                    continue
+                owner = owners.pop() if owners else self.kind(size, movable)
+                claims[at] = self._claim_blocks(first, last, owner)
+            per_owner[owner].append((at, start, size, movable))
+        added: dict[int, dict[int, int]] = {k: {} for k in KINDS}  # kind -> block -> bytes
+        for owner, wanted in per_owner.items():
+            got = self._typed[owner].reserve_many([(s, n, m) for _, s, n, m in wanted])
+            for (at, start, size, movable), ok in zip(wanted, got):
+                if ok:
+                    done[at] = True
+                    self._tally(added[self.kind(size, movable)], start, size)
+                    self.free_bytes -= size
+        self._add_bytes(added)
+        for at, blocks in claims.items():
+            if not done[at]:
+                for i in blocks:
+                    if self._empty(i):
+                        self._reclaim(i)
+        return done
+
+    def _claim_blocks(self, first: int, last: int, owner: int) -> list[int]:
+        """Blocks first..last still in the pool become ``owner``'s; returns them."""
+        claimed = []
+        for i in range(first, last + 1):
+            if self._owner[i] == FREE:
+                b = self._block(i)
+                taken = self._pool.reserve(b, self.pageblock)
+                assert taken, f"free block {i} is not wholly in the pool"
+                self._assign(b, b + self.pageblock, owner)
+                claimed.append(i)
+        return claimed
+
+    def _tally(self, added: dict[int, int], start: int, size: int) -> None:
+        """Add a chunk's bytes per block to ``added`` (block -> bytes)."""
+        lo, shift, block = self.start, self._shift, self.pageblock
+        first, last = (start - lo) >> shift, (start + size - 1 - lo) >> shift
+        if first == last:
+            added[first] = added.get(first, 0) + size
+            return
+        end = start + size
+        for i in range(first, last + 1):
+            b = lo + (i << shift)
+            added[i] = added.get(i, 0) + min(end, b + block) - max(start, b)
+
+    def _add_bytes(self, added: dict[int, dict[int, int]]) -> None:
+        """``_account(+1)`` of many chunks at once: each block's shown type moves once."""
+        counts = self._counts
+        for kind, per_block in added.items():
+            held = self._bytes[kind]
+            for i, n in per_block.items():
+                before = self.block_type(i)
+                held[i] += n
+                after = self.block_type(i)
+                if after != before:
+                    counts[before] -= 1
+                    counts[after] += 1
+
     def retype(self, start: int, size: int, movable: bool) -> None:
         """A chunk changed mobility (a movable chunk was pinned): its bytes change sides."""
         was, now = self.kind(size, not movable), self.kind(size, movable)
