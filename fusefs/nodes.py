@@ -88,6 +88,11 @@ class Node:
 
     kind = 0                # S_IFDIR / S_IFREG / S_IFLNK, set by subclasses
 
+    def __bool__(self) -> bool:
+        """A node is always true: without this, ``if node`` on a directory
+        would call ``__len__``, which counts a DynamicDir's every entry."""
+        return True
+
     def __init__(self, mode: int, uid: int = 0, gid: int = 0):
         if mode & ~0o7777:
             raise ValueError(f"mode {mode:#o} has bits beyond the permission bits")

@@ -264,3 +264,21 @@ async def test_an_unknown_chunks_free_is_logged_once(caplog):
     caplog.clear()
     assert await errno_of(fs.write(fi.fh, 0, b"l0")) == errno.EPERM   # root's chunk
     assert len([r for r in caplog.records if "owned by uid 0" in r.getMessage()]) == 1
+
+
+async def test_listing_a_chunk_directory_never_counts_its_siblings():
+    """``find`` lists every chunk directory: each listing must cost what the
+    directory holds, not a walk over all chunks (a DynamicDir's len)."""
+    cma, tree, fs, chunks = tree_with(500, labelled=False)
+    cma.data = lambda chunk, at=None: memoryview(bytearray(chunk.size))  # no arena here
+    provider = tree.root.get("chunks").provider
+    walks = []
+    entries = provider.entries
+
+    def counting(after):
+        walks.append(after)
+        return entries(after)
+    provider.entries = counting
+    for c in chunks[:20]:
+        await list_dir(fs, await lookup(fs, f"chunks/{c.name}"), capacity=64)
+    assert walks == []
