@@ -8,27 +8,16 @@ import sys
 
 import pytest
 
-from cmad import Cma, CmaError, request
+from cmad import Cma, request
 from cmad.memparse import memparse
 from cmad.ratelimit import MAX_LINE, ClientLogFilter, TokenBucket
 from cmad.regions import parse_regions
 
 M = 1 << 20
 K = 1 << 10
-DEFAULT = "video=32M:bf;common=16M:buddy;dma=8M:bitmap"
-MAP = "camera,video=video;*=common"
+from test_cma import cma, raises as refused  # noqa: F401 (cma: the fixture)
 
 
-def refused(err, fn, *args, **kwargs) -> CmaError:
-    with pytest.raises(CmaError) as e:
-        fn(*args, **kwargs)
-    assert e.value.errno == err, e.value
-    return e.value
-
-
-@pytest.fixture
-def cma():
-    return Cma(DEFAULT, MAP)
 
 
 # -- numbers and names --------------------------------------------------------

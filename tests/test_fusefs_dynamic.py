@@ -13,7 +13,7 @@ from sortedcontainers import SortedDict
 
 from fusefs import Attr, Dir, DynamicDir, Filesystem, LazyDir, Symlink, Table
 from fusefs.notify import invalidator
-from test_fusefs_ops import ROOT, Collector, ctx, errno_of, list_dir, lookup
+from test_fusefs_ops import the_rest, ROOT, Collector, ctx, errno_of, list_dir, lookup
 
 
 class Target:
@@ -148,19 +148,12 @@ async def test_a_listing_never_returns_a_name_twice_when_it_changes_meaning():
     del provider.targets["n090"]
     provider.targets["n0455"] = Target("late")          # after the cursor: listed
     provider.targets["a"] = Target("early")             # before it: not
-    rest, start = [], first[-1][2]
-    while True:
-        page = []
-        await fs.readdir(fh, start, page)
-        if not page:
-            break
-        rest += page
-        start = page[-1][2]
+    rest = await the_rest(fs, fh, first[-1][2])
     names = [e[0] for e in first + rest]
     assert len(names) == len(set(names))
     assert b"n0455" in names and b"n090" not in names and b"a" not in names
     page = []
-    await fs.readdir(fh, start, page)                   # the end, asked again
+    await fs.readdir(fh, rest[-1][2], page)             # the end, asked again
     assert page == []
     assert await errno_of(fs.readdir(fh, first[5][2], [])) == errno.EINVAL  # seekdir back
     await fs.releasedir(fh)

@@ -67,6 +67,18 @@ async def list_dir(fs, inode, capacity):
     return entries, calls
 
 
+async def the_rest(fs, fh, start) -> list:
+    """The entries of an open directory after token *start*, page by page."""
+    rest = []
+    while True:
+        page = []
+        await fs.readdir(fh, start, page)
+        if not page:
+            return rest
+        rest += page
+        start = page[-1][2]
+
+
 async def lookup(fs, path):
     inode = ROOT
     for part in path.strip("/").split("/"):
@@ -204,14 +216,7 @@ async def test_readdir_resumes_across_changes():
     d.remove("n000")
     d.remove("n050")
     d.add("late", Attr(lambda: ""))
-    rest, start = [], first[-1][2]
-    while True:
-        page = []
-        await fs.readdir(fh, start, page)
-        if not page:
-            break
-        rest += page
-        start = page[-1][2]
+    rest = await the_rest(fs, fh, first[-1][2])
     names = [e[0] for e in first + rest]
     assert len(names) == len(set(names))                 # nothing twice
     expected = {f"n{i:03d}".encode() for i in range(100)} - {b"n050"} | {b".", b"..", b"late"}

@@ -14,7 +14,7 @@ from cmad import Cma
 from cmad.memparse import fmt_addr
 from cmad.request import run
 from cmad.tree import Tree
-from test_fusefs_ops import Collector, ctx, errno_of, list_dir, lookup
+from test_fusefs_ops import the_rest, Collector, ctx, errno_of, list_dir, lookup
 
 REGIONS, MAP = "r=64M:bf", "*=r"
 REGION_LINKS = "regions/0000000040000000/chunks"
@@ -116,14 +116,7 @@ async def test_a_listing_never_repeats_an_address_freed_and_taken_mid_listing():
     cma.free(last)
     again = run(cma, "x 4K")
     assert again.name == last                           # the same address, another chunk
-    rest, start = [], first[-1][2]
-    while True:
-        page = []
-        await fs.readdir(fh, start, page)
-        if not page:
-            break
-        rest += page
-        start = page[-1][2]
+    rest = await the_rest(fs, fh, first[-1][2])
     names = [e[0] for e in first + rest]
     assert len(names) == len(set(names)) == 42
 

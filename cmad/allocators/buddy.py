@@ -42,7 +42,7 @@ import errno
 from heapq import heapify, heappop, heappush
 from typing import Iterator
 
-from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator, register
+from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator, merge_adjacent, register
 from ..errors import CmaError
 
 _PAGE_MASK = PAGE_SIZE - 1
@@ -232,16 +232,7 @@ class Buddy(Allocator):
 
     def holes(self) -> Iterator[tuple[int, int]]:
         """Free ranges (start, size) in address order, adjacent blocks merged.  O(n log n)."""
-        cur = end = None
-        for start, size in self.blocks():
-            if start == end:
-                end += size
-                continue
-            if cur is not None:
-                yield cur, end - cur
-            cur, end = start, start + size
-        if cur is not None:
-            yield cur, end - cur
+        return merge_adjacent(self.blocks())
 
     def largest_free(self) -> int:
         """The largest free block: exactly the largest page-aligned request that succeeds.  O(1)."""

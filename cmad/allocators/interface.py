@@ -16,7 +16,7 @@ here; an allocator may override it to rebuild its index once.
 from __future__ import annotations
 
 import errno
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..errors import CmaError
 
@@ -131,6 +131,20 @@ Factory = Callable[..., Allocator]
 # The built-in allocators in registration order: the first is the default.
 BUILTIN = ("bf", "buddy", "bitmap")
 _registry: dict[str, type[Allocator]] = {}
+
+
+def merge_adjacent(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """(start, size) ranges in address order, with touching ones joined."""
+    cur = end = None
+    for start, size in ranges:
+        if start == end:
+            end += size
+            continue
+        if cur is not None:
+            yield cur, end - cur
+        cur, end = start, start + size
+    if cur is not None:
+        yield cur, end - cur
 
 
 def register(cls: type[Allocator]) -> type[Allocator]:

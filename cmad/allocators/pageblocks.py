@@ -38,7 +38,7 @@ from typing import Iterator
 
 from ..errors import CmaError
 from .bitmap import MAX_ORDER_PER_BIT, Bitmap
-from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator
+from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator, merge_adjacent
 
 # What a block shows: free, pinned, movable, mixed (both, after a fallback).
 FREE, PINNED, MOVABLE, MIXED = 0, 1, 2, 3
@@ -550,17 +550,8 @@ class Grouped(Allocator):
 
     def holes(self) -> Iterator[tuple[int, int]]:
         """Free ranges of all three owners in address order, adjacent ones merged."""
-        cur = end = None
-        for start, size in merge(self._pool.holes(),
-                                 *(self._typed[k].holes() for k in KINDS)):
-            if start == end:
-                end += size
-                continue
-            if cur is not None:
-                yield cur, end - cur
-            cur, end = start, start + size
-        if cur is not None:
-            yield cur, end - cur
+        return merge_adjacent(merge(self._pool.holes(),
+                                    *(self._typed[k].holes() for k in KINDS)))
 
     def largest_free(self) -> int:
         """The largest request that succeeds now: in a type's blocks, or as free blocks."""
