@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import re
 import time
+from bisect import bisect_left, bisect_right, insort
 from typing import Iterable, Iterator
 
 from sortedcontainers import SortedDict
@@ -79,7 +80,13 @@ class ChunkIndex:
     def __init__(self) -> None:
         self._by_start: SortedDict = SortedDict()
         self._by_label: dict[str, Chunk] = {}
-        self._by_id: SortedDict = SortedDict()
+        # By id: a dict for lookups, and for listings in id order a list of
+        # ids, ascending, with tombstones (ids no longer in the dict).  New
+        # ids only grow, so an add is an append and a remove a dict delete;
+        # tombstones are swept once they are half the list: O(1) amortised,
+        # where a sorted dict cost a fifth of an alloc+free pair.
+        self._by_id: dict[int, Chunk] = {}
+        self._ids: list[int] = []
 
     def add(self, chunk: Chunk) -> None:
         if chunk.label is not None:
@@ -88,7 +95,17 @@ class ChunkIndex:
                                              f"{self._by_label[chunk.label].name}")
             self._by_label[chunk.label] = chunk
         self._by_start[chunk.start] = chunk
-        self._by_id[chunk.id] = chunk
+        self._add_id(chunk)
+
+    def _add_id(self, chunk: Chunk) -> None:
+        id, ids = chunk.id, self._ids
+        self._by_id[id] = chunk
+        if not ids or id > ids[-1]:
+            ids.append(id)
+            return
+        i = bisect_left(ids, id)
+        if i == len(ids) or ids[i] != id:  # else a tombstone comes back (a move)
+            insort(ids, id)
 
     def add_many(self, chunks: list[Chunk]) -> None:
         """Index chunks sorted by start, none of them indexed yet, labels unique.
@@ -101,13 +118,17 @@ class ChunkIndex:
                 self.add(chunk)
             return
         self._by_start = SortedDict([(chunk.start, chunk) for chunk in chunks])
-        self._by_id = SortedDict([(chunk.id, chunk) for chunk in chunks])
+        self._by_id = {chunk.id: chunk for chunk in chunks}
+        self._ids = sorted(self._by_id)
         self._by_label.update((chunk.label, chunk) for chunk in chunks
                               if chunk.label is not None)
 
     def remove(self, chunk: Chunk) -> None:
         del self._by_start[chunk.start]
-        del self._by_id[chunk.id]
+        by_id = self._by_id
+        del by_id[chunk.id]
+        if len(self._ids) > 2 * len(by_id) + 64:
+            self._ids = [id for id in self._ids if id in by_id]
         if chunk.label is not None:
             del self._by_label[chunk.label]
 
@@ -125,9 +146,18 @@ class ChunkIndex:
 
     def ids_after(self, id: int) -> Iterator[Chunk]:
         """Live chunks with an id above ``id``, in id order (O(log n) to start)."""
-        by_id = self._by_id
-        for key in by_id.irange(minimum=id, inclusive=(False, False)):
-            yield by_id[key]
+        i = bisect_right(self._ids, id)
+        while True:
+            ids = self._ids  # a sweep may replace the list between two yields
+            if i >= len(ids):
+                return
+            key = ids[i]
+            i += 1
+            chunk = self._by_id.get(key)
+            if chunk is not None:
+                yield chunk
+                if self._ids is not ids:
+                    i = bisect_right(self._ids, key)
 
     def holding(self, addr: int) -> Chunk | None:
         """The chunk whose bytes include ``addr``, in O(log n)."""

@@ -350,3 +350,31 @@ def test_alloc_fail_is_charged_to_every_region_that_could_not_serve_even_after_c
     got = cma.alloc("x", 2 * M)
     assert got.region is b and b.stats().moved >= 1
     assert [cma.region(n).alloc_fail for n in "abc"] == [1, 0, 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("afm"), st.integers(0, 40)), max_size=300))
+def test_the_id_index_lists_live_chunks_in_id_order(steps):
+    """Adds, frees and moves (remove and add again under the same id) in any
+    order: ``ids_after`` lists exactly the live chunks, by id, whatever its
+    tombstones and sweeps did."""
+    from cmad.chunks import ChunkIndex, Chunk
+    index, live, next_id = ChunkIndex(), {}, 1
+    region = Cma("r=1G", "*=r").region("r")
+    for op, n in steps:
+        if op == "a" or not live:
+            chunk = Chunk(next_id, next_id << 12, 4096, region, "d", "t")
+            index.add(chunk)
+            live[next_id], next_id = chunk, next_id + 1
+            continue
+        chunk = live[sorted(live)[n % len(live)]]
+        index.remove(chunk)
+        if op == "m":
+            chunk.start += 1 << 40
+            index.add(chunk)
+        else:
+            del live[chunk.id]
+        after = sorted(live)[n % len(live)] if live and n % 3 else -1
+        assert [c.id for c in index.ids_after(after)] == [i for i in sorted(live) if i > after]
+    assert [c.id for c in index.ids_after(-1)] == sorted(live)
+    assert all(index.by_id(i) is c for i, c in live.items())
