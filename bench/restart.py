@@ -24,41 +24,9 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from daemonutil import Daemons  # noqa: E402
+from daemonutil import RESTART_WRITER, Daemons  # noqa: E402
 from mountutil import unseal  # noqa: E402
-
-WRITER = """
-import errno, json, os, sys
-mnt, stop = sys.argv[1], sys.argv[2]
-counts = {}
-while not os.path.exists(stop):
-    for name in ("free", "alloc"):
-        try:
-            fd = os.open(os.path.join(mnt, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError as e:
-            counts[errno.errorcode[e.errno]] = counts.get(errno.errorcode[e.errno], 0) + 1
-            continue
-        try:
-            os.write(fd, b"x\\n")
-            counts["ok"] = counts.get("ok", 0) + 1
-        except OSError as e:
-            counts[errno.errorcode[e.errno]] = counts.get(errno.errorcode[e.errno], 0) + 1
-        finally:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-print(json.dumps(counts))
-"""
-
-
-def alloc(mnt: pathlib.Path, text: str) -> None:
-    fd = os.open(mnt / "alloc", os.O_RDWR)
-    try:
-        os.write(fd, text.encode())
-        os.read(fd, 4096)
-    finally:
-        os.close(fd)
+from test_daemon import alloc  # noqa: E402
 
 
 def main(restarts: int = 100, chunks: int = 200) -> None:
@@ -72,7 +40,7 @@ def main(restarts: int = 100, chunks: int = 200) -> None:
         for i in range(chunks):
             alloc(mnt, f"@dma 4K label=c{i}")
         stop = tmp_path / "stop"
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt), str(stop)],
+        writer = subprocess.Popen([sys.executable, "-c", RESTART_WRITER, str(mnt), str(stop)],
                                   stdout=subprocess.PIPE, text=True)
         try:
             for _ in range(restarts):

@@ -8,9 +8,19 @@ import sys
 
 import pytest
 
+from cmad import Arena
 from cmad.hugepages import give_back_record
 from daemonutil import daemon  # noqa: F401
 from test_arena import hugepages  # noqa: F401
+
+
+
+@pytest.fixture
+def arena():
+    """A 64 MiB arena for in-process cores that move bytes."""
+    a = Arena(64 << 20)
+    yield a
+    a.close()
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -43,6 +53,7 @@ def hugepage_records():
 
 GIVE_BACK_LATER = """
 import os, sys, time
+from cmad import Arena
 from cmad.hugepages import give_back_record
 pid, records = int(sys.argv[1]), sys.argv[2:]
 for _ in range(600):

@@ -17,6 +17,37 @@ from cmad.hugepages import escaped_name, give_back_record, record_path, release_
 from cmad.main import arena_paths
 from mountutil import MountError, cleanup, daemon_stderr, mounted, require_fuse
 
+#: A client writing ``x`` to ``free`` and ``alloc`` in a loop until the file
+#: ``argv[2]`` exists; prints a JSON object counting ``ok`` and each failure
+#: as ``open:<ERRNO>`` or ``write:<ERRNO>`` (``open:EPERM``: the sealed bare
+#: mountpoint).  ``x`` is no chunk and no request, so a live daemon refuses
+#: every write: ``ok`` counts false successes only.
+RESTART_WRITER = """
+import errno, json, os, sys
+mnt, stop = sys.argv[1], sys.argv[2]
+counts = {}
+def count(key):
+    counts[key] = counts.get(key, 0) + 1
+while not os.path.exists(stop):
+    for name in ("free", "alloc"):
+        try:
+            fd = os.open(os.path.join(mnt, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            count("open:" + errno.errorcode[e.errno])
+            continue
+        try:
+            os.write(fd, b"x\\n")
+            count("ok")
+        except OSError as e:
+            count("write:" + errno.errorcode[e.errno])
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+print(json.dumps(counts))
+"""
+
 
 def ready(mnt: pathlib.Path) -> bool:
     """Mounted by a live daemon (a stale mount answers ENOTCONN) and showing the tree."""

@@ -36,13 +36,6 @@ def fill(cma, chunk):
     cma.data(chunk)[:] = bytes([chunk.id % 251]) * chunk.size
 
 
-@pytest.fixture
-def arena():
-    a = Arena(64 * M)
-    yield a
-    a.close()
-
-
 @pytest.mark.parametrize("allocator", ALLOCATORS)
 def test_fragmentation_enomem_becomes_success_by_moving_movable_chunks(allocator, arena):
     cma = Cma(f"r=16M:{ungrouped(allocator)}", "*=r", arena=arena)

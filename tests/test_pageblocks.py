@@ -120,13 +120,6 @@ def test_fallback_into_the_other_type_is_the_last_resort_and_counted(allocator):
     cma._check()
 
 
-@pytest.fixture
-def arena():
-    a = Arena(64 * M)
-    yield a
-    a.close()
-
-
 @pytest.mark.parametrize("allocator", ALLOCATORS)
 def test_a_pinned_request_evacuates_the_cheapest_movable_window(allocator, arena):
     cma = Cma(f"r=16M:{allocator}", "*=r", arena=arena)

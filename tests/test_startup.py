@@ -2,6 +2,7 @@
 mounts told by pid and start time, and the capabilities the daemon keeps while serving."""
 
 import errno
+import json
 import os
 import pathlib
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 from fusefs.guard import alive, start_time
 from fusefs.serve import _source_owner, mount_owner, resolve
+from daemonutil import RESTART_WRITER
 from mountutil import cleanup, daemon_stderr, mounted, require_fuse, wait_for_mount
 from test_daemon import alloc, cmad, read
 
@@ -21,31 +23,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CAP_SYS_ADMIN = 21
 CYCLES = int(os.environ.get("CMAD_RESTART_CYCLES", "8"))
 
-WRITER = textwrap.dedent("""
-    import errno, os, sys
-    mnt, stop = sys.argv[1], sys.argv[2]
-    ok = failed = bare = 0
-    while not os.path.exists(stop):
-        for name in ("free", "alloc"):
-            try:
-                fd = os.open(os.path.join(mnt, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                             0o644)
-            except OSError as e:
-                failed += 1
-                bare += e.errno == errno.EPERM  # the sealed bare directory
-                continue
-            try:
-                os.write(fd, b"x\\n")  # refused by a live daemon: 'x' is no chunk, no request
-                ok += 1
-            except OSError:
-                failed += 1
-            finally:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-    print(ok, failed, bare)
-""")
 
 
 def test_no_write_succeeds_while_no_daemon_serves(daemon, tmp_path):
@@ -55,7 +32,7 @@ def test_no_write_succeeds_while_no_daemon_serves(daemon, tmp_path):
     for i in range(20):
         alloc(mnt, f"camera 64K label=c{i}")
     stop = tmp_path / "stop"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt), str(stop)],
+    writer = subprocess.Popen([sys.executable, "-c", RESTART_WRITER, str(mnt), str(stop)],
                               stdout=subprocess.PIPE, text=True)
     try:
         for _ in range(CYCLES):
@@ -63,7 +40,9 @@ def test_no_write_succeeds_while_no_daemon_serves(daemon, tmp_path):
     finally:
         stop.touch()
         out, _ = writer.communicate(timeout=60)
-    ok, failed, bare = map(int, out.split())
+    counts = json.loads(out)
+    ok, bare = counts.pop("ok", 0), counts.get("open:EPERM", 0)
+    failed = sum(counts.values())
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=20) == 0
     assert (ok, os.listdir(mnt)) == (0, []), f"{ok} false successes, {failed} refusals"
