@@ -116,7 +116,9 @@ class BestFit(Allocator):
                         break
                 else:
                     return None
-        starts = self._touched()
+        starts = self._starts
+        if starts is not None:  # the start index is kept only while reserves come
+            starts = self._touched()
         # Carve [at, at + size) out of the hole; keep the head and the tail.
         by_size.remove(key)
         by_start = self._by_start
@@ -153,7 +155,9 @@ class BestFit(Allocator):
         """
         if start < self.start or start + size > self.start + self.size or size <= 0:
             raise CmaError(errno.EINVAL, f"bf: free of {start:#x}+{size:#x} outside the region")
-        starts = self._touched()
+        starts = self._starts
+        if starts is not None:  # the start index is kept only while reserves come
+            starts = self._touched()
         by_size = self._by_size
         by_start = self._by_start
         by_end = self._by_end

@@ -130,7 +130,7 @@ class Grouped(Allocator):
         self.pageblock = pageblock
         self._shift = pageblock.bit_length() - 1
         self.nblocks = n = size >> self._shift
-        self._granule = granule = inner.granule(**params)
+        granule = inner.granule(**params)
         self._large = pageblock - granule + 1  # sizes from here round up to a block or more
         self._pool = Bitmap(start, size, order_per_bit=self._shift - PAGE_SHIFT)
         # each kind's allocator and bytes per block, indexed by kind (tuples: the
