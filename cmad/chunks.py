@@ -132,6 +132,12 @@ class ChunkIndex:
         if chunk.label is not None:
             del self._by_label[chunk.label]
 
+    def move(self, chunk: Chunk, new: int) -> None:
+        """Re-key a chunk by its new start; its id and label stay indexed."""
+        del self._by_start[chunk.start]
+        chunk.start = new
+        self._by_start[new] = chunk
+
     def get(self, start: int) -> Chunk | None:
         return self._by_start.get(start)
 

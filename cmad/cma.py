@@ -591,17 +591,13 @@ class Cma:
                     self.arena.populate(new - self.base, size)
                 self.data(chunk, at=new)[:] = self.data(chunk)
             faults.point("move-copied")
-            self.chunks.remove(chunk)
-            chunk.start = new
-            self.chunks.add(chunk)
+            self.chunks.move(chunk, new)
             moved_index = True
             for listener in self.listeners:
                 listener.on_move(chunk, old)
         except BaseException:
             if moved_index:
-                self.chunks.remove(chunk)
-                chunk.start = old
-                self.chunks.add(chunk)
+                self.chunks.move(chunk, old)
             region.allocator.free_for(new, size, chunk.movable)
             raise
         region.allocator.free_for(old, size, chunk.movable)

@@ -336,9 +336,7 @@ class Journal:
         if len(ids) == 1:
             self.db.execute("DELETE FROM chunks WHERE id = ?", (ids[0],))
         else:
-            with self.db:
-                self.db.execute("BEGIN")
-                self.db.executemany("DELETE FROM chunks WHERE id = ?", [(i,) for i in ids])
+            self.forget(ids)
         for i in ids:
             del self.unrecorded[i]
         if self._outage:
