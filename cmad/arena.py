@@ -33,11 +33,6 @@ def hugepage_size() -> int:
     return page_size()
 
 
-def hugetlbfs_mounts() -> list[str]:
-    with open("/proc/mounts") as f:
-        return [line.split()[1] for line in f if line.split()[2] == "hugetlbfs"]
-
-
 def _hugepages_free() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -136,7 +131,7 @@ class Arena:
     """``size`` bytes of shared memory mapped into the daemon, zero-copy by memoryview."""
 
     def __init__(self, size: int, *, path: str | None = None, backing: str = "auto",
-                 populate: bool = False, hugetlb_memfd: bool = False, no_hugetlb: str = "",
+                 populate: bool = False, no_hugetlb: str = "",
                  fd: int = -1):
         if backing not in BACKINGS:
             raise CmaError(errno.EINVAL, f"backing {backing!r}: expected one of {BACKINGS}")
@@ -156,7 +151,7 @@ class Arena:
         for kind in kinds[1:] if failures else kinds:
             self.size = size
             try:
-                self._open(kind, path, populate, hugetlb_memfd)
+                self._open(kind, path, populate)
             except Unsafe:
                 self._close_fd()
                 raise
@@ -174,11 +169,9 @@ class Arena:
         raise CmaError(errno.ENOMEM, f"arena of {human(size)}: no backing worked: "
                                      + "; ".join(failures))
 
-    def _open(self, kind: str, path: str | None, populate: bool, hugetlb_memfd: bool) -> None:
+    def _open(self, kind: str, path: str | None, populate: bool) -> None:
         if kind == "hugetlb":
             self.size = -(-self.size // hugepage_size()) * hugepage_size()
-            if path is not None and hugetlb_memfd and fs_type(os.path.dirname(path)) != "hugetlbfs":
-                path = None  # not persistent: hugepages by memfd beat a named tmpfs file
             if self.fd < 0 and path is None and _hugepages_free() * hugepage_size() < self.size:
                 raise OSError(errno.ENOMEM, f"{_hugepages_free()} free hugepages of "
                                             f"{human(hugepage_size())}, need "

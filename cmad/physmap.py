@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from .errors import CmaError
 from .hugepages import Pool
 from .memparse import human
+from .privileges import pagemap_fd
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,9 @@ def read_frames(address: int, count: int, page: int) -> list[int]:
     for i in range(count):
         ctypes.c_char.from_address(address + i * page).value  # noqa: B018 (fault in)
     entries = array("Q")
-    with open("/proc/self/pagemap", "rb") as f:
-        for i in range(count):
-            entries.frombytes(os.pread(f.fileno(), 8, (address + i * page) // mmap.PAGESIZE * 8))
+    fd = pagemap_fd()
+    for i in range(count):
+        entries.frombytes(os.pread(fd, 8, (address + i * page) // mmap.PAGESIZE * 8))
     out = []
     for i, entry in enumerate(entries):
         pfn = entry & ((1 << 55) - 1)
