@@ -300,7 +300,6 @@ def mark_regions(cma: Cma, arena: Arena) -> None:
     layout = arena.layout
     for region in cma.regions:
         phys = layout.phys.get(region.name) if layout is not None else None
-        region.contiguous = "physical" if phys is not None else "virtual"
         region.phys = phys
         if phys is not None:
             log.info("region %s: physically contiguous, %s at physical %#x", region.name,
@@ -308,7 +307,7 @@ def mark_regions(cma: Cma, arena: Arena) -> None:
         else:
             log.info("region %s: virtual only (%s)", region.name, virtual_reason(
                 region, arena, layout))
-    physical = sum(getattr(r, "phys", None) is not None for r in cma.regions)
+    physical = sum(r.phys is not None for r in cma.regions)
     log.info("arena: %s-backed, %d of %d regions physically contiguous",
              "hugepage" if arena.backing == "hugetlb" else arena.backing, physical,
              len(cma.regions))
@@ -396,7 +395,7 @@ class Reloader:
 
 def physical_facts(cma: Cma, arena: Arena) -> dict[str, object]:
     """Root ``stats`` keys: which regions are physically contiguous, and the pool."""
-    physical = [r.name for r in cma.regions if getattr(r, "contiguous", "") == "physical"]
+    physical = [r.name for r in cma.regions if r.contiguous == "physical"]
     return {"physical_regions": ",".join(physical) or "-",
             "hugepages_added": arena.pool.added if arena.pool is not None else 0}
 

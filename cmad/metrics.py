@@ -57,7 +57,7 @@ def render(cma: Cma) -> str:
             ("free_bytes", "Free bytes in the region.", lambda r: r.free),
             ("users", "Live chunks in the region.", lambda r: r.users),
             ("physical", "1 if the region lies in one run of physically adjacent pages.",
-             lambda r: int(getattr(r, "contiguous", "") == "physical"))):
+             lambda r: int(r.contiguous == "physical"))):
         out += [f"# HELP cma_region_{key} {help}", f"# TYPE cma_region_{key} gauge"]
         out += [f'cma_region_{key}{{region="{_label(r.name)}"}} {value(r)}' for r, _ in regions]
     out += ["# HELP cma_arena_size_bytes Bytes in the arena.",

@@ -248,6 +248,12 @@ class Region:
         self.last_compact = 0  # chunks the latest compact moved
         self.alloc_ok = self.alloc_fail = self.freed = 0
         self.peak_used = self.moved = self.moved_bytes = self.compactions = 0
+        self.phys: int | None = None  # physical start, where the region lies in one run
+
+    @property
+    def contiguous(self) -> str:
+        """``physical`` when the region lies in one run of adjacent pages (SPEC 4a)."""
+        return "physical" if self.phys is not None else "virtual"
 
     @property
     def end(self) -> int:

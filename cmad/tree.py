@@ -46,7 +46,7 @@ REGION_ATTRS = {
     "free": lambda r: str(r.free),
     "users": lambda r: str(r.users),
     "kind": lambda r: r.kind,
-    "contiguous": lambda r: getattr(r, "contiguous", "virtual"),
+    "contiguous": lambda r: r.contiguous,
     "stats": lambda r: show_stats(r.stats()),
     "bitmap": lambda r: region_bitmap(r),
     "pageblocks": lambda r: r.pageblocks(),
@@ -317,7 +317,7 @@ class Tree:
     def _region_phys(self, region: Region) -> str:
         """One line for a physical region; a virtual one's segments (a sticky one's
         chunks only: its holes have no pages)."""
-        phys = getattr(region, "phys", None)
+        phys = region.phys
         if phys is not None:
             return f"{fmt_addr(phys)} {region.size}\n"
         ranges = ([(c.start, c.size) for c in self.cma.chunks_of(region)]
