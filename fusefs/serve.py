@@ -92,7 +92,7 @@ class Mount:
                           self.mountpoint) from e
         mount = mount_entry(self.mountpoint)
         self.minor = mount[2] if mount is not None else None
-        self.watchman = _start_guard(self.mountpoint)
+        self.watchman = _start_guard(self.mountpoint, self.minor)
 
     @staticmethod
     def _replace(path: str, opts: set[str]) -> int | None:
@@ -214,13 +214,13 @@ async def _terminate_on_signals() -> None:
             pyfuse3.terminate()
 
 
-def _start_guard(mountpoint: str) -> Optional[subprocess.Popen]:
-    """The guard process (guard.py): aborts our connection if we die stuck."""
-    mount = mount_entry(mountpoint)
-    if mount is None:
+def _start_guard(mountpoint: str, minor: Optional[int]) -> Optional[subprocess.Popen]:
+    """The guard process (guard.py): aborts our connection (fusectl *minor*) if
+    we die stuck."""
+    if minor is None:
         return None
     try:
-        abort = guard.open_abort(mount[2])
+        abort = guard.open_abort(minor)
     except OSError as e:
         log.warning("no guard for %s: fusectl: %s", mountpoint, e.strerror)
         return None
@@ -342,11 +342,7 @@ def seal_mountpoint(path: str) -> bool:
         log.warning("%s: cannot open the mountpoint to seal it: %s", path, e.strerror)
         return False
     try:
-        flags = array.array("i", [0])
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
-        if not flags[0] & FS_IMMUTABLE_FL:
-            flags[0] |= FS_IMMUTABLE_FL
-            fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags)
+        _set_immutable(fd, True)
         return True
     except OSError as e:
         log.warning("%s: cannot make the mountpoint immutable (%s): while no daemon serves "
@@ -361,13 +357,18 @@ def unseal_mountpoint(path: str) -> None:
     """Clear the immutable flag `seal_mountpoint` set (so the directory can go)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        flags = array.array("i", [0])
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
-        if flags[0] & FS_IMMUTABLE_FL:
-            flags[0] &= ~FS_IMMUTABLE_FL
-            fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags)
+        _set_immutable(fd, False)
     finally:
         os.close(fd)
+
+
+def _set_immutable(fd: int, on: bool) -> None:
+    """Set or clear FS_IMMUTABLE_FL on the open directory *fd*, if it differs."""
+    flags = array.array("i", [0])
+    fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
+    if bool(flags[0] & FS_IMMUTABLE_FL) != on:
+        flags[0] ^= FS_IMMUTABLE_FL
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags)
 
 
 def mount_entry(path: str) -> tuple[str, str, int] | None:
