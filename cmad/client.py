@@ -408,11 +408,18 @@ def request_line(target: str, size, alignment=None, *, label=None, movable=False
     return " ".join(words)
 
 
+def parse_id(words: list[str]) -> int | None:
+    """The id of a result line or table row: its last word ``id=<id>``, if any."""
+    return int(words[-1][3:]) if words and words[-1].startswith("id=") else None
+
+
 def parse_result(line: str) -> tuple[int, int, str, str | None, int | None]:
     """An ``alloc`` result line, ``<start> <size> <region> [<label>] [id=<id>]``
     -> (start, size, region, label, id); labels never hold '='."""
     start, size, region, *rest = line.split()
-    ident = int(rest.pop()[3:]) if rest and rest[-1].startswith("id=") else None
+    ident = parse_id(rest)
+    if ident is not None:
+        rest.pop()
     return int(start, 16), int(size), region, rest[0] if rest else None, ident
 
 
@@ -608,7 +615,7 @@ def table_lines(path: str) -> Iterator[str]:
 def chunk_from_row(fields: list[str]) -> ChunkInfo:
     """One chunk table row (`Client.chunk_rows`) as a `ChunkInfo`."""
     start, size, region, dev, type, uid, pid, created, movable, label, *rest = fields
-    ident = int(rest[-1][3:]) if rest and rest[-1].startswith("id=") else None
+    ident = parse_id(rest)
     return ChunkInfo(int(start, 16), int(size), region, dev, type, int(uid), int(pid),
                      None if label == "-" else label, created, movable == "1", ident)
 

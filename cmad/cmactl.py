@@ -33,7 +33,7 @@ from typing import Iterable, Iterator, Sequence
 
 from . import __version__
 from .client import T_CREATED, T_LABEL, T_SIZE, Client, CmaError, NotMounted, RegionInfo, \
-    default_mountpoint, errno_name, parse_created
+    default_mountpoint, errno_name, parse_created, parse_id
 from .memparse import human
 
 #: Why an errno happened, in cmad's terms, per command (the daemon logs the detail).
@@ -183,10 +183,10 @@ def chunk_json_lines(rows: Iterable[Sequence[str]]) -> Iterator[str]:
                 quote(f[2]), quote(f[3]), quote(f[4]), int(f[5]), int(f[6]), quote(f[7]),
                 "true" if f[8] == "1" else "false"))
         label = f[T_LABEL]
-        ident = f[10][3:] if len(f) > 10 and f[10].startswith("id=") else None
+        ident = parse_id(f[10:])
         yield '{"start": %s, "size": %d, %s, "label": %s, "id": %s}' % (
             quote(f[0]), size, middle, "null" if label == "-" else quote(label),
-            "null" if ident is None else int(ident))
+            "null" if ident is None else ident)
 
 
 def write_json_array(items: Iterable[str], write) -> None:
