@@ -83,6 +83,7 @@ class Row:
     worst: float = 0.0
     fill_sum: float = 0.0
     seconds: float = 0.0
+    picture: str = ""  # the region's pageblocks at the end (grouping on)
 
     @property
     def ratio(self) -> float:
@@ -117,6 +118,7 @@ def replay(trace: Trace, seed: int, allocator: str, config: str, scale: float = 
             continue
         request(cma, region, meter, row, live, event, block)
     row.seconds = time.perf_counter() - began
+    row.picture = region.pageblocks()
     return row
 
 
@@ -207,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace", action="append", choices=sorted(BY_NAME),
                         help="run only this trace (repeatable)")
     parser.add_argument("--allocators", default=",".join(ALLOCATORS))
+    parser.add_argument("--pictures", action="store_true",
+                        help="print each region's pageblocks at the end (grouping on)")
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                         help="processes replaying in parallel (default: the CPUs allowed)")
     args = parser.parse_args(argv)
@@ -228,6 +232,11 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(format_row(row), flush=True)
     summarise(traces, rows)
+    if args.pictures:
+        for r in rows:
+            if r.picture:
+                print(f"\npageblocks of {r.trace}/s{r.seed} {r.allocator} {r.config} at the end:")
+                print(r.picture.rstrip())
     print(f"frag: {time.perf_counter() - began:.0f} s with {args.jobs} jobs")
 
 
@@ -237,11 +246,11 @@ def summarise(traces: list[Trace], rows: list[Row]) -> None:
         word, losses = verdict(trace, rows)
         print(f"  {trace.name:<9} {word}" + (": " + "; ".join(losses) if losses else ""))
     bad = [r for r in rows if r.fit_refused]
-    print("\nrefused with a fitting range (SPEC 4b: must be 0): "
-          + ("none" if not bad else ""))
+    print("\nrefused with a fitting range (SPEC 4b: must be 0):" + ("" if bad else " none"))
     for r in bad:
         print(f"  {r.trace}/s{r.seed} {r.allocator} {r.config}: {r.fit_refused}"
               f" ({r.fit_refused_frames} frames)")
+    print_summary(traces, rows)
     totals: dict[tuple[str, str], list[int]] = {}
     for r in rows:
         t = totals.setdefault((r.allocator, r.config), [0, 0, 0, 0])
@@ -253,6 +262,30 @@ def summarise(traces: list[Trace], rows: list[Row]) -> None:
     for (allocator, config), (frames, failed, frag, fit) in sorted(totals.items()):
         print(f"  {allocator:<7}{config:<8} {failed}/{frames} ({failed / max(frames, 1):.1%})"
               f" frag {frag} fit-refused {fit}")
+
+
+def print_summary(traces: list[Trace], rows: list[Row]) -> None:
+    """Per trace and allocator, over the seeds: failed frames and fit-refused
+    requests, default / pageblock=0 (a markdown table, for the README)."""
+    allocators = list(dict.fromkeys(r.allocator for r in rows))
+    print("\nsummary over the seeds: failed frames default / pageblock=0 "
+          "[fit-refused default / pageblock=0]")
+    print("| trace | frames | " + " | ".join(allocators) + " |")
+    print("|---|---|" + "---|" * len(allocators))
+    for trace in traces:
+        mine = [r for r in rows if r.trace == trace.name]
+        if not mine:
+            continue
+        cells = []
+        for allocator in allocators:
+            on = [r for r in mine if r.allocator == allocator and r.config == "default"]
+            off = [r for r in mine if r.allocator == allocator and r.config == "pb=0"]
+            cell = f"{sum(r.failed for r in on)} / {sum(r.failed for r in off)}"
+            fits = (sum(r.fit_refused for r in on), sum(r.fit_refused for r in off))
+            cells.append(cell + (f" [{fits[0]} / {fits[1]}]" if any(fits) else ""))
+        frames = sum(r.frames for r in mine if r.allocator == allocators[0]
+                     and r.config == "default")
+        print(f"| {trace.name} | {frames} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
