@@ -40,13 +40,14 @@ import time
 from dataclasses import dataclass
 
 from cmad import Cma, CmaError
+from cmad.allocators.pageblocks import GROUP_BY_DEFAULT
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fragtraces import (BY_NAME, TRACES, Alloc, M, Trace, allocator_block,  # noqa: E402
                         chunk_spans, demand_fill, events, fitting_start, page_round)
 
 ALLOCATORS = ("bf", "buddy", "bitmap")
-CONFIGS = ("default", "pb=0")
+CONFIGS = ("pb=2M", "pb=0")  # grouping on, grouping off: GROUP_BY_DEFAULT says which is the default
 DEVICE = {"frame": "camera", "desc": "desc", "buf": "net"}
 
 
@@ -95,7 +96,7 @@ class Row:
 
 
 def region_text(trace: Trace, allocator: str, config: str) -> str:
-    spec = allocator if config == "default" else f"{allocator}(pageblock=0)"
+    spec = f"{allocator}(pageblock={'2M' if config == 'pb=2M' else 0})"
     return f"video={trace.region_size() // 1024}K:{spec}"
 
 
@@ -178,12 +179,12 @@ def verdict(trace: Trace, rows: list[Row]) -> tuple[str, list[str]]:
     losses = []
     for (allocator, seed, config), on in by.items():
         off = by.get((allocator, seed, "pb=0"))
-        if config != "default" or off is None:
+        if config != "pb=2M" or off is None:
             continue
         slack = max(2, on.frames // 100)
         if on.failed > off.failed + slack:
             losses.append(f"{allocator}/s{seed} {on.failed} vs {off.failed} (slack {slack})")
-    word = "default LOSES to pageblock=0" if losses else "default holds"
+    word = "grouping LOSES to pageblock=0" if losses else "grouping holds"
     return word, losses
 
 
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
             for c in CONFIGS]
     began = time.perf_counter()
     print(f"frag: {len(traces)} traces x {len(seeds)} seeds x {len(allocators)} allocators "
-          f"x {len(CONFIGS)} configs (default grouping; pageblock=0){' [quick]' if args.quick else ''}")
+          f"x {len(CONFIGS)} configs (grouping on, pageblock=2M; off, pageblock=0; the default is "
+          f"{'on' if GROUP_BY_DEFAULT else 'off'}){' [quick]' if args.quick else ''}")
     for trace in traces:
         print(describe(trace, seeds, scale))
     print(HEADER)
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def summarise(traces: list[Trace], rows: list[Row]) -> None:
-    print("\nverdicts (failed frames, default vs pageblock=0, same allocator and seed):")
+    print("\nverdicts (failed frames, pageblock=2M vs pageblock=0, same allocator and seed):")
     for trace in traces:
         word, losses = verdict(trace, rows)
         print(f"  {trace.name:<9} {word}" + (": " + "; ".join(losses) if losses else ""))
@@ -266,10 +268,10 @@ def summarise(traces: list[Trace], rows: list[Row]) -> None:
 
 def print_summary(traces: list[Trace], rows: list[Row]) -> None:
     """Per trace and allocator, over the seeds: failed frames and fit-refused
-    requests, default / pageblock=0 (a markdown table, for the README)."""
+    requests, pageblock=2M / pageblock=0 (a markdown table, for the README)."""
     allocators = list(dict.fromkeys(r.allocator for r in rows))
-    print("\nsummary over the seeds: failed frames default / pageblock=0 "
-          "[fit-refused default / pageblock=0]")
+    print("\nsummary over the seeds: failed frames pageblock=2M / pageblock=0 "
+          "[fit-refused pageblock=2M / pageblock=0]")
     print("| trace | frames | " + " | ".join(allocators) + " |")
     print("|---|---|" + "---|" * len(allocators))
     for trace in traces:
@@ -278,13 +280,13 @@ def print_summary(traces: list[Trace], rows: list[Row]) -> None:
             continue
         cells = []
         for allocator in allocators:
-            on = [r for r in mine if r.allocator == allocator and r.config == "default"]
+            on = [r for r in mine if r.allocator == allocator and r.config == "pb=2M"]
             off = [r for r in mine if r.allocator == allocator and r.config == "pb=0"]
             cell = f"{sum(r.failed for r in on)} / {sum(r.failed for r in off)}"
             fits = (sum(r.fit_refused for r in on), sum(r.fit_refused for r in off))
             cells.append(cell + (f" [{fits[0]} / {fits[1]}]" if any(fits) else ""))
         frames = sum(r.frames for r in mine if r.allocator == allocators[0]
-                     and r.config == "default")
+                     and r.config == "pb=2M")
         print(f"| {trace.name} | {frames} | " + " | ".join(cells) + " |")
 
 
