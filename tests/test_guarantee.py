@@ -216,3 +216,84 @@ def test_an_impossible_alignment_is_enomem_not_memoryerror():
         with pytest.raises(CmaError) as e:
             cma.alloc("d", 4 * K, alignment=1 << 62)
         assert e.value.errno in (errno.ENOMEM, errno.EINVAL)
+
+
+def test_a_listener_already_told_is_told_of_the_undo_when_a_later_one_vetoes():
+    cma = Cma("r=16M:bf", "*=r")
+    seen = []
+
+    class Record:
+        def on_alloc(self, chunk):
+            seen.append(("alloc", chunk.id))
+
+        def on_free(self, chunk):
+            seen.append(("free", chunk.id))
+
+    class Veto:
+        def on_alloc(self, chunk):
+            raise CmaError(errno.ENOSPC, "journal disk full")
+
+        def on_free(self, chunk):
+            seen.append(("veto told of free", chunk.id))
+
+    cma.listeners[:] = [Record(), Veto()]
+    with pytest.raises(CmaError) as e:
+        cma.alloc("d", M)
+    assert e.value.errno == errno.ENOSPC
+    assert [what for what, _ in seen] == ["alloc", "free"] and seen[0][1] == seen[1][1]
+    assert len(cma.chunks) == 0 and cma.region("r").free == 16 * M
+    cma._check()
+
+
+@pytest.mark.parametrize("allocator", list(ALLOCATORS))
+def test_quota_and_bound_hold_on_the_slow_paths(allocator):
+    """A request served only after compaction or from any free range still keeps
+    its bound and the caller's limit: EDQUOT, not a chunk past the limit."""
+    name, _, extra = ALLOCATORS[allocator]
+    cma = Cma(f"r=8M:{name}({extra + ',' if extra else ''}pageblock=0)", "*=r",
+              limits={UID: 3 * M})
+    movers = [cma.alloc("d", M, movable=True) for _ in range(8)]
+    for c in movers[::2]:
+        cma.free(c.start)  # 4 MiB free, in 1 MiB holes between movable chunks
+    with pytest.raises(CmaError) as e:
+        cma.alloc("d", 4 * M, uid=UID)
+    assert e.value.errno == errno.EDQUOT and cma.region("r").moved == 0
+    chunk = cma.alloc("d", 2 * M, uid=UID, bound=2 * M)  # served by compaction
+    assert chunk.start // (2 * M) == (chunk.end - 1) // (2 * M)
+    assert cma.region("r").moved >= 1 and cma.held(UID) == 2 * M
+    with pytest.raises(CmaError) as e:
+        cma.alloc("d", 2 * M, uid=UID)
+    assert e.value.errno == errno.EDQUOT
+    cma._check()
+
+
+def test_the_slow_paths_run_in_the_order_of_slow_paths(caplog, monkeypatch):
+    """Policy as data: the log says which path served, and changing the order
+    changes which does."""
+    from cmad import cma as cma_module
+
+    def serve(order):
+        monkeypatch.setattr(cma_module, "SLOW_PATHS", order)
+        cma = Cma("r=8M:bf(pageblock=0)", "*=r")
+        movers = [cma.alloc("d", M, movable=True) for _ in range(8)]
+        for c in movers[1::2]:
+            cma.free(c.start)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="cmad.cma"):
+            try:
+                cma.alloc("d", 2 * M)
+            except CmaError as e:
+                return e.errno
+        return next(r.getMessage() for r in caplog.records if "served after" in r.getMessage())
+
+    assert "compacting" in serve(("compact", "anywhere"))
+    assert serve(("anywhere",)) == errno.ENOMEM  # no free range holds 2 MiB
+    assert "compacting" in serve(("fallback", "anywhere", "compact"))
+
+
+def test_regions_are_tried_in_map_order_and_each_failure_charged_once():
+    cma = Cma("a=4M:bf;b=8M:bf", "*=a,b")
+    first = cma.alloc("d", 3 * M)
+    second = cma.alloc("d", 3 * M)
+    assert first.region.name == "a" and second.region.name == "b"
+    assert cma.region("a").alloc_fail == 1 and cma.region("b").alloc_fail == 0
