@@ -24,6 +24,13 @@ only as the last step before ENOMEM does ``fallback`` take space in a block
 of the other type (the ``fallbacks[]`` table below), which makes that block
 mixed and is counted.  A block whose last chunk leaves goes back to the pool.
 
+Grouping decides where a chunk goes, never whether it fits (SPEC 4b): when
+all of the above fail, ``alloc_anywhere`` takes any free range that holds
+the request, whoever owns its blocks.  Such a chunk spans blocks of several
+owners; each part of it lives in its block's owner (``_pieces``), and
+``free_for``, ``reserve_for`` and ``reserve_many`` split it the same way.
+Grouping is off unless a region asks for it (``GROUP_BY_DEFAULT``).
+
 The shown type of a block follows from its owner and what it holds: free
 (pool), pinned or movable (owner's type only), mixed (both).  Counts per
 shown type are kept as blocks change, so stats are O(1).
