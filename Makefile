@@ -1,7 +1,8 @@
 # make run   - set up and start the daemon in the foreground on /run/cma
 # make test  - set up and run the whole test suite
 # make bench - run the benchmarks (they print ratios, they never assert)
-# make lint  - byte-compile and check the layering rules
+# make lint  - ruff, the import layers, function and module sizes
+# make test-fast - the core and fusefs-operations tiers only
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -12,7 +13,7 @@ MOUNTPOINT ?= /run/cma
 PREFIX  ?= /usr/local
 OPT     ?= /opt/cmad
 
-.PHONY: run test bench lint deps apt install clean
+.PHONY: run test test-fast bench lint deps apt install clean
 
 deps: $(STAMP)
 
@@ -38,7 +39,12 @@ run: $(STAMP)
 	$(VENV)/bin/cmad --mountpoint $(MOUNTPOINT)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# All but the real mounts and the stress loops: the core and the fusefs operations.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not mount and not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	taskset -c 1 $(PY) bench/core.py
@@ -49,10 +55,12 @@ bench: $(STAMP)
 	$(PY) bench/arena.py
 	$(PY) bench/scale.py --sizes 10k,200k,1m --growth
 
+# ruff (pyflakes' rules), the layers (import-linter, pyproject.toml), the sizes.
 lint: $(STAMP)
 	$(PY) -m compileall -q cmad fusefs tests bench
-	$(PY) -m pyflakes cmad fusefs bench
-	@! grep -rnE '^\s*(from|import)\s+cmad' fusefs --include='*.py' || (echo "fusefs must not import cmad"; exit 1)
+	$(VENV)/bin/ruff check -q cmad fusefs bench tests
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) tools/sizes.py
 
 # The service: a venv in $(OPT), commands in $(PREFIX)/bin, units, group, config.
 install: apt

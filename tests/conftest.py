@@ -15,6 +15,31 @@ from test_arena import hugepages  # noqa: F401
 
 
 
+# The tiers (pyproject's markers), by module: the core in process is the rest.
+OPS = {"test_fusefs_ops", "test_fusefs_dynamic", "test_tree"}
+MOUNT = {"test_fusefs_mount", "test_tree_mount", "test_daemon", "test_client", "test_cmactl",
+         "test_hostile", "test_identity", "test_load", "test_movable_mount", "test_permissions",
+         "test_reliability", "test_restart_mount", "test_service", "test_startup",
+         "test_hugepages"}
+SLOW = {"test_load", "test_reliability", "test_restart_mount"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its tier: ``make test-fast`` runs ``not mount and not slow``.
+    A test that starts a daemon is of the mount tier wherever it lives."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        fixtures = getattr(item, "fixturenames", ())
+        if module in MOUNT or "daemon" in fixtures:
+            item.add_marker(pytest.mark.mount)
+        elif module in OPS:
+            item.add_marker(pytest.mark.ops)
+        else:
+            item.add_marker(pytest.mark.core)
+        if module in SLOW:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def arena():
     """A 64 MiB arena for in-process cores that move bytes."""
