@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from sortedcontainers import SortedDict
 
-from cmad.allocators.interface import PAGE_SIZE, _registry
+from cmad.allocators.interface import _registry
 from cmad.allocators.bitmap import Bitmap
 from cmad.errors import CmaError
 

@@ -297,3 +297,18 @@ def test_regions_are_tried_in_map_order_and_each_failure_charged_once():
     second = cma.alloc("d", 3 * M)
     assert first.region.name == "a" and second.region.name == "b"
     assert cma.region("a").alloc_fail == 1 and cma.region("b").alloc_fail == 0
+
+
+@pytest.mark.parametrize("allocator", list(ALLOCATORS))
+def test_a_bound_moves_the_range_to_the_next_window_of_a_hole(allocator):
+    """Free [3M, 7M), 3 MiB within 4 MiB: at 3M it would cross, at 4M it fits.
+    (Buddy's own path wants the whole block [4M, 8M), so only the exact search serves.)"""
+    name, _, extra = ALLOCATORS[allocator]
+    cma = Cma(f"r=16M:{name}({extra + ',' if extra else ''}pageblock=0)", "*=r")
+    base = cma.region("r").start
+    ones = [cma.alloc("d", M) for _ in range(16)]
+    assert [c.start - base for c in ones] == [i * M for i in range(16)]
+    for c in ones[3:7]:
+        cma.free(c.start)
+    chunk = cma.alloc("d", 3 * M, bound=4 * M)
+    assert chunk.start - base == 4 * M

@@ -27,7 +27,7 @@ def nodes() -> int:
 
 def tree_with(n: int, labelled: bool = True):
     cma = Cma(REGIONS, MAP)
-    chunks = [run(cma, f"x 4K" + (f" label=l{i}" if labelled else "")) for i in range(n)]
+    chunks = [run(cma, "x 4K" + (f" label=l{i}" if labelled else "")) for i in range(n)]
     tree = Tree(cma)
     return cma, tree, Filesystem(tree.root), chunks
 
