@@ -140,7 +140,7 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
     journal = Journal(config.state_dir) if config.state_dir else None
     pool = Pool(record_path(config.state_dir, config.mountpoint), config.hugepages)
     kept = journal is not None and journal.count() > 0
-    path = config.arena_file or (journal.get("arena_file") if kept else None) or None
+    path = config.arena_file or (surviving_arena(journal) if kept else None)
     if kept:
         check_journal_matches(journal, config, path or arena_path(config), cma.base)
     survived = kept and path is not None and os.path.exists(path)
@@ -168,6 +168,15 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
             arena.close(unlink=True)  # a failed start leaves no arena file of its own
         raise
     return cma, journal
+
+
+def surviving_arena(journal: Journal) -> str | None:
+    """The journal's arena file if it is still there.  After a reboot it is not
+    (/run and the private mounts under it are gone): then the daemon builds a new
+    arena where a fresh start would, never at the old path, whose directory may
+    now be an unmounted mountpoint on the root disk (/run/cmad/hugetlbfs)."""
+    path = journal.get("arena_file")
+    return path if path and os.path.exists(path) else None
 
 
 def refuse_sticky_physical(cma: Cma, contiguous: str) -> None:
@@ -239,6 +248,11 @@ def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
         raise physmap.refusal(span, 0, 0, why)
     if config.backing == "hugetlb":
         raise CmaError(errno.ENOMEM, f"arena of {human(cma.arena_size)}: hugetlb: {why}")
+    private = os.path.join(RUN_DIR, "hugetlbfs")
+    if path is not None and os.path.dirname(os.path.abspath(path)) == private:
+        raise CmaError(errno.EINVAL, f"arena file {path}: {private} is not mounted, and a "
+                                     "shared-memory arena never goes there (it would be a "
+                                     "file on the disk under the next hugetlbfs mount)")
     spath = path or os.path.join(shm_dir(), escaped_name(config.mountpoint))
     return Arena(cma.arena_size, path=spath, backing=config.backing, no_hugetlb=why)
 
