@@ -70,14 +70,18 @@ def _write_nr(value: int) -> int:
     return _read_nr()
 
 
-def escaped_name(mountpoint: str) -> str:
-    """A file name no two mountpoints share: a readable escape plus a hash of the path.
+def escaped_name(mountpoint: str, state_dir: str | None = None) -> str:
+    """A file name no two mountpoints (and no two state directories) share: a
+    readable escape plus a hash of the path and of the state directory's.
 
-    ``/tmp/a-b`` and ``/tmp/a/b`` escape alike (``tmp-a-b``) but hash apart.
+    ``/tmp/a-b`` and ``/tmp/a/b`` escape alike (``tmp-a-b``) but hash apart; two
+    state directories on one mountpoint get two arena files, so neither daemon
+    ever removes the other's.
     """
     path = os.path.abspath(mountpoint)
     readable = "".join(c if c.isalnum() or c in "._" else "-" for c in path.strip("/"))[:80]
-    digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    key = path if not state_dir else f"{path}\0{os.path.realpath(state_dir)}"
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return f"cmad-{readable or 'root'}-{digest}"
 
 
@@ -141,9 +145,9 @@ def shm_dir() -> str:
         return RUN_DIR
     try:
         return private_mount("tmpfs")
-    except OSError as e:
-        log.warning("%s; arena files go to /dev/shm/cmad-0", e.strerror)
-        return private_dir("/dev/shm/cmad-0")
+    except OSError as e:  # never a world-writable directory: anyone could plant files there
+        raise CmaError(e.errno or errno.EIO, f"{e.strerror}: no root-only shared memory "
+                                             f"for the arena file (/run is no tmpfs)") from None
 
 
 _lock = {"fd": -1, "depth": 0}

@@ -114,16 +114,24 @@ def group_id(name: str) -> int:
 ATTEMPTS = 3  # layouts tried when another process takes pages in the middle of one
 
 
+def arena_name(config: Config) -> str:
+    """The arena file's name: its mountpoint's and its state directory's."""
+    return escaped_name(config.mountpoint, config.state_dir)
+
+
 def arena_paths(config: Config) -> list[str]:
     """Where this daemon's arena file may be: configured, else its name (unique per
-    mountpoint) in the private hugetlbfs mount, or in the shared-memory directory."""
+    mountpoint and state directory) in the private hugetlbfs mount, or in the
+    shared-memory directory.  Root's are all under the root-only /run/cmad: a
+    world-writable directory (/dev/shm) is never searched, so nothing another
+    user plants there can matter."""
     if config.arena_file:
         return [config.arena_file]
-    name = escaped_name(config.mountpoint)
+    name = arena_name(config)
     if os.geteuid() != 0:
         return [f"/dev/shm/cmad-{os.geteuid()}/{name}"]
     return [os.path.join(RUN_DIR, "hugetlbfs", name), os.path.join(RUN_DIR, name),
-            os.path.join(RUN_DIR, "tmpfs", name), os.path.join("/dev/shm/cmad-0", name)]
+            os.path.join(RUN_DIR, "tmpfs", name)]
 
 
 def arena_path(config: Config) -> str:
@@ -253,7 +261,7 @@ def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
         raise CmaError(errno.EINVAL, f"arena file {path}: {private} is not mounted, and a "
                                      "shared-memory arena never goes there (it would be a "
                                      "file on the disk under the next hugetlbfs mount)")
-    spath = path or os.path.join(shm_dir(), escaped_name(config.mountpoint))
+    spath = path or os.path.join(shm_dir(), arena_name(config))
     return Arena(cma.arena_size, path=spath, backing=config.backing, no_hugetlb=why)
 
 
@@ -264,7 +272,7 @@ def hugetlb_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
     if path is None and config.state_dir:
         if os.geteuid() != 0:
             raise OSError(errno.EPERM, "not root: no private hugetlbfs mount")
-        path = os.path.join(private_mount("hugetlbfs"), escaped_name(config.mountpoint))
+        path = os.path.join(private_mount("hugetlbfs"), arena_name(config))
     elif path is not None and fs_type(os.path.dirname(path) or ".") != "hugetlbfs":
         raise OSError(errno.EINVAL, f"{path} is not on a hugetlbfs mount")
     size = -(-cma.arena_size // pool.page) * pool.page

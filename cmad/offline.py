@@ -44,6 +44,24 @@ def _holds(pid: str, journal: str) -> bool:
     return False
 
 
+def arena_holders(path: str) -> list[str]:
+    """The processes that have the arena file *path* open or mapped, as ``pid N
+    (command line)``: a live daemon's arena (or a client's mapping of a chunk)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) != os.getpid() and (_holds(pid, path) or _maps(pid, path)):
+            found.append(f"pid {pid} ({_command(pid)})")
+    return found
+
+
+def _maps(pid: str, path: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any(line.rstrip("\n").endswith(" " + path) for line in f)
+    except OSError:
+        return False
+
+
 def _command(pid: str) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -126,7 +144,11 @@ def reset(state_dir: str) -> int:
         journal = Journal(state_dir, readonly=True)
         arena = journal.get("arena_file")
         journal.close()
-        if arena and os.path.lexists(arena):
+        held = arena_holders(arena) if arena and os.path.lexists(arena) else []
+        if held:
+            print(f"kept {arena}: in use by {', '.join(held)} (another daemon's arena, or "
+                  "a client maps it)", file=sys.stderr)
+        elif arena and os.path.lexists(arena):
             try:
                 remove_own(arena)
                 print(f"removed arena {arena}")

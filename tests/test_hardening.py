@@ -15,6 +15,9 @@ import textwrap
 
 import pytest
 
+from cmad.config import Config
+from cmad.hugepages import escaped_name
+from cmad.main import arena_paths
 from test_daemon import alloc, cmad, read
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -34,7 +37,7 @@ umount -l /run/cmad/hugetlbfs 2>/dev/null
 umount -l /run/cmad/tmpfs 2>/dev/null
 mount -t tmpfs -o mode=0755 tmpfs /run || exit 97
 {prepare}
-"$PY" -m cmad.main --mountpoint "$MNT" --state-dir "$STATE" {args} 2>"$LOG" &
+"$PY" -m cmad.main --mountpoint "$MNT" {args} 2>"$LOG" &
 pid=$!
 i=0
 while [ ! -e "$MNT/allocators" ]; do
@@ -81,7 +84,7 @@ def test_after_a_reboot_the_records_are_dropped_with_a_warning_and_it_serves(dae
     root_only()
     mnt, state = stopped_with_a_chunk(daemon, tmp_path)
     log = tmp_path / "reboot.log"
-    out = after_reboot(mnt, state, log, "--regions a=8M:bf --backing shm")
+    out = after_reboot(mnt, state, log, '--state-dir "$STATE" --regions a=8M:bf --backing shm')
     text = log.read_text()
     assert "served" in out and "status=0" in out, text
     assert "arena file is gone" in text and "dropping 1 recorded" in text, text
@@ -99,7 +102,8 @@ def test_after_a_reboot_no_arena_lands_in_an_unmounted_hugetlbfs_directory(daemo
     db.close()
     log = tmp_path / "reboot.log"
     prepare = "mkdir -m 0700 /run/cmad /run/cmad/hugetlbfs"  # there, and nothing mounted on it
-    out = after_reboot(mnt, state, log, "--regions a=8M:bf --backing shm", prepare)
+    out = after_reboot(mnt, state, log, '--state-dir "$STATE" --regions a=8M:bf --backing shm',
+                       prepare)
     text = log.read_text()
     assert "served" in out and "status=0" in out, text
     line = next(line for line in out.splitlines() if line.startswith("hugetlbfs-dir:"))
@@ -107,3 +111,74 @@ def test_after_a_reboot_no_arena_lands_in_an_unmounted_hugetlbfs_directory(daemo
     assert kind == "hugetlbfs" or not files, (line, text)
     arena = next(line for line in out.splitlines() if line.startswith("arena_file"))
     assert not arena.split()[1].startswith("/run/cmad/hugetlbfs/"), arena
+
+
+# -- item 2: foreign files in world-writable directories -----------------------------
+
+def test_foreign_files_in_dev_shm_never_stop_the_daemon(tmp_path):
+    """An ordinary user's /dev/shm/cmad-0/<name> (here in a private /dev/shm)."""
+    root_only()
+    mnt, state = tmp_path / "mnt", tmp_path / "state"
+    names = {escaped_name(str(mnt)), escaped_name(str(mnt), str(state))}
+    prepare = "mount -t tmpfs tmpfs /dev/shm && mkdir /dev/shm/cmad-0 && " + " && ".join(
+        f"touch /dev/shm/cmad-0/{n}" for n in names) + " && chown -R 65534 /dev/shm/cmad-0"
+    for args in ("--regions a=8M:bf", '--state-dir "$STATE" --regions a=8M:bf'):
+        log = tmp_path / "shm.log"
+        out = after_reboot(mnt, state, log, args + " --hugepages free --contiguous virtual",
+                           prepare)
+        text = log.read_text()
+        assert "served" in out and "status=0" in out, text
+        assert "/dev/shm" not in text, text
+
+
+def test_arena_files_are_never_looked_for_in_world_writable_directories():
+    root_only()
+    for state in (None, "/var/lib/cmad"):
+        for path in arena_paths(Config(mountpoint="/run/cma", state_dir=state)):
+            assert path.startswith("/run/cmad/"), path
+
+
+# -- item 5: two state directories on one mountpoint ----------------------------------
+
+def arena_of(mnt: pathlib.Path) -> str:
+    return read(mnt / "stats").split("arena_file ")[1].split()[0]
+
+
+def test_two_state_dirs_on_one_mountpoint_keep_their_own_arenas(daemon, tmp_path):
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    args = ("--regions", "a=8M:bf", "--backing", "shm")
+    mnt = daemon(*args, "--state-dir", str(s1))
+    alloc(mnt, "@a 1M label=one")
+    first = arena_of(mnt)
+    daemon.proc.send_signal(signal.SIGINT)
+    assert daemon.proc.wait(timeout=30) == 0
+    mnt = daemon(*args, "--state-dir", str(s2), mountpoint=mnt)
+    alloc(mnt, "@a 1M label=two")
+    with open(mnt / "chunks" / "two" / "data", "r+b") as f:
+        f.write(b"second")
+    second = arena_of(mnt)
+    assert second != first and os.path.exists(first), "B removed A's arena"
+    r = cmad("reset", "--state-dir", str(s1))
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(first) and os.path.exists(second)
+    with open(mnt / "chunks" / "two" / "data", "rb") as f:
+        assert f.read(6) == b"second"
+
+
+def test_reset_never_removes_an_arena_a_live_daemon_holds(daemon, tmp_path):
+    """A journal naming another daemon's arena (an older cmad named arenas by
+    mountpoint only): reset keeps it, naming the holder."""
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    mnt = daemon("--regions", "a=8M:bf", "--backing", "shm", "--state-dir", str(s2))
+    alloc(mnt, "@a 1M label=two")
+    live = arena_of(mnt)
+    s1.mkdir(mode=0o700)
+    db = sqlite3.connect(s1 / "journal.db")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT INTO meta VALUES ('arena_file', ?)", (live,))
+    db.commit()
+    db.close()
+    r = cmad("reset", "--state-dir", str(s1))
+    assert os.path.exists(live), r.stderr
+    assert f"pid {daemon.proc.pid}" in r.stderr and "kept" in r.stderr
+    assert read(mnt / "chunks" / "two" / "size") == f"{1 << 20}\n"

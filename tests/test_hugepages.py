@@ -133,7 +133,7 @@ def test_arena_files_live_where_only_root_can_write():
         pytest.skip("root's directories")
     for path in arena_paths(Config(mountpoint="/run/cma")):
         assert not path.startswith("/dev/shm/cmad-run"), path  # not world-writable
-        assert path.startswith("/run/cmad/") or path.startswith("/dev/shm/cmad-0/"), path
+        assert path.startswith("/run/cmad/"), path
 
 
 # -- the real daemon -------------------------------------------------------------
