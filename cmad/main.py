@@ -399,6 +399,8 @@ class Reloader:
                       "stay: restart the daemon to apply it", new.regions)
             new.regions, new.base, new.arena_size = (self.config.regions, self.config.base,
                                                      self.config.arena_size)
+        from fusefs.serve import resolve
+        new.mountpoint = resolve(new.mountpoint)  # the running one is resolved (main)
         for key in ("mountpoint", "backing", "arena_file", "state_dir", "group", "hugepages",
                     "contiguous"):
             if getattr(new, key) != getattr(self.config, key):
@@ -580,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         log.error("%s", getattr(e, "why", None) or e)
         return 1
+    config.mountpoint = mountpoint  # names the arena and the record, whatever path named it
     return start(config, args, fs, mountpoint)
 
 

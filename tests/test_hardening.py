@@ -18,6 +18,7 @@ import pytest
 from cmad.config import Config
 from cmad.hugepages import escaped_name
 from cmad.main import arena_paths
+from mountutil import mounted, require_fuse
 from test_daemon import alloc, cmad, read
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -182,3 +183,60 @@ def test_reset_never_removes_an_arena_a_live_daemon_holds(daemon, tmp_path):
     assert os.path.exists(live), r.stderr
     assert f"pid {daemon.proc.pid}" in r.stderr and "kept" in r.stderr
     assert read(mnt / "chunks" / "two" / "size") == f"{1 << 20}\n"
+
+
+# -- item 3: mountpoints another user could redirect ----------------------------------
+
+def refused_mountpoint(tmp_path, given: pathlib.Path, victim: pathlib.Path) -> None:
+    r = cmad("--mountpoint", str(given), "--regions", "a=4M:bf", "--backing", "shm",
+             "--hugepages", "free", "--contiguous", "virtual")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "root" in r.stderr and "mountpoint is refused" in r.stderr, r.stderr
+    assert not os.path.ismount(victim)
+    (victim / "probe").write_text("not sealed")  # EPERM had cmad made it immutable
+    (victim / "probe").unlink()
+
+
+def test_a_symlink_planted_by_another_user_is_refused(tmp_path):
+    root_only()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    link = tmp_path / "m"
+    link.symlink_to(victim)
+    os.chown(link, 65534, 65534, follow_symlinks=False)
+    refused_mountpoint(tmp_path, link, victim)
+
+
+def test_a_directory_of_another_user_on_the_way_is_refused(tmp_path):
+    root_only()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    victim = theirs / "mnt"
+    victim.mkdir()
+    os.chown(theirs, 65534, 65534)
+    refused_mountpoint(tmp_path, victim, victim)
+
+
+def test_a_world_writable_directory_on_the_way_is_refused(tmp_path):
+    root_only()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # no sticky bit: anyone can rename what is in it
+    victim = shared / "mnt"
+    victim.mkdir()
+    refused_mountpoint(tmp_path, victim, victim)
+
+
+def test_roots_own_symlink_is_followed_and_names_the_real_mountpoint(tmp_path):
+    """/var/run/cma -> /run/cma: root's link is fine; the arena and the hugepage
+    record are named by the real path, whatever path named it (item 8)."""
+    require_fuse()
+    real = tmp_path / "real"
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    real.mkdir()
+    argv = [sys.executable, "-m", "cmad.main", "--mountpoint", str(link), "--regions",
+            "a=4M:bf", "--backing", "shm", "--hugepages", "free"]
+    with mounted(argv, real):
+        assert os.path.ismount(real)
+        assert os.path.basename(arena_of(real)) == escaped_name(str(real))
