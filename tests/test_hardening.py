@@ -4,6 +4,7 @@ daemons at once, state files only root reads."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import shutil
@@ -240,3 +241,26 @@ def test_roots_own_symlink_is_followed_and_names_the_real_mountpoint(tmp_path):
     with mounted(argv, real):
         assert os.path.ismount(real)
         assert os.path.basename(arena_of(real)) == escaped_name(str(real))
+
+
+# -- item 7 (second half): the unexpected-error path is rate-limited -----------------
+
+async def test_an_unexpected_error_a_client_repeats_is_rate_limited():
+    from fusefs import Attr, Dir, Filesystem
+    from cmad.ratelimit import ClientLogFilter
+    from test_core_limits import logger_with, restore
+    from test_fusefs_ops import ctx, errno_of, lookup
+
+    root = Dir()
+    root.add("crash", Attr(store=lambda t, c: bytes(1 << 62)))  # MemoryError, say
+    fs = Filesystem(root)
+    log, handler = logger_with(ClientLogFilter(clock=lambda: 0.0), "fusefs")
+    try:
+        fi = await fs.open(await lookup(fs, "crash"), os.O_WRONLY, ctx())
+        for _ in range(200):
+            assert await errno_of(fs.write(fi.fh, 0, b"1")) == errno.EIO
+        await fs.release(fi.fh)
+    finally:
+        restore(log, handler)
+    assert len(handler.lines) == 10, handler.lines[:3]
+    assert all("unexpected error, answering EIO" in line for line in handler.lines)
