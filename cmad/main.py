@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import gc
 import grp
 import logging
@@ -18,7 +19,8 @@ from typing import Iterator
 from . import __version__, physmap, privileges, ratelimit, service
 from .allocators import registry
 from .arena import Arena, remove_own
-from .hugepages import RUN_DIR, Pool, escaped_name, fs_type, private_mount, record_path, shm_dir
+from .hugepages import (RUN_DIR, Pool, escaped_name, fs_type, private_dir, private_mount,
+                        record_path, shm_dir)
 from .memparse import human
 from .regions import Region
 from .cma import Cma, plan_regions
@@ -145,7 +147,7 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
     cma = Cma(config.regions, config.map, base=config.base, arena_size=config.arena_size,
               limits=config.limits)
     refuse_sticky_physical(cma, config.contiguous)
-    journal = Journal(config.state_dir) if config.state_dir else None
+    journal = open_journal(config.state_dir) if config.state_dir else None
     pool = Pool(record_path(config.state_dir, config.mountpoint), config.hugepages)
     kept = journal is not None and journal.count() > 0
     path = config.arena_file or (surviving_arena(journal) if kept else None)
@@ -185,6 +187,20 @@ def surviving_arena(journal: Journal) -> str | None:
     now be an unmounted mountpoint on the root disk (/run/cmad/hugetlbfs)."""
     path = journal.get("arena_file")
     return path if path and os.path.exists(path) else None
+
+
+def open_journal(state_dir: str) -> Journal:
+    """The state directory's journal; a daemon holding it is named, not just
+    "database is locked"."""
+    try:
+        return Journal(state_dir)
+    except sqlite3.OperationalError as e:
+        from .offline import holders
+        running = holders(state_dir)
+        if "locked" not in str(e) or not running:
+            raise
+        raise CmaError(errno.EBUSY, f"state_dir {state_dir} is in use by another daemon: "
+                                    f"{', '.join(running)} holds its journal") from None
 
 
 def refuse_sticky_physical(cma: Cma, contiguous: str) -> None:
@@ -233,6 +249,8 @@ def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
         arena = Arena(cma.arena_size, path=path, backing=config.backing)
         arena.pool = pool
         record = journal.get("arena_layout")
+        if record:
+            physmap.parse_record(record)  # a tampered row: one line, whatever the backing
         if arena.backing == "hugetlb" and record:
             arena.layout = physmap.verify(record, spans, arena.frames, arena.page, path)
         virtual = [s for s in spans if s.wants and (
@@ -455,6 +473,11 @@ def state_dir_problem(state_dir: str | None) -> str | None:
         return None
     if not os.path.isdir(state_dir):
         return f"state_dir {state_dir} exists and is not a directory"
+    from .offline import holders
+    running = holders(state_dir)
+    if running:
+        return (f"state_dir {state_dir} is in use by another daemon: {', '.join(running)} "
+                "holds its journal; one state directory serves one daemon")
     return None
 
 
@@ -465,6 +488,34 @@ def layout_problem(config: Config) -> str | None:
     except CmaError as e:
         return e.why
     return None
+
+
+def mount_lock(mountpoint: str) -> int:
+    """Take the lock of *mountpoint* (resolved), held from the check of the
+    mountpoint until the mount stands (`start`): of two daemons started at once
+    on one mountpoint, the second fails naming the first, instead of both
+    mounting.  A flock on a file in the root-only /run/cmad (the user's own
+    directory for a daemon run by another user) that names its holder's pid;
+    the kernel drops it with its holder, kill -9 included.  Returns its fd."""
+    directory = RUN_DIR if os.geteuid() == 0 else f"/dev/shm/cmad-{os.geteuid()}"
+    path = os.path.join(private_dir(directory), escaped_name(mountpoint) + ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise OSError(errno.EBUSY, f"{mountpoint}: another cmad (pid {holder}) is starting "
+                                   "on this mountpoint; not touching it") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def mount_unlock(fd: int) -> None:
+    """The mount stands (or start-up failed): the next daemon sees the mount itself."""
+    os.ftruncate(fd, 0)
+    os.close(fd)
 
 
 class Interrupted(Exception):
@@ -508,7 +559,8 @@ def start_failed(e: BaseException) -> int | None:
     return None
 
 
-def start(config: Config, args: argparse.Namespace, fs, mountpoint: str) -> int:
+def start(config: Config, args: argparse.Namespace, fs, mountpoint: str,
+          lock: int = -1) -> int:
     """Mount *fs* on *mountpoint* (resolved and checked), then recover and build
     the tree, then serve.
 
@@ -526,6 +578,9 @@ def start(config: Config, args: argparse.Namespace, fs, mountpoint: str) -> int:
     except OSError as e:
         log.error("%s", getattr(e, "why", None) or e)
         return 1
+    finally:
+        if lock >= 0:
+            mount_unlock(lock)
     hold_gc()
     try:
         with interruptible():
@@ -571,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("configuration: %s", problem)
         return 2
     from fusefs import Dir, Filesystem, check_mountpoint
+    from fusefs.serve import resolve
 
     try:
         privileges.pagemap_fd()  # opened while privileged: see privileges.py
@@ -578,12 +634,18 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s: phys will not work", e)
     fs = Filesystem(Dir())  # ready before a stale mount goes: then mount at once
     try:  # before anything is touched: another daemon's live mount (and arena) stays
+        lock = mount_lock(resolve(config.mountpoint))
+    except (OSError, CmaError) as e:
+        log.error("%s", getattr(e, "why", None) or e)
+        return 1
+    try:
         mountpoint = check_mountpoint(config.mountpoint)
     except OSError as e:
+        mount_unlock(lock)
         log.error("%s", getattr(e, "why", None) or e)
         return 1
     config.mountpoint = mountpoint  # names the arena and the record, whatever path named it
-    return start(config, args, fs, mountpoint)
+    return start(config, args, fs, mountpoint, lock)
 
 
 if __name__ == "__main__":

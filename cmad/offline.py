@@ -14,6 +14,7 @@ from .hugepages import give_back_record, release_mount
 from .errors import CmaError
 from .journal import JOURNAL, BadRow, Journal, restore_allocators, restore_record
 from .memparse import human
+from .physmap import parse_record
 
 log = logging.getLogger("cmad")
 
@@ -116,6 +117,12 @@ def check(state_dir: str) -> list[str]:
             cma._check()
         except AssertionError as e:
             problems.append(f"free space does not add up: {e}")
+        layout = journal.get("arena_layout")
+        if layout is not None:
+            try:
+                parse_record(layout)
+            except CmaError as e:
+                problems.append(e.why)
         arena = journal.get("arena_file")
         if len(cma.chunks) and (arena is None or not os.path.exists(arena)):
             problems.append(f"arena file {arena} is gone: {len(cma.chunks)} chunks lost their "

@@ -19,7 +19,7 @@ import pytest
 from cmad.config import Config
 from cmad.hugepages import escaped_name
 from cmad.main import arena_paths
-from mountutil import mounted, require_fuse
+from mountutil import daemon_stderr, mounted, require_fuse
 from test_daemon import alloc, cmad, read
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -264,3 +264,99 @@ async def test_an_unexpected_error_a_client_repeats_is_rate_limited():
         restore(log, handler)
     assert len(handler.lines) == 10, handler.lines[:3]
     assert all("unexpected error, answering EIO" in line for line in handler.lines)
+
+
+# -- item 6: two daemons started at once on one mountpoint ---------------------------
+
+def test_two_daemons_started_at_once_on_one_mountpoint_one_mounts(tmp_path):
+    require_fuse()
+    mnt = tmp_path / "mnt"
+    for attempt in range(5):
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt), "--regions",
+             "a=4M:bf", "--backing", "shm", "--hugepages", "free", "--contiguous", "virtual",
+             "--state-dir", str(tmp_path / f"s{attempt}-{i}")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True) for i in range(2)]
+        try:
+            loser = None
+            for _ in range(600):
+                done = [p for p in procs if p.poll() is not None]
+                if done:
+                    loser = done[0]
+                    break
+                subprocess.run(["sleep", "0.05"])
+            assert loser is not None, "both daemons run: both mounted"
+            winner = procs[1 - procs.index(loser)]
+            err = loser.stderr.read()
+            assert loser.returncode == 1 and "Traceback" not in err, err
+            assert f"pid {winner.pid}" in err or f"cmad:{winner.pid}:" in err, err
+            assert winner.poll() is None
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
+                    p.wait(timeout=30)
+                p.stderr.close()
+        assert not os.path.ismount(mnt)
+
+
+# -- items 9, 10: the state directory ---------------------------------------------------
+
+def test_state_files_are_0600_in_a_0700_state_dir(daemon, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    os.chmod(state, 0o755)
+    mnt = daemon("--regions", "a=4M:bf", "--backing", "shm", "--state-dir", str(state))
+    alloc(mnt, "@a 1M label=k")
+    assert oct(os.stat(state).st_mode & 0o777) == oct(0o700)
+    for name in os.listdir(state):
+        assert os.stat(state / name).st_mode & 0o077 == 0, name
+    assert "lets others read the journal" in daemon_stderr(daemon.proc)
+
+
+def test_a_second_daemon_on_one_state_dir_names_the_first(daemon, tmp_path):
+    state = str(tmp_path / "state")
+    daemon("--regions", "a=4M:bf", "--backing", "shm", "--state-dir", state)
+    r = cmad("--mountpoint", str(tmp_path / "other"), "--regions", "a=4M:bf", "--backing",
+             "shm", "--state-dir", state)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"pid {daemon.proc.pid}" in r.stderr and "database is locked" not in r.stderr
+
+
+@pytest.mark.parametrize("layout", ['{"a": "x"}', "[1]", "garbage", '{"a": -1}'])
+def test_a_tampered_arena_layout_is_one_line_and_cmad_check_reports_it(daemon, tmp_path,
+                                                                      layout):
+    state = tmp_path / "state"
+    args = ("--regions", "a=4M:bf", "--backing", "shm", "--state-dir", str(state))
+    mnt = daemon(*args)
+    alloc(mnt, "@a 1M label=k")
+    daemon.proc.kill()
+    daemon.proc.wait()
+    db = sqlite3.connect(state / "journal.db")
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('arena_layout', ?)", (layout,))
+    db.commit()
+    db.close()
+    r = cmad("--mountpoint", str(tmp_path / "again"), *args)
+    errors = [line for line in r.stderr.splitlines() if "ERROR" in line]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1 and "arena_layout" in errors[0], r.stderr
+    check = cmad("check", "--state-dir", str(state))
+    assert check.returncode == 1 and "arena_layout" in check.stderr, check.stderr
+
+
+def test_a_daemon_meeting_the_mount_lock_names_its_holder(tmp_path):
+    """The lock held from check to mount: while another start holds it (here this
+    process), a daemon fails at once, naming the holder, and touches nothing."""
+    from cmad.main import mount_lock, mount_unlock
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    lock = mount_lock(str(mnt))
+    try:
+        r = cmad("--mountpoint", str(mnt), "--regions", "a=4M:bf", "--backing", "shm",
+                 "--hugepages", "free")
+    finally:
+        mount_unlock(lock)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"another cmad (pid {os.getpid()})" in r.stderr
+    assert not os.path.ismount(mnt)
