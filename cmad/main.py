@@ -20,7 +20,7 @@ from . import __version__, physmap, privileges, ratelimit, service
 from .allocators import registry
 from .arena import Arena, remove_own
 from .hugepages import (RUN_DIR, Pool, escaped_name, fs_type, private_dir, private_mount,
-                        record_path, shm_dir)
+                        record_key, shm_dir, sweep)
 from .memparse import human
 from .regions import Region
 from .cma import Cma, plan_regions
@@ -148,7 +148,8 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
               limits=config.limits)
     refuse_sticky_physical(cma, config.contiguous)
     journal = open_journal(config.state_dir) if config.state_dir else None
-    pool = Pool(record_path(config.state_dir, config.mountpoint), config.hugepages)
+    sweep()  # dead daemons' pages that no arena holds any more go back first
+    pool = Pool(record_key(config.state_dir, config.mountpoint), config.hugepages)
     kept = journal is not None and journal.count() > 0
     path = config.arena_file or (surviving_arena(journal) if kept else None)
     if kept:
@@ -159,6 +160,8 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
     else:
         remove_stale_arenas(config, path)
     arena = open_arena(cma, config, path, pool, journal if survived else None)
+    if arena.pool is not None:
+        arena.pool.held_in(arena.path if arena.named else "-")
     try:
         if journal is not None:  # before the arena: sticky regions keep their chunks' pages
             next_id = journal.next_id()  # before recovery forgets transient chunks

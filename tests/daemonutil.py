@@ -13,7 +13,7 @@ import time
 import pytest
 
 from cmad.config import Config
-from cmad.hugepages import escaped_name, give_back_record, record_path, release_mount
+from cmad.hugepages import escaped_name, give_back_record, record_key, release_mount
 from cmad.main import arena_paths
 from mountutil import MountError, cleanup, daemon_stderr, mounted, require_fuse
 
@@ -74,8 +74,8 @@ class Daemons:
         state = args[list(args).index("--state-dir") + 1] if "--state-dir" in args else None
         self.arenas.update(arena_paths(Config(mountpoint=str(mnt))))
         self.arenas.update(arena_paths(Config(mountpoint=str(mnt), state_dir=state)))
-        self.records.add(record_path(state, str(mnt)) or "")
-        self.records.add(record_path(None, str(mnt)) or "")
+        self.records.add(record_key(state, str(mnt)) or "")
+        self.records.add(record_key(None, str(mnt)) or "")
         self.arenas.add(os.path.join("/run/cmad/hugetlbfs", escaped_name(str(mnt), state)))
         if "--contiguous" not in args:  # the layout search only where a test asks for it
             args = (*args, "--contiguous", "virtual")

@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -360,3 +359,100 @@ def test_a_daemon_meeting_the_mount_lock_names_its_holder(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"another cmad (pid {os.getpid()})" in r.stderr
     assert not os.path.ismount(mnt)
+
+
+# -- items 4, 8: the ledger of added hugepages, reconciled with the pool --------------
+
+from cmad import hugepages  # noqa: E402
+from cmad.hugepages import Ledger, Pool, give_back_record, read_record, sweep  # noqa: E402
+from test_hugepages import FakeKernel, nr, pool  # noqa: E402,F401 (pool: the fixture)
+
+
+def test_a_pool_lowered_by_another_process_is_never_given_back_by_cmad(monkeypatch,
+                                                                       tmp_path):
+    kernel = FakeKernel(monkeypatch, nr=0, free=0)
+    ledger = str(tmp_path / "ledger")
+    daemon_pool = Pool("cmad-a", ledger=ledger)
+    daemon_pool.ensure(28)
+    assert read_record("cmad-a", ledger=ledger) == 28
+    kernel.write(0)  # another root process lowers the pool: the free pages go
+    assert daemon_pool.give_back() == 0 and kernel.nr == 0
+    assert read_record("cmad-a", ledger=ledger) == 0
+    kernel.write(28)  # and raises it for its own use: never cmad's to give back
+    assert give_back_record("cmad-a", ledger=ledger) == 0 and kernel.nr == 28
+
+
+def test_pages_that_became_surplus_under_the_arena_are_not_given_back(monkeypatch,
+                                                                      tmp_path):
+    """The pool lowered to 6 while the arena held our 10: the kernel keeps 4 as
+    surplus, which go with the file; only 6 are ours to give back."""
+    kernel = FakeKernel(monkeypatch, nr=0, free=0)
+    ledger = str(tmp_path / "ledger")
+    arena = tmp_path / "arena"
+    arena.write_bytes(b"")
+    one = Pool("cmad-a", ledger=ledger)
+    one.ensure(10)
+    one.held_in(str(arena))
+    kernel.free -= 10  # in the arena
+    kernel.nr = 6  # lowered by another process under them: 4 surplus
+    hugepages.unlink_arena(str(arena), ledger=ledger)
+    kernel.free += 6  # the 4 surplus pages vanished with the file
+    assert read_record("cmad-a", ledger=ledger) == 6
+    assert Ledger(ledger).load()["cmad-a"][2] == "-"
+    assert give_back_record("cmad-a", ledger=ledger) == 6 and kernel.nr == 0
+
+
+def test_an_entry_of_another_boot_is_dropped(monkeypatch, tmp_path):
+    kernel = FakeKernel(monkeypatch, nr=8, free=8)  # reserved at boot
+    ledger = tmp_path / "ledger"
+    ledger.write_text("boot 00000000-old-boot\ntotal 8\ncmad-a 8 1:1 -\n")
+    assert read_record("cmad-a", ledger=str(ledger)) == 0
+    assert Pool("cmad-a", ledger=str(ledger)).give_back() == 0 and kernel.nr == 8
+
+
+def test_sweep_gives_back_dead_daemons_pages_that_no_arena_holds(monkeypatch, tmp_path):
+    kernel = FakeKernel(monkeypatch, nr=0, free=0)
+    ledger = str(tmp_path / "ledger")
+    kept = tmp_path / "kept-arena"
+    kept.write_bytes(b"")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    me = hugepages._me()
+    Ledger(ledger).save({"gathering": [5, f"{dead.pid}:1", "-"],
+                         "memfd": [3, f"{dead.pid}:1", "-"],
+                         "gone": [2, f"{dead.pid}:1", str(tmp_path / "removed")],
+                         "restartable": [4, f"{dead.pid}:1", str(kept)],
+                         "live": [6, me, "-"]})
+    kernel.nr, kernel.free = 20, 20 - 4  # the kept arena holds its 4
+    assert sweep(ledger=ledger) == 10 and kernel.nr == 10
+    left = Ledger(ledger).load()
+    assert sorted(left) == ["live", "restartable"]
+
+
+def test_reset_by_mountpoint_reaches_a_daemon_without_a_state_dir(daemon, tmp_path):
+    mnt = daemon("--regions", "a=8M:bf", "--backing", "shm")
+    arena = arena_of(mnt)
+    daemon.proc.kill()
+    daemon.proc.wait()
+    assert os.path.exists(arena)
+    link = tmp_path / "link"
+    link.symlink_to(mnt)  # whatever path names it
+    r = cmad("reset", "--mountpoint", str(link))
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(arena) and f"removed arena {arena}" in r.stdout
+
+
+def test_kill_9_without_a_state_dir_leaves_no_page_the_next_start_cannot_reach(pool,
+                                                                              daemon):
+    mnt = daemon("--regions", "a=32M:bf", "--contiguous", "auto")
+    key = hugepages.record_key(None, str(mnt))
+    added = read_record(key)
+    if not added:
+        pytest.skip("the daemon added no hugepages (free ones were there already)")
+    daemon.proc.kill()
+    daemon.proc.wait()
+    daemon.crash_and_restart(mnt, "--regions", "a=4M:bf", "--backing", "shm")
+    daemon.proc.send_signal(signal.SIGINT)
+    daemon.proc.wait(timeout=30)
+    assert read_record(key) == 0
+    assert nr() == pool, "another process may have changed the pool meanwhile: rerun"
