@@ -467,7 +467,10 @@ def sweep(prefix: str = "", *, ledger: str | None = None) -> int:
         return 0
     pool_lock()
     try:
-        orphans = [k for k, (_, owner, arena) in Ledger(ledger or LEDGER).load().items()
+        book = Ledger(ledger or LEDGER)
+        entries = book.load()
+        book.save(entries)  # reconciled with the pool as it is now
+        orphans = [k for k, (_, owner, arena) in entries.items()
                    if k.startswith(prefix) and not _owner_alive(owner)
                    and (arena == "-" or not os.path.exists(arena))]
         return sum(give_back_record(k, ledger=ledger) for k in orphans)

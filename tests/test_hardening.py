@@ -456,3 +456,33 @@ def test_kill_9_without_a_state_dir_leaves_no_page_the_next_start_cannot_reach(p
     daemon.proc.wait(timeout=30)
     assert read_record(key) == 0
     assert nr() == pool, "another process may have changed the pool meanwhile: rerun"
+
+
+# -- also: what each process holds ------------------------------------------------------
+
+def guard_of(pid: int) -> int:
+    for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
+        if "guard.py" in open(f"/proc/{child}/cmdline").read():
+            return int(child)
+    raise AssertionError(f"no guard process under pid {pid}")
+
+
+def test_the_guard_holds_no_capability_and_the_daemon_still_stops_it(daemon):
+    root_only()
+    from test_startup import capabilities
+    daemon("--regions", "a=4M:bf", "--backing", "shm")
+    guard = None
+    for _ in range(100):  # the guard drops them as its first act
+        try:
+            guard = guard_of(daemon.proc.pid)
+            caps = capabilities(guard)
+        except (AssertionError, OSError):
+            caps = None
+        if caps and not caps["CapPrm"]:
+            break
+        subprocess.run(["sleep", "0.05"])
+    assert caps is not None, "no guard"
+    assert caps["CapEff"] == caps["CapPrm"] == caps["CapBnd"] == set(), caps
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=20) == 0
+    assert not os.path.exists(f"/proc/{guard}") or "Z" in open(f"/proc/{guard}/stat").read()
