@@ -2,16 +2,17 @@
 
 The daemon raises ``vm.nr_hugepages`` itself when the free pool is short and
 gives back exactly what it added when it deletes its arena.  What it added is
-recorded in a small file (the state directory's ``hugepages``, or
-``/run/cmad/<name>.hugepages`` without one), so a restarted daemon gives the
-pages back too.  Two daemons never undo each other's pages: each subtracts
+recorded in the ledger ``/run/cmad/hugepages`` (`Ledger`, one per pool), so
+a restarted daemon, any later start and ``cmad reset`` give the pages back
+too.  Two daemons never undo each other's pages: each subtracts
 only its own additions, never more than the pool has free and unreserved,
 and every read-modify-write of the pool happens under one lock
 (``/run/cmad/pool.lock``) that is held until the pages are in an arena file.
 
 Arena files live where only root can write: ``/run/cmad/`` (root, 0700) with
 a private hugetlbfs mount ``/run/cmad/hugetlbfs`` and, where /run is not a
-tmpfs, a private tmpfs ``/run/cmad/shm`` for the shared-memory fallback.
+tmpfs, a private tmpfs ``/run/cmad/tmpfs`` for the shared-memory fallback
+(never a world-writable directory such as /dev/shm).
 """
 
 from __future__ import annotations
