@@ -137,10 +137,25 @@ def private_mount(kind: str) -> str:
     return target
 
 
+def user_dir() -> str:
+    """A daemon run by another user than root keeps its files here: its own
+    ``$XDG_RUNTIME_DIR/cmad`` (a tmpfs only that user can write) where there is
+    one, else ``/dev/shm/cmad-<uid>`` (where another user could squat the name:
+    then start fails saying so, and XDG_RUNTIME_DIR is the remedy)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    try:
+        st = os.stat(runtime) if runtime.startswith("/") else None
+    except OSError:
+        st = None
+    if st is not None and st.st_uid == os.geteuid() and not st.st_mode & 0o022:
+        return os.path.join(runtime, "cmad")
+    return f"/dev/shm/cmad-{os.geteuid()}"
+
+
 def shm_dir() -> str:
     """Where a shared-memory arena file goes: a tmpfs directory only we can write."""
     if os.geteuid() != 0:
-        return private_dir(f"/dev/shm/cmad-{os.geteuid()}")
+        return private_dir(user_dir())
     private_dir(RUN_DIR)
     if fs_type(RUN_DIR) == "tmpfs":
         return RUN_DIR

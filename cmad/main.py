@@ -20,7 +20,7 @@ from . import __version__, physmap, privileges, ratelimit, service
 from .allocators import registry
 from .arena import Arena, remove_own
 from .hugepages import (RUN_DIR, Pool, escaped_name, fs_type, private_dir, private_mount,
-                        record_key, shm_dir, sweep)
+                        record_key, shm_dir, sweep, user_dir)
 from .memparse import human
 from .regions import Region
 from .cma import Cma, plan_regions
@@ -131,7 +131,7 @@ def arena_paths(config: Config) -> list[str]:
         return [config.arena_file]
     name = arena_name(config)
     if os.geteuid() != 0:
-        return [f"/dev/shm/cmad-{os.geteuid()}/{name}"]
+        return [os.path.join(user_dir(), name)]
     return [os.path.join(RUN_DIR, "hugetlbfs", name), os.path.join(RUN_DIR, name),
             os.path.join(RUN_DIR, "tmpfs", name)]
 
@@ -500,7 +500,7 @@ def mount_lock(mountpoint: str) -> int:
     mounting.  A flock on a file in the root-only /run/cmad (the user's own
     directory for a daemon run by another user) that names its holder's pid;
     the kernel drops it with its holder, kill -9 included.  Returns its fd."""
-    directory = RUN_DIR if os.geteuid() == 0 else f"/dev/shm/cmad-{os.geteuid()}"
+    directory = RUN_DIR if os.geteuid() == 0 else user_dir()
     path = os.path.join(private_dir(directory), escaped_name(mountpoint) + ".lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:

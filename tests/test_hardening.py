@@ -486,3 +486,14 @@ def test_the_guard_holds_no_capability_and_the_daemon_still_stops_it(daemon):
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=20) == 0
     assert not os.path.exists(f"/proc/{guard}") or "Z" in open(f"/proc/{guard}/stat").read()
+
+
+def test_a_daemon_of_another_user_keeps_its_files_in_its_runtime_dir(monkeypatch,
+                                                                    tmp_path):
+    from cmad.hugepages import user_dir
+    runtime = tmp_path / "run-user"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert user_dir() == str(runtime / "cmad")
+    os.chmod(runtime, 0o777)  # not the user's alone: not used
+    assert user_dir() == f"/dev/shm/cmad-{os.geteuid()}"
