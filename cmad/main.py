@@ -637,12 +637,16 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s: phys will not work", e)
     fs = Filesystem(Dir())  # ready before a stale mount goes: then mount at once
     try:  # before anything is touched: another daemon's live mount (and arena) stays
-        lock = mount_lock(resolve(config.mountpoint))
+        locked = resolve(config.mountpoint)
+        lock = mount_lock(locked)
     except (OSError, CmaError) as e:
         log.error("%s", getattr(e, "why", None) or e)
         return 1
     try:
         mountpoint = check_mountpoint(config.mountpoint)
+        if mountpoint != locked:
+            raise OSError(errno.EBUSY, f"{config.mountpoint} led to {locked}, then to "
+                                       f"{mountpoint}: a symlink changed during start-up")
     except OSError as e:
         mount_unlock(lock)
         log.error("%s", getattr(e, "why", None) or e)
