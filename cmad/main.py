@@ -493,31 +493,43 @@ def layout_problem(config: Config) -> str | None:
     return None
 
 
-def mount_lock(mountpoint: str) -> int:
+def mount_lock(mountpoint: str) -> tuple[int, str]:
     """Take the lock of *mountpoint* (resolved), held from the check of the
     mountpoint until the mount stands (`start`): of two daemons started at once
     on one mountpoint, the second fails naming the first, instead of both
     mounting.  A flock on a file in the root-only /run/cmad (the user's own
     directory for a daemon run by another user) that names its holder's pid;
-    the kernel drops it with its holder, kill -9 included.  Returns its fd."""
+    the kernel drops it with its holder, kill -9 included, and its holder
+    deletes it.  Returns (fd, path) for `mount_unlock`."""
     directory = RUN_DIR if os.geteuid() == 0 else user_dir()
     path = os.path.join(private_dir(directory), escaped_name(mountpoint) + ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OSError(errno.EBUSY, f"{mountpoint}: another cmad (pid {holder}) is "
+                                       "starting on this mountpoint; not touching it") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # else its holder deleted it meanwhile: lock the new one
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise OSError(errno.EBUSY, f"{mountpoint}: another cmad (pid {holder}) is starting "
-                                   "on this mountpoint; not touching it") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return fd, path
 
 
-def mount_unlock(fd: int) -> None:
+def mount_unlock(lock: tuple[int, str]) -> None:
     """The mount stands (or start-up failed): the next daemon sees the mount itself."""
-    os.ftruncate(fd, 0)
+    fd, path = lock
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
     os.close(fd)
 
 
@@ -563,7 +575,7 @@ def start_failed(e: BaseException) -> int | None:
 
 
 def start(config: Config, args: argparse.Namespace, fs, mountpoint: str,
-          lock: int = -1) -> int:
+          lock: tuple[int, str] | None = None) -> int:
     """Mount *fs* on *mountpoint* (resolved and checked), then recover and build
     the tree, then serve.
 
@@ -582,7 +594,7 @@ def start(config: Config, args: argparse.Namespace, fs, mountpoint: str,
         log.error("%s", getattr(e, "why", None) or e)
         return 1
     finally:
-        if lock >= 0:
+        if lock is not None:
             mount_unlock(lock)
     hold_gc()
     try:
