@@ -13,6 +13,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from functools import partial
 from typing import Iterator
 
@@ -508,7 +509,7 @@ def mount_lock(mountpoint: str) -> tuple[int, str]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            holder = lock_holder(fd)
             os.close(fd)
             raise OSError(errno.EBUSY, f"{mountpoint}: another cmad (pid {holder}) is "
                                        "starting on this mountpoint; not touching it") from None
@@ -521,6 +522,17 @@ def mount_lock(mountpoint: str) -> tuple[int, str]:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd, path
+
+
+def lock_holder(fd: int) -> str:
+    """The pid in a lock file someone holds; it writes it just after taking the
+    lock, so wait a moment for it."""
+    for _ in range(50):
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if holder:
+            return holder
+        time.sleep(0.01)
+    return "?"
 
 
 def mount_unlock(lock: tuple[int, str]) -> None:

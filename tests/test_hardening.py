@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -284,7 +285,7 @@ def test_two_daemons_started_at_once_on_one_mountpoint_one_mounts(tmp_path):
                 if done:
                     loser = done[0]
                     break
-                subprocess.run(["sleep", "0.05"])
+                time.sleep(0.05)
             assert loser is not None, "both daemons run: both mounted"
             winner = procs[1 - procs.index(loser)]
             err = loser.stderr.read()
@@ -480,7 +481,7 @@ def test_the_guard_holds_no_capability_and_the_daemon_still_stops_it(daemon):
             caps = None
         if caps and not caps["CapPrm"]:
             break
-        subprocess.run(["sleep", "0.05"])
+        time.sleep(0.05)
     assert caps is not None, "no guard"
     assert caps["CapEff"] == caps["CapPrm"] == caps["CapBnd"] == set(), caps
     daemon.proc.send_signal(signal.SIGTERM)
