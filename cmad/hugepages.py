@@ -453,6 +453,47 @@ def unlink_arena(path: str, *, ledger: str | None = None) -> None:
         pool_unlock()
 
 
+def boot_time() -> float:
+    """When this boot began (``btime`` of /proc/stat), in seconds since the epoch."""
+    try:
+        with open("/proc/stat") as f:
+            return float(next(line.split()[1] for line in f if line.startswith("btime ")))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return float("inf")  # unknown: nothing counts as this boot's
+
+
+def adopt_old_record(path: str, key: str, arena: str | None, *,
+                     ledger: str | None = None) -> int:
+    """An older cmad's record of its pages (``<state_dir>/hugepages``, or
+    ``/run/cmad/<name>.hugepages`` without a state directory) joins the ledger
+    under ``key``, as a dead daemon's, if it was written during this boot (else
+    the pool was rebuilt since: dropped); the file goes.  Returns the pages."""
+    try:
+        with open(path) as f:
+            added = max(int(f.read().split()[1]), 0)
+        written = os.stat(path).st_mtime
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError, IndexError):
+        added, written = 0, 0.0
+    if added and written >= boot_time() and os.geteuid() == 0:
+        pool_lock()
+        try:
+            book = Ledger(ledger or LEDGER)
+            entries = book.load()
+            entry = entries.setdefault(key, [0, "0:0", arena or "-"])
+            entry[0] += added
+            book.save(entries)
+        finally:
+            pool_unlock()
+        log.info("hugepages: %d pages recorded by an older cmad in %s are in the ledger now",
+                 added, path)
+    else:
+        added = 0
+    os.unlink(path)
+    return added
+
+
 def read_record(key: str | None, *, ledger: str | None = None) -> int:
     """Hugepages recorded as added under ``key`` (0 without an entry)."""
     if key is None:

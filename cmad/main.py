@@ -20,8 +20,8 @@ from typing import Iterator
 from . import __version__, physmap, privileges, ratelimit, service
 from .allocators import registry
 from .arena import Arena, remove_own
-from .hugepages import (RUN_DIR, Pool, escaped_name, fs_type, private_dir, private_mount,
-                        record_key, shm_dir, sweep, user_dir)
+from .hugepages import (RUN_DIR, Pool, adopt_old_record, escaped_name, fs_type, private_dir,
+                        private_mount, record_key, shm_dir, sweep, user_dir)
 from .memparse import human
 from .regions import Region
 from .cma import Cma, plan_regions
@@ -149,10 +149,13 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
               limits=config.limits)
     refuse_sticky_physical(cma, config.contiguous)
     journal = open_journal(config.state_dir) if config.state_dir else None
-    sweep()  # dead daemons' pages that no arena holds any more go back first
-    pool = Pool(record_key(config.state_dir, config.mountpoint), config.hugepages)
     kept = journal is not None and journal.count() > 0
     path = config.arena_file or (surviving_arena(journal) if kept else None)
+    key = record_key(config.state_dir, config.mountpoint)
+    if key is not None:
+        adopt_old_records(config, key, path if path and os.path.exists(path) else None)
+    sweep()  # dead daemons' pages that no arena holds any more go back first
+    pool = Pool(key, config.hugepages)
     if kept:
         check_journal_matches(journal, config, path or arena_path(config), cma.base)
     survived = kept and path is not None and os.path.exists(path)
@@ -182,6 +185,15 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
             arena.close(unlink=True)  # a failed start leaves no arena file of its own
         raise
     return cma, journal
+
+
+def adopt_old_records(config: Config, key: str, arena: str | None) -> None:
+    """The per-daemon records of cmad before the ledger, moved into it."""
+    old = [os.path.join(RUN_DIR, escaped_name(config.mountpoint) + ".hugepages")]
+    if config.state_dir:
+        old.append(os.path.join(config.state_dir, "hugepages"))
+    for path in old:
+        adopt_old_record(path, key, arena)
 
 
 def surviving_arena(journal: Journal) -> str | None:

@@ -498,3 +498,17 @@ def test_a_daemon_of_another_user_keeps_its_files_in_its_runtime_dir(monkeypatch
     assert user_dir() == str(runtime / "cmad")
     os.chmod(runtime, 0o777)  # not the user's alone: not used
     assert user_dir() == f"/dev/shm/cmad-{os.geteuid()}"
+
+
+def test_an_older_cmads_record_joins_the_ledger_if_it_is_of_this_boot(monkeypatch,
+                                                                      tmp_path):
+    kernel = FakeKernel(monkeypatch, nr=5, free=5)
+    ledger = str(tmp_path / "ledger")
+    this_boot, last_boot = tmp_path / "this", tmp_path / "last"
+    this_boot.write_text("added 3\n")
+    last_boot.write_text("added 5\n")
+    os.utime(last_boot, (0, 0))  # written before this boot began
+    assert hugepages.adopt_old_record(str(last_boot), "cmad-a", None, ledger=ledger) == 0
+    assert hugepages.adopt_old_record(str(this_boot), "cmad-a", None, ledger=ledger) == 3
+    assert not this_boot.exists() and not last_boot.exists()
+    assert sweep(ledger=ledger) == 3 and kernel.nr == 2  # a dead daemon's, in no arena
