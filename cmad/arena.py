@@ -19,7 +19,7 @@ import stat
 from array import array
 
 from .errors import CmaError
-from .hugepages import fs_type, page_size, release_mount
+from .hugepages import fs_type, page_size, release_mount, unlink_arena
 from .memparse import human
 from .privileges import pagemap_fd
 
@@ -97,7 +97,7 @@ def remove_own(path: str) -> bool:
     except OSError as e:
         raise Unsafe(errno.EPERM, f"arena file {path}: {e.strerror}") from None
     check_own(path, st)
-    os.unlink(path)
+    unlink_arena(path)
     return True
 
 
@@ -294,7 +294,7 @@ class Arena:
         self._close_fd()
         if unlink and self.named:
             try:
-                os.unlink(self.path)
+                unlink_arena(self.path)
             except FileNotFoundError:
                 pass
             release_mount(fs_type(os.path.dirname(self.path)) or "none")

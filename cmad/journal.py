@@ -185,6 +185,33 @@ def check_rows(rows: list[tuple]) -> None:
                                      "'cmad reset' forgets every chunk)")
 
 
+def keep_private(state_dir: str, path: str) -> None:
+    """Only the daemon's uid reads the state: the journal holds the physical layout,
+    labels and uids.  A state directory others can read (systemd's
+    StateDirectory= is 0755 unless told otherwise) is made 0700 with a warning,
+    and the journal is created 0600 before SQLite opens it (its -wal and -shm
+    files take the journal's mode)."""
+    st = os.stat(state_dir)
+    if st.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, f"owned by uid {st.st_uid}, not {os.geteuid()}: the "
+                                   "journal's directory must be the daemon's own")
+    if st.st_mode & 0o077:
+        log.warning("state_dir %s: mode %o lets others read the journal; made 0700",
+                    state_dir, st.st_mode & 0o777)
+        os.chmod(state_dir, 0o700)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    for suffix in ("", "-wal", "-shm"):  # an older daemon's 0644 files
+        try:
+            fd = os.open(path + suffix, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+
 class Journal:
     """A Cma listener that records chunks in ``<state_dir>/journal.db``."""
 
@@ -203,6 +230,7 @@ class Journal:
                 raise CmaError(errno.ENOTDIR, f"state_dir {state_dir} is not a directory")
             try:
                 os.makedirs(state_dir, mode=0o700, exist_ok=True)
+                keep_private(state_dir, self.path)
             except OSError as e:  # a dangling link, no permission, a file on the way
                 raise CmaError(e.errno or errno.EIO,
                                f"state_dir {state_dir}: {e.strerror}") from None

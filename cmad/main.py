@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import gc
 import grp
 import logging
@@ -12,13 +13,15 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from functools import partial
 from typing import Iterator
 
 from . import __version__, physmap, privileges, ratelimit, service
 from .allocators import registry
 from .arena import Arena, remove_own
-from .hugepages import RUN_DIR, Pool, escaped_name, fs_type, private_mount, record_path, shm_dir
+from .hugepages import (RUN_DIR, Pool, adopt_old_record, escaped_name, fs_type, private_dir,
+                        private_mount, record_key, shm_dir, sweep, user_dir)
 from .memparse import human
 from .regions import Region
 from .cma import Cma, plan_regions
@@ -114,16 +117,24 @@ def group_id(name: str) -> int:
 ATTEMPTS = 3  # layouts tried when another process takes pages in the middle of one
 
 
+def arena_name(config: Config) -> str:
+    """The arena file's name: its mountpoint's and its state directory's."""
+    return escaped_name(config.mountpoint, config.state_dir)
+
+
 def arena_paths(config: Config) -> list[str]:
     """Where this daemon's arena file may be: configured, else its name (unique per
-    mountpoint) in the private hugetlbfs mount, or in the shared-memory directory."""
+    mountpoint and state directory) in the private hugetlbfs mount, or in the
+    shared-memory directory.  Root's are all under the root-only /run/cmad: a
+    world-writable directory (/dev/shm) is never searched, so nothing another
+    user plants there can matter."""
     if config.arena_file:
         return [config.arena_file]
-    name = escaped_name(config.mountpoint)
+    name = arena_name(config)
     if os.geteuid() != 0:
-        return [f"/dev/shm/cmad-{os.geteuid()}/{name}"]
+        return [os.path.join(user_dir(), name)]
     return [os.path.join(RUN_DIR, "hugetlbfs", name), os.path.join(RUN_DIR, name),
-            os.path.join(RUN_DIR, "tmpfs", name), os.path.join("/dev/shm/cmad-0", name)]
+            os.path.join(RUN_DIR, "tmpfs", name)]
 
 
 def arena_path(config: Config) -> str:
@@ -137,10 +148,14 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
     cma = Cma(config.regions, config.map, base=config.base, arena_size=config.arena_size,
               limits=config.limits)
     refuse_sticky_physical(cma, config.contiguous)
-    journal = Journal(config.state_dir) if config.state_dir else None
-    pool = Pool(record_path(config.state_dir, config.mountpoint), config.hugepages)
+    journal = open_journal(config.state_dir) if config.state_dir else None
     kept = journal is not None and journal.count() > 0
-    path = config.arena_file or (journal.get("arena_file") if kept else None) or None
+    path = config.arena_file or (surviving_arena(journal) if kept else None)
+    key = record_key(config.state_dir, config.mountpoint)
+    if key is not None:
+        adopt_old_records(config, key, path if path and os.path.exists(path) else None)
+    sweep()  # dead daemons' pages that no arena holds any more go back first
+    pool = Pool(key, config.hugepages)
     if kept:
         check_journal_matches(journal, config, path or arena_path(config), cma.base)
     survived = kept and path is not None and os.path.exists(path)
@@ -149,6 +164,8 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
     else:
         remove_stale_arenas(config, path)
     arena = open_arena(cma, config, path, pool, journal if survived else None)
+    if arena.pool is not None:
+        arena.pool.held_in(arena.path if arena.named else "-")
     try:
         if journal is not None:  # before the arena: sticky regions keep their chunks' pages
             next_id = journal.next_id()  # before recovery forgets transient chunks
@@ -168,6 +185,38 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
             arena.close(unlink=True)  # a failed start leaves no arena file of its own
         raise
     return cma, journal
+
+
+def adopt_old_records(config: Config, key: str, arena: str | None) -> None:
+    """The per-daemon records of cmad before the ledger, moved into it."""
+    old = [os.path.join(RUN_DIR, escaped_name(config.mountpoint) + ".hugepages")]
+    if config.state_dir:
+        old.append(os.path.join(config.state_dir, "hugepages"))
+    for path in old:
+        adopt_old_record(path, key, arena)
+
+
+def surviving_arena(journal: Journal) -> str | None:
+    """The journal's arena file if it is still there.  After a reboot it is not
+    (/run and the private mounts under it are gone): then the daemon builds a new
+    arena where a fresh start would, never at the old path, whose directory may
+    now be an unmounted mountpoint on the root disk (/run/cmad/hugetlbfs)."""
+    path = journal.get("arena_file")
+    return path if path and os.path.exists(path) else None
+
+
+def open_journal(state_dir: str) -> Journal:
+    """The state directory's journal; a daemon holding it is named, not just
+    "database is locked"."""
+    try:
+        return Journal(state_dir)
+    except sqlite3.OperationalError as e:
+        from .offline import holders
+        running = holders(state_dir)
+        if "locked" not in str(e) or not running:
+            raise
+        raise CmaError(errno.EBUSY, f"state_dir {state_dir} is in use by another daemon: "
+                                    f"{', '.join(running)} holds its journal") from None
 
 
 def refuse_sticky_physical(cma: Cma, contiguous: str) -> None:
@@ -216,6 +265,8 @@ def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
         arena = Arena(cma.arena_size, path=path, backing=config.backing)
         arena.pool = pool
         record = journal.get("arena_layout")
+        if record:
+            physmap.parse_record(record)  # a tampered row: one line, whatever the backing
         if arena.backing == "hugetlb" and record:
             arena.layout = physmap.verify(record, spans, arena.frames, arena.page, path)
         virtual = [s for s in spans if s.wants and (
@@ -239,7 +290,12 @@ def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
         raise physmap.refusal(span, 0, 0, why)
     if config.backing == "hugetlb":
         raise CmaError(errno.ENOMEM, f"arena of {human(cma.arena_size)}: hugetlb: {why}")
-    spath = path or os.path.join(shm_dir(), escaped_name(config.mountpoint))
+    private = os.path.join(RUN_DIR, "hugetlbfs")
+    if path is not None and os.path.dirname(os.path.abspath(path)) == private:
+        raise CmaError(errno.EINVAL, f"arena file {path}: {private} is not mounted, and a "
+                                     "shared-memory arena never goes there (it would be a "
+                                     "file on the disk under the next hugetlbfs mount)")
+    spath = path or os.path.join(shm_dir(), arena_name(config))
     return Arena(cma.arena_size, path=spath, backing=config.backing, no_hugetlb=why)
 
 
@@ -250,7 +306,7 @@ def hugetlb_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
     if path is None and config.state_dir:
         if os.geteuid() != 0:
             raise OSError(errno.EPERM, "not root: no private hugetlbfs mount")
-        path = os.path.join(private_mount("hugetlbfs"), escaped_name(config.mountpoint))
+        path = os.path.join(private_mount("hugetlbfs"), arena_name(config))
     elif path is not None and fs_type(os.path.dirname(path) or ".") != "hugetlbfs":
         raise OSError(errno.EINVAL, f"{path} is not on a hugetlbfs mount")
     size = -(-cma.arena_size // pool.page) * pool.page
@@ -377,6 +433,8 @@ class Reloader:
                       "stay: restart the daemon to apply it", new.regions)
             new.regions, new.base, new.arena_size = (self.config.regions, self.config.base,
                                                      self.config.arena_size)
+        from fusefs.serve import resolve
+        new.mountpoint = resolve(new.mountpoint)  # the running one is resolved (main)
         for key in ("mountpoint", "backing", "arena_file", "state_dir", "group", "hugepages",
                     "contiguous"):
             if getattr(new, key) != getattr(self.config, key):
@@ -431,6 +489,11 @@ def state_dir_problem(state_dir: str | None) -> str | None:
         return None
     if not os.path.isdir(state_dir):
         return f"state_dir {state_dir} exists and is not a directory"
+    from .offline import holders
+    running = holders(state_dir)
+    if running:
+        return (f"state_dir {state_dir} is in use by another daemon: {', '.join(running)} "
+                "holds its journal; one state directory serves one daemon")
     return None
 
 
@@ -441,6 +504,57 @@ def layout_problem(config: Config) -> str | None:
     except CmaError as e:
         return e.why
     return None
+
+
+def mount_lock(mountpoint: str) -> tuple[int, str]:
+    """Take the lock of *mountpoint* (resolved), held from the check of the
+    mountpoint until the mount stands (`start`): of two daemons started at once
+    on one mountpoint, the second fails naming the first, instead of both
+    mounting.  A flock on a file in the root-only /run/cmad (the user's own
+    directory for a daemon run by another user) that names its holder's pid;
+    the kernel drops it with its holder, kill -9 included, and its holder
+    deletes it.  Returns (fd, path) for `mount_unlock`."""
+    directory = RUN_DIR if os.geteuid() == 0 else user_dir()
+    path = os.path.join(private_dir(directory), escaped_name(mountpoint) + ".lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(fd)
+            os.close(fd)
+            raise OSError(errno.EBUSY, f"{mountpoint}: another cmad (pid {holder}) is "
+                                       "starting on this mountpoint; not touching it") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # else its holder deleted it meanwhile: lock the new one
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd, path
+
+
+def lock_holder(fd: int) -> str:
+    """The pid in a lock file someone holds; it writes it just after taking the
+    lock, so wait a moment for it."""
+    for _ in range(50):
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if holder:
+            return holder
+        time.sleep(0.01)
+    return "?"
+
+
+def mount_unlock(lock: tuple[int, str]) -> None:
+    """The mount stands (or start-up failed): the next daemon sees the mount itself."""
+    fd, path = lock
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.close(fd)
 
 
 class Interrupted(Exception):
@@ -484,7 +598,8 @@ def start_failed(e: BaseException) -> int | None:
     return None
 
 
-def start(config: Config, args: argparse.Namespace, fs, mountpoint: str) -> int:
+def start(config: Config, args: argparse.Namespace, fs, mountpoint: str,
+          lock: tuple[int, str] | None = None) -> int:
     """Mount *fs* on *mountpoint* (resolved and checked), then recover and build
     the tree, then serve.
 
@@ -502,6 +617,9 @@ def start(config: Config, args: argparse.Namespace, fs, mountpoint: str) -> int:
     except OSError as e:
         log.error("%s", getattr(e, "why", None) or e)
         return 1
+    finally:
+        if lock is not None:
+            mount_unlock(lock)
     hold_gc()
     try:
         with interruptible():
@@ -547,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("configuration: %s", problem)
         return 2
     from fusefs import Dir, Filesystem, check_mountpoint
+    from fusefs.serve import resolve
 
     try:
         privileges.pagemap_fd()  # opened while privileged: see privileges.py
@@ -554,11 +673,22 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s: phys will not work", e)
     fs = Filesystem(Dir())  # ready before a stale mount goes: then mount at once
     try:  # before anything is touched: another daemon's live mount (and arena) stays
-        mountpoint = check_mountpoint(config.mountpoint)
-    except OSError as e:
+        locked = resolve(config.mountpoint)
+        lock = mount_lock(locked)
+    except (OSError, CmaError) as e:
         log.error("%s", getattr(e, "why", None) or e)
         return 1
-    return start(config, args, fs, mountpoint)
+    try:
+        mountpoint = check_mountpoint(config.mountpoint)
+        if mountpoint != locked:
+            raise OSError(errno.EBUSY, f"{config.mountpoint} led to {locked}, then to "
+                                       f"{mountpoint}: a symlink changed during start-up")
+    except OSError as e:
+        mount_unlock(lock)
+        log.error("%s", getattr(e, "why", None) or e)
+        return 1
+    config.mountpoint = mountpoint  # names the arena and the record, whatever path named it
+    return start(config, args, fs, mountpoint, lock)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ import sys
 
 from .arena import remove_own
 from .cma import Cma
-from .hugepages import give_back_record, release_mount
+from .hugepages import release_mount, sweep
 from .errors import CmaError
 from .journal import JOURNAL, BadRow, Journal, restore_allocators, restore_record
 from .memparse import human
+from .physmap import parse_record
 
 log = logging.getLogger("cmad")
 
@@ -42,6 +43,24 @@ def _holds(pid: str, journal: str) -> bool:
         if target == journal or target.startswith(journal + "-"):
             return True
     return False
+
+
+def arena_holders(path: str) -> list[str]:
+    """The processes that have the arena file *path* open or mapped, as ``pid N
+    (command line)``: a live daemon's arena (or a client's mapping of a chunk)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) != os.getpid() and (_holds(pid, path) or _maps(pid, path)):
+            found.append(f"pid {pid} ({_command(pid)})")
+    return found
+
+
+def _maps(pid: str, path: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any(line.rstrip("\n").endswith(" " + path) for line in f)
+    except OSError:
+        return False
 
 
 def _command(pid: str) -> str:
@@ -98,6 +117,12 @@ def check(state_dir: str) -> list[str]:
             cma._check()
         except AssertionError as e:
             problems.append(f"free space does not add up: {e}")
+        layout = journal.get("arena_layout")
+        if layout is not None:
+            try:
+                parse_record(layout)
+            except CmaError as e:
+                problems.append(e.why)
         arena = journal.get("arena_file")
         if len(cma.chunks) and (arena is None or not os.path.exists(arena)):
             problems.append(f"arena file {arena} is gone: {len(cma.chunks)} chunks lost their "
@@ -126,20 +151,52 @@ def reset(state_dir: str) -> int:
         journal = Journal(state_dir, readonly=True)
         arena = journal.get("arena_file")
         journal.close()
-        if arena and os.path.lexists(arena):
-            try:
-                remove_own(arena)
-                print(f"removed arena {arena}")
-            except CmaError as e:
-                print(f"kept {arena}: {e.why}", file=sys.stderr)
-    gone = give_back_record(os.path.join(state_dir, "hugepages"))
-    release_mount()
-    if gone:
-        print(f"gave {gone} hugepages back to the pool")
+        if arena:
+            remove_arena(arena)
+    give_back()
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.unlink(path + suffix)
     print(f"reset {state_dir}")
+    return 0
+
+
+def remove_arena(arena: str) -> None:
+    """Delete the arena file *arena* if it is the daemon's own and nobody holds it."""
+    if not os.path.lexists(arena):
+        return
+    held = arena_holders(arena)
+    if held:
+        print(f"kept {arena}: in use by {', '.join(held)} (a live daemon's arena, or a "
+              "client maps it)", file=sys.stderr)
+        return
+    try:
+        remove_own(arena)
+        print(f"removed arena {arena}")
+    except CmaError as e:
+        print(f"kept {arena}: {e.why}", file=sys.stderr)
+
+
+def give_back() -> None:
+    """Every page a dead daemon added and no arena file holds goes back (the ledger:
+    cmad/hugepages.py), and the private hugetlbfs mount if it is empty."""
+    gone = sweep()
+    release_mount()
+    if gone:
+        print(f"gave {gone} hugepages back to the pool")
+
+
+def reset_mountpoint(mountpoint: str) -> int:
+    """``cmad reset --mountpoint M``: the arena of a daemon run on M without a state
+    directory (kill -9 leaves it, and its pages), never one a live process holds."""
+    from .config import Config
+    from .main import arena_paths
+    from fusefs.serve import resolve
+
+    for arena in arena_paths(Config(mountpoint=resolve(mountpoint))):
+        remove_arena(arena)
+    give_back()
+    print(f"reset {mountpoint}")
     return 0
 
 
@@ -148,10 +205,17 @@ def main(argv: list[str]) -> int:
     if argv[0] == "hugepages":
         p.add_argument("--config", help="the daemon's TOML configuration")
         return hugepages(p.parse_args(argv[1:]).config)
-    p.add_argument("--state-dir", required=True)
+    p.add_argument("--state-dir", required=argv[0] != "reset")
+    if argv[0] == "reset":
+        p.add_argument("--mountpoint", help="without --state-dir: what a daemon run on "
+                       "this mountpoint with no state directory left")
     args = p.parse_args(argv[1:])
     if argv[0] == "reset":
-        return reset(args.state_dir)
+        if args.state_dir:
+            return reset(args.state_dir)
+        if args.mountpoint:
+            return reset_mountpoint(args.mountpoint)
+        p.error("reset needs --state-dir DIR or --mountpoint M")
     try:
         problems = check(args.state_dir)
     except (sqlite3.Error, CmaError) as e:

@@ -313,17 +313,35 @@ def record(layout: Layout | None) -> str:
     return json.dumps(layout.phys if layout is not None else {}, sort_keys=True)
 
 
+def parse_record(recorded: str) -> dict[str, int | None]:
+    """The journal's ``arena_layout`` read back: region name -> physical start or
+    null.  Anything else (edited by hand, a damaged disk) is one CmaError line."""
+    try:
+        phys = json.loads(recorded)
+    except ValueError:
+        phys = None
+    bad = None
+    if not isinstance(phys, dict):
+        bad = "not an object of region -> physical start"
+    else:
+        for name, start in phys.items():
+            if start is not None and (type(start) is not int or not 0 <= start < 1 << 64):
+                bad = f"region {name!r}: physical start {start!r} is not an address or null"
+                break
+    if bad:
+        raise CmaError(errno.EINVAL, f"journal: arena_layout {recorded[:60]!r}: {bad}; "
+                                     "refusing to start (the journal was edited or damaged: "
+                                     "fix the row, or 'cmad reset' forgets every chunk)")
+    return phys
+
+
 def verify(recorded: str, spans: list[Span], frames_of, page: int, path: str) -> Layout:
     """The layout of an adopted arena file: the recorded physical starts, checked.
 
     ``frames_of(first, count)`` reads the file's frames.  CmaError naming the
     region and page whose frame is not the recorded one.
     """
-    try:
-        phys = json.loads(recorded)
-    except ValueError:
-        raise CmaError(errno.EINVAL, f"journal: arena layout record {recorded[:60]!r} is "
-                                     "not readable; run 'cmad reset'") from None
+    phys = parse_record(recorded)
     layout = Layout()
     for s in spans:
         start = phys.get(s.name)

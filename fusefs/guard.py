@@ -69,6 +69,29 @@ def open_abort(minor: int) -> int:
     return os.open(_abort_file(minor), os.O_WRONLY | os.O_CLOEXEC)
 
 
+def drop_capabilities() -> None:
+    """Hold nothing: the guard only reads /proc/<pid>/stat and writes to the abort
+    file the daemon opened for it, neither of which needs a capability.  It keeps
+    uid 0 so that the daemon, which serves with no capability effective, may
+    still signal it at stop.  no_new_privs, an empty bounding set, then empty
+    effective, permitted and inheritable sets (libc through ctypes: stdlib only)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs, pr_capbset_drop, pr_cap_ambient = 38, 24, 47
+    libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0)
+    libc.prctl(pr_cap_ambient, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except (OSError, ValueError):
+        last = 63
+    for cap in range(last + 1):
+        libc.prctl(pr_capbset_drop, ctypes.c_ulong(cap), 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: twice, all zero
+    libc.capset(header, data)
+
+
 def main(pid: int, abort: int, start: int | None = None, interval: float = 0.2) -> None:
     """Abort the connection through *abort* once *pid* is gone.
 
@@ -79,6 +102,7 @@ def main(pid: int, abort: int, start: int | None = None, interval: float = 0.2) 
     connection is gone does nothing.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the daemon to handle
+    drop_capabilities()
     while alive(pid, start):
         time.sleep(interval)
     try:

@@ -30,7 +30,7 @@ FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 0, 1, 6
 MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x2, 0x4
 MOVE_MOUNT_F_EMPTY_PATH, MOVE_MOUNT_BENEATH = 0x4, 0x200
 AT_FDCWD = -100
-MNT_DETACH = 2
+MNT_DETACH, UMOUNT_NOFOLLOW = 2, 8
 
 # The mount options `serve` uses that are FUSE filesystem flags.
 FLAGS = frozenset({"allow_other", "default_permissions"})
@@ -49,9 +49,11 @@ def supported(options: Iterable[str]) -> bool:
     return all(o in FLAGS or o.startswith("fsname=") for o in options)
 
 
-def mount_fuse(path: str, options: Iterable[str], *, beneath: bool) -> int:
-    """Mount a new FUSE connection on *path* (beneath its top mount if *beneath*)
-    and return its /dev/fuse descriptor for libfuse."""
+def mount_fuse(path: str, options: Iterable[str], *, beneath: bool,
+               dir_fd: int = AT_FDCWD) -> int:
+    """Mount a new FUSE connection on *path* (relative to *dir_fd*; a final
+    symlink is never followed), beneath its top mount if *beneath*, and return
+    its /dev/fuse descriptor for libfuse."""
     fuse = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     try:
         context = _syscall(SYS_FSOPEN, b"fuse", FSOPEN_CLOEXEC)
@@ -63,7 +65,7 @@ def mount_fuse(path: str, options: Iterable[str], *, beneath: bool) -> int:
             os.close(context)
         try:
             flags = MOVE_MOUNT_F_EMPTY_PATH | (MOVE_MOUNT_BENEATH if beneath else 0)
-            _syscall(SYS_MOVE_MOUNT, ctypes.c_int(mount), b"", ctypes.c_int(AT_FDCWD),
+            _syscall(SYS_MOVE_MOUNT, ctypes.c_int(mount), b"", ctypes.c_int(dir_fd),
                      os.fsencode(path), flags)
         finally:
             os.close(mount)
@@ -95,6 +97,6 @@ def _configure(context: int, fuse: int, options: Iterable[str]) -> None:
 
 def detach(path: str) -> None:
     """umount2(MNT_DETACH) of the top mount on *path*."""
-    if _libc.umount2(os.fsencode(path), MNT_DETACH) != 0:
+    if _libc.umount2(os.fsencode(path), MNT_DETACH | UMOUNT_NOFOLLOW) != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"umount {path}: {os.strerror(code)}", path)

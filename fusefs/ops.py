@@ -70,8 +70,10 @@ def _boundary(op: str, target: str = "inode") -> Callable:
                             describe_error(e))
                 raise FUSEError(code) from None
             except Exception:
+                # A client can repeat whatever request found the bug: rate-limited
+                # like every line a client can cause (cmad/ratelimit.py).
                 log.exception("%s %s: unexpected error, answering EIO",
-                              op, self._where(target, args, opened))
+                              op, self._where(target, args, opened), extra={"client": True})
                 raise FUSEError(errno.EIO) from None
         return handler
     return decorate

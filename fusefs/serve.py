@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from typing import Awaitable, Callable, ContextManager, Iterable, Optional
@@ -106,10 +107,14 @@ class Mount:
                           f"{stale[1]}); not touching it", path)
         fuse, why = None, "options the mount API cannot express"
         if mountapi.supported(opts):
+            parent, name = open_parent(path)  # the directory checked is the one mounted on
             try:
-                fuse = mountapi.mount_fuse(path, opts, beneath=stale is not None)
+                fuse = mountapi.mount_fuse(name, opts, beneath=stale is not None,
+                                           dir_fd=parent)
             except OSError as e:
                 why = f"mount API: {e.strerror}"
+            finally:
+                os.close(parent)
         if fuse is None:
             log.log(logging.INFO if stale else logging.DEBUG, "%s: %s; mounting through "
                     "libfuse%s", path, why, ", after detaching the stale mount" if stale else "")
@@ -255,8 +260,10 @@ def check_mountpoint(path: str) -> str:
       (`seal_mountpoint`), so that nothing lands in it while no daemon serves.
     """
     given = os.fspath(path)
-    path = resolve(given)
+    path = resolve(given, trusted=True)
     shown = path if path == os.path.abspath(given) else f"{given} (= {path})"
+    parent, name = open_parent(path, create=True)
+    os.close(parent)
     mount = mount_entry(path)
     if mount is not None:
         source, fstype, minor = mount
@@ -266,7 +273,6 @@ def check_mountpoint(path: str) -> str:
         log.warning("%s: stale FUSE mount (%s, its daemon is gone), clearing it", shown, source)
         abort_connection(minor)
         return path  # Mount replaces it
-    os.makedirs(path, exist_ok=True)
     seal_mountpoint(path)
     return path
 
@@ -287,10 +293,15 @@ def _stale(path: str, source: str, fstype: str) -> bool:
         return True
 
 
-def resolve(path: str) -> str:
+def resolve(path: str, *, trusted: bool = False) -> str:
     """*path* absolute with every symlink resolved, like os.path.realpath, but
     never looking into a mount point (a mount point is never a symlink, and a
-    dead daemon's mount can block whoever touches it)."""
+    dead daemon's mount can block whoever touches it).
+
+    With *trusted*, every symlink followed must be one only we (root, or the
+    caller's uid) could have put there (`check_trusted`): else EPERM, the way
+    fusermount3 and systemd's mount units refuse user-controlled paths.
+    """
     mounts = mount_points()
     pending = [p for p in os.path.join(os.getcwd(), os.fspath(path)).split("/") if p]
     done, links = "/", 0
@@ -309,10 +320,88 @@ def resolve(path: str) -> str:
         links += 1
         if links > 40:
             raise OSError(errno.ELOOP, f"{path}: too many levels of symbolic links", path)
+        if trusted:
+            check_trusted(candidate, os.lstat(candidate), f"{path}: symlink {candidate}")
+            check_trusted(done, os.stat(done), f"{path}: {done}, holding symlink {candidate},",
+                          lookup=True)
         if target.startswith("/"):
             done = "/"
         pending[:0] = [p for p in target.split("/") if p]
     return done
+
+
+def trusted_uids() -> set[int]:
+    """Who may own what a mountpoint path goes through: root, and the caller."""
+    return {0, os.geteuid()}
+
+
+def check_trusted(path: str, st: os.stat_result, what: str, *, lookup: bool = False) -> None:
+    """EPERM unless *st* (of *path*) belongs to a trusted uid and, as a directory a
+    name is looked up in (*lookup*), only its owner can change its entries (not
+    writable by group or others, or sticky: then each entry is its owner's)."""
+    if st.st_uid not in trusted_uids():
+        raise _refusal(path, f"{what} belongs to uid {st.st_uid}, not root: a mountpoint "
+                             "is refused when another user could change where it leads "
+                             "(choose a path only root controls)")
+    if lookup and st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise _refusal(path, f"{what} is writable by group or others (mode "
+                             f"{stat.S_IMODE(st.st_mode):o}), not only by root: a mountpoint "
+                             "is refused when another user could change where it leads")
+
+
+def _refusal(path: str, why: str) -> OSError:
+    e = OSError(errno.EPERM, why, path)
+    e.why = why
+    return e
+
+
+def open_parent(path: str, *, create: bool = False) -> tuple[int, str]:
+    """An O_PATH descriptor on the directory holding the resolved *path*, and the
+    last component's name, found component by component with no symlink
+    followed, every component checked (`check_trusted`); with *create*, missing
+    components are made (mode 0755) on the way.  Whatever acts on the
+    mountpoint then acts through this descriptor: what was checked is what is
+    mounted on, however the path changes meanwhile."""
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        raise OSError(errno.EINVAL, "/ cannot be the mountpoint", path)
+    mounts = mount_points()
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open("/", flags)
+    done = "/"
+    try:
+        check_trusted(done, os.fstat(fd), "/", lookup=True)
+        for i, part in enumerate(parts):
+            here = os.path.join(done, part)
+            last = i == len(parts) - 1
+            if last and here in mounts:  # never touched: its daemon may be dead
+                return fd, part
+            try:
+                child = os.open(part, flags, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(part, 0o755, dir_fd=fd)
+                child = os.open(part, flags, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise _refusal(path, f"{path}: {here} is not a directory (a symlink "
+                                         "changed since it was resolved?)") from None
+                raise
+            try:
+                check_trusted(here, os.fstat(child), f"{path}: {here}", lookup=not last)
+            except OSError:
+                os.close(child)
+                raise
+            if last:
+                os.close(child)
+                return fd, part
+            os.close(fd)
+            fd, done = child, here
+    except BaseException:
+        os.close(fd)
+        raise
+    raise AssertionError("unreachable")
 
 
 def _readlink(path: str) -> str | None:
@@ -331,16 +420,17 @@ def seal_mountpoint(path: str) -> bool:
     stops (``chattr -i`` removes it).  Where the filesystem or the missing
     CAP_LINUX_IMMUTABLE does not allow it, a warning says so.
     """
-    leftovers = sorted(os.listdir(path))
+    try:
+        fd = _open_checked(path)
+    except OSError as e:
+        log.warning("%s: cannot open the mountpoint to seal it: %s", path,
+                    getattr(e, "why", None) or e.strerror)
+        return False
+    leftovers = sorted(os.listdir(fd))
     if leftovers:
         log.warning("%s holds %s: while no daemon serves it, writes to these files succeed "
                     "silently; remove them", path, ", ".join(leftovers[:8]) +
                     (", ..." if len(leftovers) > 8 else ""))
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as e:
-        log.warning("%s: cannot open the mountpoint to seal it: %s", path, e.strerror)
-        return False
     try:
         _set_immutable(fd, True)
         return True
@@ -355,11 +445,22 @@ def seal_mountpoint(path: str) -> bool:
 
 def unseal_mountpoint(path: str) -> None:
     """Clear the immutable flag `seal_mountpoint` set (so the directory can go)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         _set_immutable(fd, False)
     finally:
         os.close(fd)
+
+
+def _open_checked(path: str) -> int:
+    """The mountpoint directory itself, opened through its checked parent with no
+    symlink followed (`open_parent`)."""
+    parent, name = open_parent(path)
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=parent)
+    finally:
+        os.close(parent)
 
 
 def _set_immutable(fd: int, on: bool) -> None:

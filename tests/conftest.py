@@ -1,7 +1,6 @@
 """Fixtures shared by the test modules: ``daemon`` and ``hugepages``."""
 
 import gc
-import glob
 import os
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import sys
 import pytest
 
 from cmad import Arena
-from cmad.hugepages import give_back_record
+from cmad.hugepages import LEDGER, Ledger, sweep
 from daemonutil import daemon  # noqa: F401
 from test_arena import hugepages  # noqa: F401
 
@@ -67,26 +66,24 @@ def hugepage_records():
     from a helper process once this one has exited and its mappings are gone."""
     yield
     gc.collect()
-    left = [r for r in glob.glob("/run/cmad/cmad-tmp-pytest-*.hugepages")
-            if give_back_record(r) is not None and os.path.exists(r)]
-    if left:
-        subprocess.Popen([sys.executable, "-c", GIVE_BACK_LATER, str(os.getpid()), *left],
+    sweep(TEST_KEYS)
+    if any(key.startswith(TEST_KEYS) for key in Ledger(LEDGER).load()):
+        subprocess.Popen([sys.executable, "-c", GIVE_BACK_LATER, str(os.getpid()), TEST_KEYS],
                          start_new_session=True, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+TEST_KEYS = "cmad-tmp-pytest-"  # the ledger entries of daemons on pytest's directories
 GIVE_BACK_LATER = """
 import os, sys, time
-from cmad import Arena
-from cmad.hugepages import give_back_record
-pid, records = int(sys.argv[1]), sys.argv[2:]
+from cmad.hugepages import sweep
+pid, prefix = int(sys.argv[1]), sys.argv[2]
 for _ in range(600):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         break
     time.sleep(0.1)
-for record in records:
-    give_back_record(record)
+sweep(prefix)
 """

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from cmad.config import Config
-from cmad.hugepages import escaped_name, give_back_record, record_path, release_mount
+from cmad.hugepages import escaped_name, give_back_record, record_key, release_mount
 from cmad.main import arena_paths
 from mountutil import MountError, cleanup, daemon_stderr, mounted, require_fuse
 
@@ -71,11 +71,12 @@ class Daemons:
         stack.callback(self.remove_arenas)  # runs last, once every daemon has stopped
 
     def argv(self, mnt: pathlib.Path, args) -> list[str]:
-        self.arenas.update(arena_paths(Config(mountpoint=str(mnt))))
         state = args[list(args).index("--state-dir") + 1] if "--state-dir" in args else None
-        self.records.add(record_path(state, str(mnt)) or "")
-        self.records.add(record_path(None, str(mnt)) or "")
-        self.arenas.add(os.path.join("/run/cmad/hugetlbfs", escaped_name(str(mnt))))
+        self.arenas.update(arena_paths(Config(mountpoint=str(mnt))))
+        self.arenas.update(arena_paths(Config(mountpoint=str(mnt), state_dir=state)))
+        self.records.add(record_key(state, str(mnt)) or "")
+        self.records.add(record_key(None, str(mnt)) or "")
+        self.arenas.add(os.path.join("/run/cmad/hugetlbfs", escaped_name(str(mnt), state)))
         if "--contiguous" not in args:  # the layout search only where a test asks for it
             args = (*args, "--contiguous", "virtual")
         return [sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt), *args]
