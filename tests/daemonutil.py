@@ -107,6 +107,7 @@ class Daemons:
                                 stdout=errfile, stderr=errfile)
         proc.stderr_path = errfile.name
         errfile.close()
+        self.stack.callback(_unlink, errfile.name)  # after the cleanup below (LIFO)
         self.stack.callback(cleanup, proc, os.fspath(mnt))
         self.proc = proc
         deadline = time.monotonic() + timeout
@@ -114,6 +115,11 @@ class Daemons:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise MountError(f"restart on {mnt} failed: {daemon_stderr(proc)}")
             time.sleep(0.02)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 @pytest.fixture
