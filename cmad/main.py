@@ -20,7 +20,7 @@ from typing import Iterator
 from . import __version__, physmap, privileges, ratelimit, service
 from .allocators import registry
 from .arena import Arena, remove_own
-from .hugepages import (RUN_DIR, Pool, adopt_old_record, escaped_name, fs_type, private_dir,
+from .hugepages import (MEMFD, RUN_DIR, Pool, adopt_old_record, escaped_name, fs_type, private_dir,
                         private_mount, record_key, shm_dir, sweep, user_dir)
 from .memparse import human
 from .regions import Region
@@ -165,7 +165,7 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
         remove_stale_arenas(config, path)
     arena = open_arena(cma, config, path, pool, journal if survived else None)
     if arena.pool is not None:
-        arena.pool.held_in(arena.path if arena.named else "-")
+        arena.pool.held_in(arena.path if arena.named else MEMFD)
     try:
         if journal is not None:  # before the arena: sticky regions keep their chunks' pages
             next_id = journal.next_id()  # before recovery forgets transient chunks
