@@ -1,0 +1,236 @@
+"""The kernel's ``cma`` trace events (include/trace/events/cma.h), read through
+``kernel/sys/kernel/tracing/trace_pipe`` (SPEC 3a).
+
+Design, and its trade-offs:
+
+- The core calls its trace hook (``Cma.tracer``) at each step of an
+  allocation; the hook is this Tracer while some event is enabled and
+  ``tracing_on`` is 1, else None, so a disabled event costs the core one
+  attribute test and nothing is formatted.
+- An enabled event appends one tuple of plain values to a bounded ring
+  (``collections.deque(maxlen=...)``): O(1), never a wait, whoever reads or
+  does not.  Lines are formatted by the reader, in the reader's request.
+- Each open ``trace_pipe`` is a reader with its own position (a sequence
+  number).  A reader that falls behind the ring has lost the oldest events
+  and is told so with ftrace's own line, ``CPU:0 [LOST n EVENTS]``.  A new
+  reader starts after what earlier readers have read (trace_pipe is a
+  consuming read in the kernel: a second ``cat`` does not show the same
+  events again), so "enable, run, then cat" shows what was buffered.
+- A read with nothing to return waits for the next event (``cat`` follows
+  the events), unless the file was opened O_NONBLOCK: EAGAIN, as tracefs.
+- Who asked: the tree sets ``pid`` before each call into the core (FUSE
+  gives the caller's pid at open); the task name comes from /proc, cached.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from .allocators import PAGE_SHIFT
+
+if TYPE_CHECKING:
+    from .chunks import Chunk
+    from .cma import Cma
+    from .regions import Region
+
+#: The events in the order events/cma/ lists them, with the kernel's TP_printk.
+EVENTS = {
+    "cma_alloc_busy_retry": "name={} pfn=0x{:x} page={} count={} align={}",
+    "cma_alloc_finish": "name={} pfn=0x{:x} page={} count={} align={} errorno={}",
+    "cma_alloc_start": "name={} request_count={} available_count={} total_count={} align={}",
+    "cma_release": "name={} pfn=0x{:x} page={} count={}",
+}
+RING_EVENTS = 4096          # ftrace's default per-CPU buffer holds a few thousand such lines
+MAX_READERS = 16            # each waiting reader holds one of pyfuse3's request tasks
+NO_PFN = (1 << 64) - 1      # cma_alloc's pfn when nothing was found: -1 as unsigned long
+NO_PAGE = "0" * 16
+VMEMMAP = 0xffffea0000000000  # x86-64's struct page array: a page= token looks like one
+COMM_CACHE = 1024
+
+
+def page_token(chunk: "Chunk") -> str:
+    """``page=`` is a struct page pointer in the kernel; here a stable per-chunk
+    token in its form: the vmemmap address of a 64-byte entry indexed by the id."""
+    return f"{VMEMMAP + (chunk.id << 6):016x}"
+
+
+def order(alignment: int) -> int:
+    """cma_alloc's ``align``: the alignment as a page order."""
+    return max((alignment >> PAGE_SHIFT).bit_length() - 1, 0)
+
+
+def region_name(region: "Region") -> str:
+    """A region's name in the kernel's views: its name, else its start address."""
+    return region.name or f"{region.start:016x}"
+
+
+class Tracer:
+    """The ring, the enable switches, and the hook the core calls."""
+
+    def __init__(self, cma: "Cma", *, capacity: int = RING_EVENTS, clock=time.monotonic):
+        self.cma = cma
+        self.clock = clock
+        self.enabled = dict.fromkeys(EVENTS, False)
+        self.on = True                      # tracing_on
+        self.ring: deque[tuple] = deque(maxlen=capacity)
+        self.next_seq = 0                   # sequence number of the next event
+        self.consumed = 0                   # where a new reader starts
+        self.readers = 0
+        self.pid = 0                        # who the core works for now (the tree sets it)
+        self._wakeup: trio.Event | None = None
+        self._comms: dict[int, str] = {}
+
+    # -- switches ----------------------------------------------------------
+
+    def enable(self, event: str | None, on: bool) -> None:
+        """Switch one event (None: all of them) on or off."""
+        for name in EVENTS if event is None else (event,):
+            self.enabled[name] = on
+        self._arm()
+
+    def set_tracing_on(self, on: bool) -> None:
+        self.on = on
+        self._arm()
+
+    def _arm(self) -> None:
+        self.cma.tracer = self if self.on and any(self.enabled.values()) else None
+
+    def system_state(self) -> str:
+        """events/cma/enable: 1 all, 0 none, X some (as ftrace shows a system)."""
+        states = set(self.enabled.values())
+        return "X" if len(states) > 1 else str(int(states.pop()))
+
+    # -- the hook the core calls --------------------------------------------
+
+    def alloc_start(self, region: "Region", size: int, alignment: int) -> None:
+        if self.enabled["cma_alloc_start"]:
+            self._emit("cma_alloc_start", (region_name(region), size >> PAGE_SHIFT,
+                                           region.free >> PAGE_SHIFT,
+                                           region.size >> PAGE_SHIFT, order(alignment)))
+
+    def alloc_finish(self, region: "Region", chunk: "Chunk | None", size: int,
+                     alignment: int, error: int) -> None:
+        if self.enabled["cma_alloc_finish"]:
+            pfn, page = (chunk.start >> PAGE_SHIFT, page_token(chunk)) if chunk is not None \
+                else (NO_PFN, NO_PAGE)
+            self._emit("cma_alloc_finish", (region_name(region), pfn, page,
+                                            size >> PAGE_SHIFT, order(alignment), error))
+
+    def release(self, region: "Region", chunk: "Chunk", start: int, size: int) -> None:
+        if self.enabled["cma_release"]:
+            self._emit("cma_release", (region_name(region), start >> PAGE_SHIFT,
+                                       page_token(chunk), size >> PAGE_SHIFT))
+
+    def busy_retry(self, chunk: "Chunk", old_start: int) -> None:
+        """A chunk moved out of a request's way (or by ``compact``): the range
+        that was busy, at its old place."""
+        if self.enabled["cma_alloc_busy_retry"]:
+            self._emit("cma_alloc_busy_retry", (region_name(chunk.region),
+                                                old_start >> PAGE_SHIFT, page_token(chunk),
+                                                chunk.size >> PAGE_SHIFT,
+                                                order(chunk.alignment)))
+
+    def _emit(self, event: str, values: tuple) -> None:
+        pid = self.pid
+        self.ring.append((self.clock(), pid, self.comm(pid), event, values))
+        self.next_seq += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set()
+
+    def comm(self, pid: int) -> str:
+        """The task name ftrace prints, from /proc (``<...>`` if the task is gone)."""
+        comm = self._comms.get(pid)
+        if comm is None and pid == 0:
+            return "<idle>"             # ftrace's name for pid 0: no one asked
+        if comm is None:
+            try:
+                with open(f"/proc/{pid}/comm", "rb") as f:
+                    comm = f.read().decode(errors="replace").strip() or "<...>"
+            except OSError:
+                comm = "<...>"
+            if len(self._comms) >= COMM_CACHE:
+                self._comms.clear()
+            self._comms[pid] = comm
+        return comm
+
+    # -- readers -------------------------------------------------------------
+
+    @property
+    def first_seq(self) -> int:
+        """Sequence number of the oldest event still in the ring."""
+        return self.next_seq - len(self.ring)
+
+    def open_reader(self, nonblock: bool = False) -> "TraceReader":
+        if self.readers >= MAX_READERS:
+            raise OSError(errno.EBUSY, f"trace_pipe: {MAX_READERS} readers already")
+        self.readers += 1
+        return TraceReader(self, nonblock)
+
+    async def wait(self) -> None:
+        """Until the next event (or a reader's release)."""
+        if self._wakeup is None:
+            self._wakeup = trio.Event()
+        await self._wakeup.wait()
+
+
+def format_line(record: tuple) -> str:
+    """One event as trace_pipe prints it: ftrace's context, then TP_printk."""
+    ts, pid, comm, event, values = record
+    usec = int(ts * 1e6)
+    return (f"{comm[:16]:>16}-{pid:<7} [000] ..... {usec // 1000000:5d}.{usec % 1000000:06d}: "
+            f"{event}: {EVENTS[event].format(*values)}\n")
+
+
+class TraceReader:
+    """One open trace_pipe: its position in the ring and a line cut by the read size."""
+
+    def __init__(self, tracer: Tracer, nonblock: bool):
+        self.tracer = tracer
+        self.nonblock = nonblock
+        self.pos = tracer.consumed
+        self.pending = b""
+        self.closed = False
+
+    def take(self, size: int) -> bytes:
+        """What is there now, at most ``size`` bytes, whole lines where they fit."""
+        tracer = self.tracer
+        out = bytearray(self.pending)
+        first = tracer.first_seq
+        if self.pos < first:
+            out += f"CPU:0 [LOST {first - self.pos} EVENTS]\n".encode()
+            self.pos = first
+        ring = tracer.ring
+        while len(out) < size and self.pos < tracer.next_seq:
+            out += format_line(ring[self.pos - first]).encode()
+            self.pos += 1
+        tracer.consumed = max(tracer.consumed, self.pos)
+        self.pending = bytes(out[size:])
+        return bytes(out[:size])
+
+    async def read(self, size: int) -> bytes:
+        while not self.closed:
+            out = self.take(size)
+            if out:
+                return out
+            if self.nonblock:
+                raise OSError(errno.EAGAIN, "no trace event yet (O_NONBLOCK)")
+            await self.tracer.wait()
+        return b""
+
+    def release(self) -> None:
+        """The file was closed: a read still waiting (its process was killed) ends."""
+        if not self.closed:
+            self.closed = True
+            self.tracer.readers -= 1
+            self.tracer._wake()
