@@ -132,8 +132,7 @@ class KernelViews:
 
     def _tracing(self, top: Dir) -> None:
         tracer = self.tracer
-        top.add("trace_pipe", Pipe(lambda caller, nonblock: tracer.open_reader(nonblock),
-                                   mode=0o440))
+        top.add("trace_pipe", Pipe(lambda caller: tracer.open_reader(), mode=0o440))
         top.add("tracing_on", Attr(lambda: str(int(tracer.on)), partial(self._store_on),
                                    mode=0o640))
         cma_events = top.add("events", Dir()).add("cma", Dir())

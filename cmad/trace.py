@@ -17,7 +17,8 @@ Design, and its trade-offs:
   consuming read in the kernel: a second ``cat`` does not show the same
   events again), so "enable, run, then cat" shows what was buffered.
 - A read with nothing to return waits for the next event (``cat`` follows
-  the events), unless the file was opened O_NONBLOCK: EAGAIN, as tracefs.
+  the events), unless the file was opened O_NONBLOCK: EAGAIN, as tracefs
+  (fusefs.Pipe, which also ends the wait of a reader being killed).
 - Who asked: the tree sets ``pid`` before each call into the core (FUSE
   gives the caller's pid at open); the task name comes from /proc, cached.
 """
@@ -171,11 +172,11 @@ class Tracer:
         """Sequence number of the oldest event still in the ring."""
         return self.next_seq - len(self.ring)
 
-    def open_reader(self, nonblock: bool = False) -> "TraceReader":
+    def open_reader(self) -> "TraceReader":
         if self.readers >= MAX_READERS:
             raise OSError(errno.EBUSY, f"trace_pipe: {MAX_READERS} readers already")
         self.readers += 1
-        return TraceReader(self, nonblock)
+        return TraceReader(self)
 
     async def wait(self) -> None:
         """Until the next event (or a reader's release)."""
@@ -193,11 +194,11 @@ def format_line(record: tuple) -> str:
 
 
 class TraceReader:
-    """One open trace_pipe: its position in the ring and a line cut by the read size."""
+    """One open trace_pipe (a fusefs.Pipe source): its position in the ring and
+    the rest of a line cut by the read size."""
 
-    def __init__(self, tracer: Tracer, nonblock: bool):
+    def __init__(self, tracer: Tracer):
         self.tracer = tracer
-        self.nonblock = nonblock
         self.pos = tracer.consumed
         self.pending = b""
         self.closed = False
@@ -218,15 +219,12 @@ class TraceReader:
         self.pending = bytes(out[size:])
         return bytes(out[:size])
 
-    async def read(self, size: int) -> bytes:
-        while not self.closed:
-            out = self.take(size)
-            if out:
-                return out
-            if self.nonblock:
-                raise OSError(errno.EAGAIN, "no trace event yet (O_NONBLOCK)")
-            await self.tracer.wait()
-        return b""
+    @property
+    def ended(self) -> bool:
+        return self.closed
+
+    async def wait(self) -> None:
+        await self.tracer.wait()
 
     def release(self) -> None:
         """The file was closed: a read still waiting (its process was killed) ends."""

@@ -188,7 +188,7 @@ async def test_trace_pipe_waits_for_events_and_nonblocking_reads_do_not(fs):
     fi = await fs.open(pipe, os.O_RDONLY | os.O_NONBLOCK, ctx(pid=os.getpid()))
     assert await errno_of(fs.read(fi.fh, 0, 4096)) == errno.EAGAIN
     await fs.release(fi.fh)
-    fi = await fs.open(pipe, os.O_RDONLY, ctx())
+    fi = await fs.open(pipe, os.O_RDONLY, ctx(pid=os.getpid()))
     got = []
 
     async def reader():
@@ -207,7 +207,8 @@ async def test_trace_pipe_waits_for_events_and_nonblocking_reads_do_not(fs):
 
 
 async def test_a_released_reader_stops_waiting(fs):
-    fi = await fs.open(await lookup(fs, f"{TRACING}/trace_pipe"), os.O_RDONLY, ctx())
+    fi = await fs.open(await lookup(fs, f"{TRACING}/trace_pipe"), os.O_RDONLY,
+                       ctx(pid=os.getpid()))
     handle = fs._handles[fi.fh]
     got = []
 
@@ -217,6 +218,14 @@ async def test_a_released_reader_stops_waiting(fs):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader)
         await trio.sleep(0.02)
-        handle.inner.release()                          # its process was killed
+        handle.source.release()                          # its process was killed
     assert got == [b""]
+    await fs.release(fi.fh)
+
+
+async def test_a_read_for_a_dying_reader_ends(fs):
+    fi = await fs.open(await lookup(fs, f"{TRACING}/trace_pipe"), os.O_RDONLY,
+                       ctx(pid=2 ** 22 + 1))                # no such process
+    with trio.fail_after(5):
+        assert await errno_of(fs.read(fi.fh, 0, 4096)) == errno.EINTR
     await fs.release(fi.fh)
