@@ -4,6 +4,7 @@ followed by cat, a reader that loses events, a restart, and a kernel script."""
 import errno
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -130,3 +131,31 @@ def test_a_script_written_for_the_kernel_runs_against_the_mount(daemon):
     assert "trace: 1 allocations, 2 releases" in out
     assert pages(kernel(mnt, "debug", "cma", "video", "used")) == 0
     assert read(kernel(mnt, "tracing", "events", "cma", "enable")) == "0\n"
+
+
+def test_cmactl_trace_follows_with_human_sizes_until_ctrl_c(daemon):
+    mnt = daemon("--regions", REGIONS)
+    argv = [sys.executable, "-m", "cmad.cmactl", "--mountpoint", str(mnt), "trace"]
+    every = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    errors = subprocess.Popen(argv + ["--errors", "--region", "common"],
+                              stdout=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    enable = kernel(mnt, "tracing", "events", "cma", "enable")
+    assert eventually(lambda: read(enable) == "1\n")        # switched on for the run
+    time.sleep(0.3)
+    alloc(mnt, "camera 6M label=big")
+    assert write_errno(mnt / "alloc", b"@common 64M") == errno.ENOMEM
+    assert write_errno(mnt / "alloc", b"@video 64M") == errno.ENOMEM
+    assert sh(f"echo big > {mnt}/free").returncode == 0
+    time.sleep(0.5)
+    for proc in (every, errors):
+        proc.send_signal(signal.SIGINT)                     # Ctrl-C ends it, status 0
+        assert proc.wait(timeout=10) == 0
+    out, only = every.stdout.read(), errors.stdout.read()
+    assert read(enable) == "0\n"                            # and off again
+    assert re.search(r"\S+-\d+ asks    video 6\.0 MiB align 4\.0 KiB, 32\.0 MiB free", out)
+    assert re.search(r"got     video 6\.0 MiB at 0x[0-9a-f]+\n", out)
+    assert "FAILED  common 64.0 MiB: ENOMEM" in out and "freed   video 6.0 MiB at 0x" in out
+    assert only.splitlines() == [line for line in out.splitlines()
+                                 if "FAILED  common" in line]
