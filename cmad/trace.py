@@ -26,7 +26,6 @@ Design, and its trade-offs:
 from __future__ import annotations
 
 import errno
-import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING
