@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(PY) bench/client.py
 	$(PY) bench/arena.py
 	$(PY) bench/scale.py --sizes 10k,200k,1m --growth
+	$(PY) bench/trace.py
 
 lint: $(STAMP)
 	$(PY) -m compileall -q cmad fusefs tests bench

@@ -47,6 +47,7 @@ EVENTS = {
     "cma_release": "name={} pfn=0x{:x} page={} count={}",
 }
 RING_EVENTS = 4096          # ftrace's default per-CPU buffer holds a few thousand such lines
+BATCH = 0.005               # seconds a woken reader waits for more events
 MAX_READERS = 16            # each waiting reader holds one of pyfuse3's request tasks
 NO_PFN = (1 << 64) - 1      # cma_alloc's pfn when nothing was found: -1 as unsigned long
 NO_PAGE = "0" * 16
@@ -178,10 +179,14 @@ class Tracer:
         return TraceReader(self)
 
     async def wait(self) -> None:
-        """Until the next event (or a reader's release)."""
+        """Until the next event (or a reader's release), then BATCH seconds more:
+        a reader woken per event would cost each allocation a FUSE round trip
+        of its own; this way one read carries the events of a few
+        allocations.  The allocation path only sets an event once per batch."""
         if self._wakeup is None:
             self._wakeup = trio.Event()
         await self._wakeup.wait()
+        await trio.sleep(BATCH)
 
 
 def format_line(record: tuple) -> str:
