@@ -3,12 +3,18 @@
 1. alloc+free through the mount (open+write+read+close of ``alloc``, then
    open+write+close of ``free``), three daemons side by side, iterations
    alternating among them (each first in turn), first 10% warm-up, medians:
-     today    the code of ``--today`` (default: the main branch, extracted
-              with ``git archive`` into a temporary directory)
+     today    the code of ``--today`` (default: where this branch left main,
+              ``git merge-base HEAD main``, so nothing but this work differs),
+              extracted with ``git archive`` into a temporary directory
      off      this tree, every event disabled
      reader   this tree, every event enabled, one ``cat trace_pipe`` attached
    Client, daemons and reader pinned to CPU 0 (as bench/fs.py).
-2. A reader stopped with SIGSTOP for --stop seconds while 4 clients loop
+2. In process (the core alone, no FUSE): alloc+free pairs per second with
+   today's code, with every event off, and with every event on and no
+   reader, each in its own process pinned to CPU 1, rounds alternating
+   (each first in turn), medians: the cost
+   of a disabled event without the FUSE round trip's noise around it.
+3. A reader stopped with SIGSTOP for --stop seconds while 4 clients loop
    alloc+free, against the same load with events on and no reader: the
    latency of every request (p50, p99, max) and the events the reader is
    told it lost once it runs again.
@@ -118,6 +124,46 @@ def side_by_side(iterations: int, today_ref: str) -> None:
             print(f"  {label:<36} {m * 1e6:7.1f} us{ratio}")
 
 
+CORE = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from cmad import Cma
+cma = Cma("r=256M", "*=r")
+if sys.argv[2] == "on":
+    from cmad.trace import Tracer
+    Tracer(cma).enable(None, True)
+live = [cma.alloc("x", 4096) for _ in range(1000)]
+alloc, free = cma.alloc, cma.free
+n = 20000
+t0 = time.perf_counter()
+for _ in range(n):
+    free(alloc("x", 65536).start)
+print(n / (time.perf_counter() - t0))
+"""
+
+
+def in_process(today_ref: str, rounds: int = 11) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        today = extract(today_ref, tmp) if today_ref else None
+        runs = [("today", today, "off")] if today else []
+        runs += [("off", ROOT, "off"), ("on", ROOT, "on")]
+        rates = {name: [] for name, _, _ in runs}
+        for i in range(rounds):
+            k = i % len(runs)
+            for name, code, events in runs[k:] + runs[:k]:
+                out = subprocess.run(["taskset", "-c", "1", sys.executable, "-c", CORE, code,
+                                      events],
+                                     capture_output=True, text=True, check=True)
+                rates[name].append(float(out.stdout))
+    base = statistics.median(rates["today"]) if "today" in rates else None
+    print(f"core alone, alloc+free pairs/s with 1,000 live chunks, {rounds} rounds, medians:")
+    for name, label in (("today", f"today ({today_ref})"), ("off", "events off"),
+                        ("on", "events on, no reader")):
+        m = statistics.median(rates[name])
+        ratio = f"   ratio {m / base:5.3f}x today" if base else ""
+        print(f"  {label:<36} {m:9,.0f}/s{ratio}")
+
+
 def client(mnt: str, seconds: float, out) -> None:
     stop = time.monotonic() + seconds
     lat = []
@@ -172,11 +218,17 @@ def stopped_reader(seconds: float) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iterations", type=int, default=2000)
-    p.add_argument("--today", default="main", help="git ref of today's code ('' to skip)")
+    p.add_argument("--today", default=None,
+                   help="git ref of today's code (default: git merge-base HEAD main; '' to skip)")
     p.add_argument("--stop", type=float, default=10.0, help="seconds the reader is stopped")
     args = p.parse_args()
+    if args.today is None:
+        base = subprocess.run(["git", "-C", ROOT, "merge-base", "HEAD", "main"],
+                              capture_output=True, text=True)
+        args.today = base.stdout.strip()[:12] if base.returncode == 0 else "main"
     os.sched_setaffinity(0, {CPU})
     side_by_side(args.iterations, args.today)
+    in_process(args.today)
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     stopped_reader(args.stop)
 

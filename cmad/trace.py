@@ -47,7 +47,7 @@ EVENTS = {
     "cma_release": "name={} pfn=0x{:x} page={} count={}",
 }
 RING_EVENTS = 4096          # ftrace's default per-CPU buffer holds a few thousand such lines
-BATCH = 0.005               # seconds a woken reader waits for more events
+BATCH = 0.02                # seconds a woken reader waits for more events
 MAX_READERS = 16            # each waiting reader holds one of pyfuse3's request tasks
 NO_PFN = (1 << 64) - 1      # cma_alloc's pfn when nothing was found: -1 as unsigned long
 NO_PAGE = "0" * 16
@@ -56,9 +56,8 @@ COMM_CACHE = 1024
 
 
 def page_token(chunk: "Chunk") -> str:
-    """``page=`` is a struct page pointer in the kernel; here a stable per-chunk
-    token in its form: the vmemmap address of a 64-byte entry indexed by the id."""
-    return f"{VMEMMAP + (chunk.id << 6):016x}"
+    """The ``page=`` token of a chunk (see _token)."""
+    return _token(chunk.id)
 
 
 def order(alignment: int) -> int:
@@ -109,39 +108,40 @@ class Tracer:
 
     # -- the hook the core calls --------------------------------------------
 
+    # Each records plain values (no formatting: the reader formats, see FORMAT).
+
     def alloc_start(self, region: "Region", size: int, alignment: int) -> None:
         if self.enabled["cma_alloc_start"]:
-            self._emit("cma_alloc_start", (region_name(region), size >> PAGE_SHIFT,
-                                           region.free >> PAGE_SHIFT,
-                                           region.size >> PAGE_SHIFT, order(alignment)))
+            self._emit("cma_alloc_start", (region, size, region.free, alignment))
 
     def alloc_finish(self, region: "Region", chunk: "Chunk | None", size: int,
                      alignment: int, error: int) -> None:
         if self.enabled["cma_alloc_finish"]:
-            pfn, page = (chunk.start >> PAGE_SHIFT, page_token(chunk)) if chunk is not None \
-                else (NO_PFN, NO_PAGE)
-            self._emit("cma_alloc_finish", (region_name(region), pfn, page,
-                                            size >> PAGE_SHIFT, order(alignment), error))
+            self._emit("cma_alloc_finish", (region, None, None, size, alignment, error)
+                       if chunk is None else
+                       (region, chunk.start, chunk.id, size, alignment, error))
 
     def release(self, region: "Region", chunk: "Chunk", start: int, size: int) -> None:
         if self.enabled["cma_release"]:
-            self._emit("cma_release", (region_name(region), start >> PAGE_SHIFT,
-                                       page_token(chunk), size >> PAGE_SHIFT))
+            self._emit("cma_release", (region, start, chunk.id, size))
 
     def busy_retry(self, chunk: "Chunk", old_start: int) -> None:
         """A chunk moved out of a request's way (or by ``compact``): the range
         that was busy, at its old place."""
         if self.enabled["cma_alloc_busy_retry"]:
-            self._emit("cma_alloc_busy_retry", (region_name(chunk.region),
-                                                old_start >> PAGE_SHIFT, page_token(chunk),
-                                                chunk.size >> PAGE_SHIFT,
-                                                order(chunk.alignment)))
+            self._emit("cma_alloc_busy_retry", (chunk.region, old_start, chunk.id, chunk.size,
+                                                chunk.alignment))
 
     def _emit(self, event: str, values: tuple) -> None:
+        """O(1), never a wait: one tuple into the ring, a waiting reader woken."""
         pid = self.pid
-        self.ring.append((self.clock(), pid, self.comm(pid), event, values))
+        self.ring.append((self.clock(), pid, self._comms.get(pid) or self.comm(pid), event,
+                          values))
         self.next_seq += 1
-        self._wake()
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set()
 
     def _wake(self) -> None:
         wakeup = self._wakeup
@@ -189,12 +189,36 @@ class Tracer:
         await trio.sleep(BATCH)
 
 
+def _token(id: int | None) -> str:
+    """``page=`` is a struct page pointer in the kernel; here a stable per-chunk
+    token in its form: the vmemmap address of a 64-byte entry indexed by the id."""
+    return NO_PAGE if id is None else f"{VMEMMAP + (id << 6):016x}"
+
+
+def _pfn(start: int | None) -> int:
+    return NO_PFN if start is None else start >> PAGE_SHIFT
+
+
+# The values each event recorded, as its TP_printk arguments.
+FORMAT = {
+    "cma_alloc_start": lambda region, size, free, align: (
+        region_name(region), size >> PAGE_SHIFT, free >> PAGE_SHIFT,
+        region.size >> PAGE_SHIFT, order(align)),
+    "cma_alloc_finish": lambda region, start, id, size, align, error: (
+        region_name(region), _pfn(start), _token(id), size >> PAGE_SHIFT, order(align), error),
+    "cma_release": lambda region, start, id, size: (
+        region_name(region), _pfn(start), _token(id), size >> PAGE_SHIFT),
+    "cma_alloc_busy_retry": lambda region, start, id, size, align: (
+        region_name(region), _pfn(start), _token(id), size >> PAGE_SHIFT, order(align)),
+}
+
+
 def format_line(record: tuple) -> str:
     """One event as trace_pipe prints it: ftrace's context, then TP_printk."""
     ts, pid, comm, event, values = record
     usec = int(ts * 1e6)
     return (f"{comm[:16]:>16}-{pid:<7} [000] ..... {usec // 1000000:5d}.{usec % 1000000:06d}: "
-            f"{event}: {EVENTS[event].format(*values)}\n")
+            f"{event}: {EVENTS[event].format(*FORMAT[event](*values))}\n")
 
 
 class TraceReader:

@@ -242,6 +242,7 @@ def test_readers_are_bounded():
 
 
 def test_format_line_pads_like_ftrace():
-    line = format_line((3.000007, 1234, "bash", "cma_release", ("r", 0x40000, "t", 1)))
+    region = Cma("r=4M", "*=r").region("r")
+    line = format_line((3.000007, 1234, "bash", "cma_release", (region, 0x40000000, 2, P)))
     assert line == ("            bash-1234    [000] .....     3.000007: cma_release: name=r "
-                    "pfn=0x40000 page=t count=1\n")
+                    "pfn=0x40000 page=ffffea0000000080 count=1\n")
