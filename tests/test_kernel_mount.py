@@ -159,3 +159,21 @@ def test_cmactl_trace_follows_with_human_sizes_until_ctrl_c(daemon):
     assert "FAILED  common 64.0 MiB: ENOMEM" in out and "freed   video 6.0 MiB at 0x" in out
     assert only.splitlines() == [line for line in out.splitlines()
                                  if "FAILED  common" in line]
+
+
+def test_a_waiting_reader_does_not_hold_up_a_stop(daemon):
+    """SIGTERM ends a read the daemon holds (pyfuse3 waits for every request
+    in flight, and the kernel would wait the read out): before, neither the
+    daemon nor the reader ever ended."""
+    mnt = daemon("--regions", REGIONS)
+    cat = subprocess.Popen(["cat", str(kernel(mnt, "tracing", "trace_pipe"))],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        assert cat.poll() is None                           # waiting for events
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(timeout=20) == 0
+        assert cat.wait(timeout=10) != 0
+    finally:
+        if cat.poll() is None:
+            cat.kill()
