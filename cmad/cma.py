@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASE = 0x40000000
 
+# Policy as data: what an allocation tries, in order, when no region served it
+# at once.  Taking a free range that fits (across pageblocks of other types, or
+# assembled from buddy blocks of lower orders) comes before moving anything:
+# grouping decides where a chunk goes among the ranges that fit, never whether
+# it fits (SPEC 4b).
+SLOW_PATHS = ("fallback", "anywhere", "compact")
+
 
 @dataclass(frozen=True)
 class Info:
@@ -326,8 +333,11 @@ class Cma:
         if limit is not None and self.held(uid) + size > limit:
             raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
                                          f"{human(self.held(uid))} of its {human(limit)} limit")
+        # A bound is kept on the fast path (and by moves) by aligning to the chunk's
+        # size rounded up to a power of two; alloc_anywhere keeps it exactly.
+        fast = max(alignment, _next_pow2(size)) if bound is not None else alignment
         fields = dict(label=label, movable=movable, transient=transient, bound=bound, uid=uid,
-                      pid=pid, alignment=alignment)
+                      pid=pid, alignment=fast)
         failed: list[Region] = []
         over_limit: list[Region] = []  # had room, but only past the caller's limit
         tracer = self.tracer
@@ -335,20 +345,19 @@ class Cma:
             if tracer is not None:
                 tracer.alloc_start(region, size, alignment)
             allocator = region.allocator
-            got = (allocator.alloc_for(size, alignment, movable)
+            got = (allocator.alloc_for(size, fast, movable)
                    if allocator and size <= region.free else None)
             if got is not None and self._fits(got, region, bound, limit, uid, over_limit,
                                               movable):
                 return self._new_chunk(got, region, dev, type, failed, size, **fields)
             if region not in over_limit:
                 failed.append(region)
-        # The slow paths, as __rmqueue's: moving movable chunks out of the way,
-        # then, last before ENOMEM, space kept for the other mobility.
-        for why, serve in (("compacting", self._make_room), ("a fallback in", self._fallback)):
+        # The slow paths (SLOW_PATHS), each over every region that could not serve.
+        for why, serve in self._slow_paths:
             for region in failed:
                 if region.allocator is None or region.free < size:
                     continue
-                got = serve(region, size, alignment, movable)
+                got = serve(region, size, alignment, fast, movable, bound)
                 if got is not None and self._fits(got, region, bound, limit, uid, over_limit,
                                                   movable):
                     log.info("%s: served after %s region %s", request(), why, region.name)
@@ -381,23 +390,37 @@ class Cma:
             if not is_power_of_two(bound) or bound < PAGE_SIZE or size > bound or bound >= 1 << 63:
                 raise einval(f"{request()}: bound {bound:#x} must be a power of two "
                              "no smaller than the page size or the chunk")
-            alignment = max(alignment, _next_pow2(size))
         if label is not None:
             check_label(label)
             if self.chunks.by_label(label) is not None:
                 raise CmaError(errno.EEXIST, f"{request()}: label {label!r} is taken")
         return size, alignment
 
-    def _make_room(self, region: Region, size: int, alignment: int,
-                   movable: bool) -> tuple[int, int] | None:
+    # Each slow path takes (region, size, alignment, fast alignment, movable, bound).
+
+    def _make_room(self, region: Region, size: int, alignment: int, fast: int,
+                   movable: bool, bound: int | None) -> tuple[int, int] | None:
         if not region.movable_users:
             return None
-        return compaction.make_room(self, region, size, alignment, movable)
+        return compaction.make_room(self, region, size, fast, movable)
 
     @staticmethod
-    def _fallback(region: Region, size: int, alignment: int,
-                  movable: bool) -> tuple[int, int] | None:
-        return region.allocator.fallback(size, alignment, movable)
+    def _fallback(region: Region, size: int, alignment: int, fast: int,
+                  movable: bool, bound: int | None) -> tuple[int, int] | None:
+        return region.allocator.fallback(size, fast, movable)
+
+    @staticmethod
+    def _anywhere(region: Region, size: int, alignment: int, fast: int,
+                  movable: bool, bound: int | None) -> tuple[int, int] | None:
+        return region.allocator.alloc_anywhere(size, alignment, movable, bound)
+
+    @property
+    def _slow_paths(self) -> tuple[tuple[str, Callable], ...]:
+        """SLOW_PATHS as (log words, method)."""
+        paths = {"fallback": ("a fallback in", self._fallback),
+                 "anywhere": ("taking any free range of", self._anywhere),
+                 "compact": ("compacting", self._make_room)}
+        return tuple(paths[name] for name in SLOW_PATHS)
 
     def _fits(self, got: tuple[int, int], region: Region, bound: int | None,
               limit: int | None, uid: int, over_limit: list[Region],

@@ -100,17 +100,20 @@ def make_room(cma: Cma, region: Region, size: int, alignment: int,
         span, align = allocator.claim_shape(size, alignment, LARGE)
         windows = allocator.windows(span, align, budget)
     else:
-        window, window_alignment = allocator.footprint(size, alignment)
+        window, window_alignment = allocator.shape(size, alignment)
         if region.free < window:
             return None
         windows = _windows(cma, region, window, window_alignment, budget)
-    for cost, lo, hi in windows[:ATTEMPTS]:
-        if cost > budget:
+    for _, lo, hi in windows[:ATTEMPTS]:
+        victims = _victims(cma, lo, hi)
+        cost = sum(c.size for c in victims)  # whole chunks move, not their parts in the window
+        if not victims or cost > budget:
             continue
-        if evacuate(cma, region, lo, hi):
+        if evacuate(cma, region, lo, hi, victims):
             budget -= cost
             region.compactions += 1
-            got = allocator.alloc_for(size, alignment, movable)
+            got = (allocator.alloc_for(size, alignment, movable)
+                   or allocator.alloc_anywhere(size, alignment, movable))
             if got is not None:
                 return got
     return None
@@ -123,11 +126,13 @@ def _victims(cma: Cma, lo: int, hi: int) -> list[Chunk]:
     return [first, *inside] if first is not None and first.start < lo else inside
 
 
-def evacuate(cma: Cma, region: Region, lo: int, hi: int) -> bool:
-    """Move every chunk out of [lo, hi); False (and nothing changed) if one is
-    pinned or they do not all fit elsewhere."""
+def evacuate(cma: Cma, region: Region, lo: int, hi: int,
+             victims: list[Chunk] | None = None) -> bool:
+    """Move every chunk (``victims``, if the caller has them) out of [lo, hi);
+    False (and nothing changed) if one is pinned or they do not all fit elsewhere."""
     allocator = region.allocator
-    victims = _victims(cma, lo, hi)
+    if victims is None:
+        victims = _victims(cma, lo, hi)
     if not victims or not all(c.movable for c in victims):
         return False
     holds = _isolate(allocator, lo, hi, victims)
@@ -138,8 +143,9 @@ def evacuate(cma: Cma, region: Region, lo: int, hi: int) -> bool:
         for c in sorted(victims, key=lambda c: -c.size):
             # Movable or free blocks first; then the holes of pinned blocks,
             # which no large request could use anyway (the block turns mixed).
-            got = allocator.alloc_for(c.size, c.alignment, True) or \
-                allocator.fallback(c.size, c.alignment, True)
+            got = (allocator.alloc_for(c.size, c.alignment, True)
+                   or allocator.fallback(c.size, c.alignment, True)
+                   or allocator.alloc_anywhere(c.size, c.alignment, True))
             if got is None or got[1] != c.size:
                 if got is not None:
                     allocator.free_for(got[0], got[1], True)

@@ -125,7 +125,7 @@ def test_unaligned_region():
     assert a.blocks() == greedy(start, size)
     assert list(a.holes()) == [(start, size)]
     largest = max(n for _, n in greedy(start, size))
-    assert a.largest_free() == largest
+    assert a.largest_block() == largest and a.largest_free() == size
     got = a.alloc(largest, PAGE_SIZE)
     assert got is not None and got[0] % largest == 0
     assert a.alloc(largest + PAGE_SIZE, PAGE_SIZE) is None
@@ -137,7 +137,7 @@ def test_unaligned_region():
     while (got := a.alloc(3 * PAGE_SIZE, PAGE_SIZE)) is not None:
         assert start <= got[0] and got[0] + got[1] <= start + size
         live.append(got)
-    assert a.free_bytes < 3 * PAGE_SIZE or a.largest_free() < 4 * PAGE_SIZE
+    assert a.free_bytes < 3 * PAGE_SIZE or a.largest_block() < 4 * PAGE_SIZE
     a._check()
     for chunk in live:
         a.free(*chunk)
@@ -213,7 +213,7 @@ class BuddyMachine(RuleBasedStateMachine):
         order = max((pages - 1).bit_length(), align_shift)
         if got is None:
             # Only when no free block of the needed order exists.
-            assert self.a.largest_free() < PAGE_SIZE << order
+            assert self.a.largest_block() < PAGE_SIZE << order
             return
         start, n = got
         assert n == size
@@ -249,12 +249,13 @@ class BuddyMachine(RuleBasedStateMachine):
         lf = self.a.largest_free()
         assert lf <= self.a.free_bytes
         if lf:
-            got = self.a.alloc(lf, PAGE_SIZE)
-            assert got is not None
+            got = self.a.alloc_anywhere(lf, PAGE_SIZE)
+            assert got is not None and got[1] == lf
             self.a.free(*got)
         else:
             assert self.a.free_bytes == 0
-        assert self.a.alloc(lf + PAGE_SIZE, PAGE_SIZE) is None
+        assert self.a.alloc_anywhere(lf + PAGE_SIZE, PAGE_SIZE) is None
+        assert self.a.largest_block() <= lf
 
     @invariant()
     def consistent(self):

@@ -359,7 +359,7 @@ def test_list_of_thousands_through_a_daemon(daemon):
 
 
 def test_map_of_a_daemon_with_pageblocks(daemon):
-    mnt = daemon("--regions", "r=32M:bf;small=1M:bf", "--map", "*=r")
+    mnt = daemon("--regions", "r=32M:bf(pageblock=2M);small=1M:bf", "--map", "*=r")
     ok(mnt, "alloc", "@r", "1M")
     ok(mnt, "alloc", "@r", "1M", "--movable")
     blocks = read(mnt / "regions/r/pageblocks").replace("\n", "")

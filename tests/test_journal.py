@@ -146,3 +146,22 @@ def test_journal_failure_vetoes_the_allocation(tmp_path):
         cma.alloc("camera", M)
     assert e.value.errno == errno.EIO and len(cma.chunks) == 0
     cma._check()
+
+
+def test_the_movable_flag_survives_a_restart_after_a_pin_and_after_a_move(tmp_path):
+    cma, journal = run_session(tmp_path)
+    pinned = cma.alloc("camera", M, label="pinned", movable=True)
+    cma.pin(pinned)
+    low = cma.alloc("camera", M)
+    mover = cma.alloc("camera", M, label="mover", movable=True)
+    cma.free(low.start)
+    assert cma.compact("video") == 1 and mover.start == low.start
+    journal.close()
+
+    cma2, journal2 = started(tmp_path)
+    assert recover(cma2, journal2, arena_survived=True) == 2
+    got = {c.label: c for c in cma2.chunks}
+    assert got["pinned"].movable is False and got["mover"].movable is True
+    assert got["mover"].start == low.start
+    assert cma2.region("video").movable_users == 1
+    cma2._check()

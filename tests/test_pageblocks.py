@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cmad import Arena, Cma, CmaError
+from cmad.allocators import pageblocks
 from cmad.allocators.pageblocks import Grouped
 from cmad.compaction import MOVE_RATIO
 from cmad.metrics import render, show_stats
@@ -24,7 +25,21 @@ def grouped(cma, name="r") -> Grouped:
     return allocator
 
 
+@pytest.fixture(autouse=True)
+def grouping_by_default(monkeypatch):
+    """These tests are of the mechanism: regions group as if that were the default."""
+    monkeypatch.setattr(pageblocks, "GROUP_BY_DEFAULT", True)
+
+
 # -- the pageblock parameter ---------------------------------------------------
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+def test_grouping_is_off_unless_a_region_asks(allocator, monkeypatch):
+    monkeypatch.setattr(pageblocks, "GROUP_BY_DEFAULT", False)
+    cma = Cma(f"big=16M:{allocator};asks=16M:{allocator}(pageblock=2M)", "*=big")
+    assert cma.region("big").stats().pageblock == 0
+    assert not isinstance(cma.region("big").allocator, Grouped)
+    assert cma.region("asks").stats().pageblock == 2 * M
 
 @pytest.mark.parametrize("allocator", ALLOCATORS)
 def test_default_is_2m_blocks_where_a_region_holds_8(allocator):

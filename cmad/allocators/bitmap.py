@@ -120,6 +120,8 @@ class Bitmap(Allocator):
         block = self.block
         return (size + block - 1) & -block, max(alignment, block)
 
+    shape = footprint  # a chunk is exactly its whole blocks
+
     # -- the summary tree ----------------------------------------------
 
     def _update(self, k: int, value: int) -> None:
@@ -264,6 +266,8 @@ class Bitmap(Allocator):
         shift = self._shift
         count = (size + (1 << shift) - 1) >> shift
         align = alignment >> shift or 1
+        if _aligned_up(self._first, 0, align - 1) + count > len(self._map):
+            return None  # cannot fit: never build a run that long to search for
         if count > self._limit:
             at = self._search(count, align, 0, len(self._map))
         else:

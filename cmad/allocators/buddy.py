@@ -31,6 +31,11 @@ it grows past twice its set, so it stays O(live blocks).  An int bitmask of
 the non-empty orders finds the smallest usable order in O(1) and is
 ``largest_free``.
 
+A request no single block can serve is served, as drm_buddy's contiguous
+mode does, from any free range the blocks of lower orders make together
+(``Allocator.alloc_anywhere``: the lowest such range, claimed with
+``reserve``), so buddy refuses only when no free range fits (SPEC 4b).
+
 Costs: alloc O(orders + log n), free O(orders) (n free blocks per order,
 orders <= log2(region pages) ~ 24 for 64 GiB).  ``reserve`` is O(pieces x
 orders), ``holes``/``_check`` O(n log n); none of those is on the hot path.
@@ -234,10 +239,16 @@ class Buddy(Allocator):
         """Free ranges (start, size) in address order, adjacent blocks merged.  O(n log n)."""
         return merge_adjacent(self.blocks())
 
-    def largest_free(self) -> int:
-        """The largest free block: exactly the largest page-aligned request that succeeds.  O(1)."""
+    def largest_block(self) -> int:
+        """The largest free block: the largest request ``alloc`` serves at once.  O(1)."""
         m = self._mask
         return PAGE_SIZE << (m.bit_length() - 1) if m else 0
+
+    def largest_free(self) -> int:
+        """The largest free range, blocks of lower orders merged: the largest
+        page-aligned request that succeeds (``alloc_anywhere`` assembles it).
+        O(n log n); the hot path never asks."""
+        return max((size for _, size in self.holes()), default=self.largest_block())
 
     def _check(self) -> None:
         """Assert every invariant of the free lists.  O(n log n)."""

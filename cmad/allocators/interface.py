@@ -45,7 +45,13 @@ class Allocator:
         return PAGE_SIZE
 
     def footprint(self, size: int, alignment: int) -> tuple[int, int]:
-        """The free window (size, alignment) a request needs: compaction opens one."""
+        """The free window (size, alignment) ``alloc`` needs to serve a request."""
+        return size, alignment
+
+    def shape(self, size: int, alignment: int) -> tuple[int, int]:
+        """The exact (size, alignment) of the chunk a request becomes: any free
+        range that holds that serves it (``alloc_anywhere``).  Bitmap rounds to
+        its block; buddy needs no more than the request itself."""
         return size, alignment
 
     def alloc(self, size: int, alignment: int) -> tuple[int, int] | None:
@@ -83,8 +89,27 @@ class Allocator:
         raise NotImplementedError
 
     def largest_free(self) -> int:
-        """The largest request that would succeed now with page alignment."""
+        """The region's largest free range: the largest request that succeeds now
+        with page alignment (through ``alloc_anywhere`` if not ``alloc``)."""
         raise NotImplementedError
+
+    def alloc_anywhere(self, size: int, alignment: int, movable: bool = False,
+                       bound: int | None = None) -> tuple[int, int] | None:
+        """The guarantee of SPEC 4b: the lowest free range that holds the request's
+        ``shape`` (within one ``bound`` window, if given), claimed exactly,
+        whatever the allocator's own policy would choose (drm_buddy's contiguous
+        mode, the kernel's alloc_contig_range).  O(holes): the last step before
+        ENOMEM, never the hot path."""
+        need, align = self.shape(size, alignment)
+        if bound is not None and need > bound:
+            return None
+        for start, length in self.holes():
+            at = (start + align - 1) & -align
+            if bound is not None and at // bound != (at + need - 1) // bound:
+                at = (at // bound + 1) * bound  # the next window, aligned as bound >= align
+            if at + need <= start + length and self.reserve_for(at, need, movable):
+                return at, need
+        return None
 
     # -- mobility (SPEC 4b).  An allocator that knows nothing of it serves every
     # chunk alike; ``pageblocks.Grouped`` overrides these.
