@@ -29,16 +29,20 @@ from .regions import Region
 log = logging.getLogger(__name__)
 
 DEV = "cma_debug"
-# kstrtoull(buf, 0, ...): 0x hex, leading-0 octal, else decimal; nothing else.
-_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
+# kstrtoull(buf, 0, ...): an optional '+', then 0x hex, leading-0 octal or
+# decimal; nothing else (no blank either side: the trailing newline a write
+# ends with is gone already).
+_NUMBER = re.compile(r"\+?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 
 
 def kstrtoull(text: str, what: str) -> int:
     """The kernel's number parsing for a write (the trailing newline is gone already)."""
-    if not _NUMBER.fullmatch(text):
+    m = _NUMBER.fullmatch(text)
+    if m is None:
         raise einval(f"{what}: {clip(text)} is not a number")
-    return int(text, 16) if text[1:2] in ("x", "X") else int(text, 8) if text[:1] == "0" \
-        else int(text)
+    digits = m[1]
+    return int(digits, 16) if digits[1:2] in ("x", "X") else int(digits, 8) \
+        if digits[:1] == "0" else int(digits)
 
 
 class DebugHook:
@@ -56,7 +60,7 @@ class DebugHook:
         what = f"debug/cma/{self.region.name}/{what}"
         if uid != 0:
             raise CmaError(errno.EPERM, f"{what}: root only")
-        pages = kstrtoull(text.strip(), what)
+        pages = kstrtoull(text, what)
         total = self.region.size >> PAGE_SHIFT
         if not 0 < pages <= total:
             raise einval(f"{what}: {pages} pages; the region has {total}")

@@ -90,7 +90,7 @@ def _show(fn: Callable[[Region], object], region: Region) -> str:
 
 def _switch(text: str, what: str) -> bool:
     """An ``enable`` or ``tracing_on`` write: 0 or 1 (kstrtoul, base 0), else EINVAL."""
-    value = kstrtoull(text.strip(), what)
+    value = kstrtoull(text, what)
     if value not in (0, 1):
         raise einval(f"{what}: {value}; write 0 or 1")
     return bool(value)

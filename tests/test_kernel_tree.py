@@ -112,7 +112,7 @@ async def test_layout_modes_and_the_older_names(fs):
 
 async def test_debugfs_alloc_and_free_work_as_the_kernels_list(fs):
     hook = f"{DEBUG}/video"
-    for n in (b"16\n", b"0x8", b"010"):                 # kstrtoull: 16, 8, octal 8
+    for n in (b"16\n", b"0x8", b"+010"):                # kstrtoull: 16, 8, octal 8
         await write(fs, f"{hook}/alloc", n)
     chunks = sorted((c for c in fs.cma.chunks if c.dev == "cma_debug"), key=lambda c: c.id)
     assert [c.size // P for c in chunks] == [16, 8, 8]
@@ -146,7 +146,8 @@ async def test_no_partial_release_when_blocks_are_bigger_than_a_page(fs):
     assert [c.size for c in fs.cma.chunks] == [8 * P]
 
 
-@pytest.mark.parametrize("data", [b"", b"abc", b"0", b"-1", b"16 pages", b"0x", b"08",
+@pytest.mark.parametrize("data", [b"", b"abc", b"0", b"-1", b"16 pages", b"0x", b"08", b" 1",
+                                  b"1\n\n", b"++1",
                                   b"8193", b"99999999999999999999999", b"1\n2"])
 async def test_bad_counts_are_einval_and_change_nothing(fs, data):
     fs.cma.alloc_from("video", P)
