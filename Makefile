@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) bench/client.py
 	$(PY) bench/arena.py
 	$(PY) bench/scale.py --sizes 10k,200k,1m --growth
+	$(PY) bench/trace.py
 
 # ruff (pyflakes' rules), the layers (import-linter, pyproject.toml), the sizes.
 lint: $(STAMP)

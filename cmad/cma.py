@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from . import compaction, faults
-from .allocators import PAGE_SIZE, Allocator, registry
+from .allocators import PAGE_SHIFT, PAGE_SIZE, Allocator, registry
 from .arena import Arena
 from .chunks import Chunk, ChunkIndex, check_label
 from .errors import CmaError, clip, einval
@@ -46,13 +46,24 @@ class Info:
     count: int
 
 
+class Tracer(Protocol):
+    """Told of each step of an allocation, as the kernel's ``cma`` trace events."""
+
+    def alloc_start(self, region: Region, size: int, alignment: int) -> None: ...
+    def alloc_finish(self, region: Region, chunk: Chunk | None, size: int, alignment: int,
+                     error: int) -> None: ...
+    def release(self, region: Region, chunk: Chunk, start: int, size: int) -> None: ...
+    def busy_retry(self, chunk: Chunk, old_start: int) -> None: ...
+
+
 class Listener(Protocol):
     """Told of every change after the core made it; may veto alloc by raising."""
 
     def on_alloc(self, chunk: Chunk) -> None: ...
     def on_free(self, chunk: Chunk) -> None: ...
     def on_move(self, chunk: Chunk, old_start: int) -> None:
-        """The chunk's start (or its movability) changed; old_start is where it was."""
+        """The chunk's start, movability or (``release_head``) size changed;
+        old_start is where it was."""
 
     # Optional: on_allocator(region) after a region's alloc attribute changed (may
     # veto by raising); catch_up() to retry what could not be recorded.
@@ -166,6 +177,9 @@ class Cma:
         self.limits: dict[int, int] = dict(limits or {})
         self._held: dict[int, int] = {}
         self.listeners: list[Listener] = []
+        # The trace hook (cmad.trace.Tracer) while some trace event is enabled,
+        # else None: a disabled event costs one attribute test.
+        self.tracer: Tracer | None = None
         self.arena: Arena | None = None
         if arena is not None:
             self.attach_arena(arena)
@@ -297,13 +311,16 @@ class Cma:
             self._names_ok.add((dev, type))
 
     @_locked
-    def alloc_from(self, regions: str | Sequence[str], size: int, alignment: int = 0,
-                   **options) -> Chunk:
-        """Allocate from the named regions (the patch's cma_alloc_from)."""
+    def alloc_from(self, regions: str | Sequence[str], size: int, alignment: int = 0, *,
+                   dev: str = "-", **options) -> Chunk:
+        """Allocate from the named regions (the patch's cma_alloc_from); ``dev``
+        names the asker where it is not a client's request (``cma_debug``)."""
         names = _named_once([n.strip() for n in (regions.split(",")
                                                  if isinstance(regions, str) else regions)])
+        if dev != "-":
+            check_name(dev, "device")
         return self._alloc([self.region(n) for n in names], size, alignment,
-                           "-", "-", **options)
+                           dev, "-", **options)
 
     def _alloc(self, regions: list[Region], size: int, alignment: int, dev: str, type: str,
                *, label: str | None = None, movable: bool = False, transient: bool = False,
@@ -323,13 +340,16 @@ class Cma:
                       pid=pid, alignment=fast)
         failed: list[Region] = []
         over_limit: list[Region] = []  # had room, but only past the caller's limit
+        tracer = self.tracer
         for region in regions:
+            if tracer is not None:
+                tracer.alloc_start(region, size, alignment)
             allocator = region.allocator
             got = (allocator.alloc_for(size, fast, movable)
                    if allocator and size <= region.free else None)
             if got is not None and self._fits(got, region, bound, limit, uid, over_limit,
                                               movable):
-                return self._new_chunk(got, region, dev, type, failed, **fields)
+                return self._new_chunk(got, region, dev, type, failed, size, **fields)
             if region not in over_limit:
                 failed.append(region)
         # The slow paths (SLOW_PATHS), each over every region that could not serve.
@@ -342,9 +362,10 @@ class Cma:
                                                   movable):
                     log.info("%s: served after %s region %s", request(), why, region.name)
                     return self._new_chunk(got, region, dev, type,
-                                           [r for r in failed if r is not region], **fields)
+                                           [r for r in failed if r is not region], size,
+                                           **fields)
         for region in failed:
-            region.alloc_fail += 1
+            self._charge_fail(region, size, alignment)
         if over_limit:
             raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
                                          f"{human(self.held(uid))} of its {human(limit)} "
@@ -416,17 +437,35 @@ class Cma:
             region.allocator.free_for(start, size, movable)
             if region not in over_limit:
                 over_limit.append(region)
+                if self.tracer is not None:
+                    self.tracer.alloc_finish(region, None, size, PAGE_SIZE, -errno.EDQUOT)
             return False
         return True
 
+    def _charge_fail(self, region: Region, size: int, alignment: int,
+                     error: int = errno.ENOMEM) -> None:
+        """``region`` was tried for a request and could not serve it."""
+        region.alloc_fail += 1
+        region.fail_pages += size >> PAGE_SHIFT
+        if self.tracer is not None:
+            self.tracer.alloc_finish(region, None, size, alignment, -error)
+
     def _new_chunk(self, got: tuple[int, int], region: Region, dev: str, type: str,
-                   failed: list[Region], **fields) -> Chunk:
+                   failed: list[Region], size: int, **fields) -> Chunk:
         """Make and commit the chunk ``region`` served; charge the regions that could not."""
+        alignment = fields["alignment"]
         for other in failed:
-            other.alloc_fail += 1
+            self._charge_fail(other, size, alignment)
         chunk = Chunk(self._next_id, got[0], got[1], region, dev, type, **fields)
         self._next_id += 1
-        self._commit(chunk)
+        try:
+            self._commit(chunk)
+        except CmaError as e:
+            if self.tracer is not None:
+                self.tracer.alloc_finish(region, None, size, alignment, -e.errno)
+            raise
+        if self.tracer is not None:
+            self.tracer.alloc_finish(region, chunk, chunk.size, alignment, 0)
         return chunk
 
     @_locked
@@ -450,6 +489,7 @@ class Cma:
         self._next_id = max(self._next_id, id + 1)
         self._index(chunk)
         r.alloc_ok += 1
+        r.alloc_pages += size >> PAGE_SHIFT
         r.peak_used = max(r.peak_used, r.used)
         return chunk
 
@@ -534,6 +574,7 @@ class Cma:
         region.used += used
         region.movable_users += sum(chunk.movable for chunk in chunks)
         region.alloc_ok += len(chunks)
+        region.alloc_pages += used >> PAGE_SHIFT
         region.peak_used = max(region.peak_used, region.used)
         if chunks:
             self._next_id = max(self._next_id, max(chunk.id for chunk in chunks) + 1)
@@ -578,6 +619,7 @@ class Cma:
             raise
         region = chunk.region
         region.alloc_ok += 1
+        region.alloc_pages += chunk.size >> PAGE_SHIFT
         if region.used > region.peak_used:
             region.peak_used = region.used
 
@@ -628,7 +670,56 @@ class Cma:
             self.arena.release(old - self.base, size)
         region.moved += 1
         region.moved_bytes += size
+        if self.tracer is not None:
+            self.tracer.busy_retry(chunk, old)
         log.info("moved chunk %s -> %s (%s)", fmt_addr(old), fmt_addr(new), human(size))
+
+    @_locked
+    def release_head(self, chunk: Chunk, size: int) -> None:
+        """Give back the first ``size`` bytes of ``chunk``, which stays, smaller
+        and starting ``size`` later: the kernel's ``cma_release`` of a part
+        (mm/cma_debug.c frees a list entry's head that way).
+
+        ``size`` must be below the chunk's size and a multiple of its alignment
+        and of the allocator's granule (EINVAL otherwise).  The allocator is
+        asked through its public entry points: the whole chunk is freed and
+        its tail reserved again, as recovery would reserve it.  Listeners hear
+        ``on_move`` (the start and size changed; the id and label stay).
+        """
+        self.check_live(chunk)
+        region = chunk.region
+        allocator = region.allocator
+        step = max(type(allocator).granule(**region.wanted.params), chunk.alignment)
+        if not 0 < size < chunk.size or size % step:
+            raise einval(f"release of {size:#x} bytes from the head of chunk {chunk.name} "
+                         f"({chunk.size:#x}): must be below its size and a multiple of "
+                         f"{step:#x}")
+        old, whole, movable = chunk.start, chunk.size, chunk.movable
+        allocator.free_for(old, whole, movable)
+        if not allocator.reserve_for(old + size, whole - size, movable):
+            taken = allocator.reserve_for(old, whole, movable)
+            assert taken, "a range just freed can be reserved again"
+            raise CmaError(errno.EBUSY, f"chunk {chunk.name}: its tail cannot be kept alone")
+        self.chunks.move(chunk, old + size)
+        chunk.size = whole - size
+        try:
+            for listener in self.listeners:
+                listener.on_move(chunk, old)
+        except BaseException:
+            self.chunks.move(chunk, old)
+            chunk.size = whole
+            allocator.free_for(old + size, whole - size, movable)
+            allocator.reserve_for(old, whole, movable)
+            raise
+        if region.kind == "sticky" and self.arena is not None:
+            self.arena.release(old - self.base, size)
+        region.used -= size
+        self._held[chunk.uid] -= size
+        region.release_pages += size >> PAGE_SHIFT
+        if self.tracer is not None:
+            self.tracer.release(region, chunk, old, size)
+        log.info("chunk %s: released its first %s; it is now %s at %s", fmt_addr(old),
+                 human(size), human(chunk.size), chunk.name)
 
     @_locked
     def pin(self, chunk: Chunk) -> None:
@@ -722,6 +813,9 @@ class Cma:
             listener.on_free(chunk)
         self._forget(chunk)
         chunk.region.freed += 1
+        chunk.region.release_pages += chunk.size >> PAGE_SHIFT
+        if self.tracer is not None:
+            self.tracer.release(chunk.region, chunk, chunk.start, chunk.size)
         if chunk.region.users == 0 and chunk.region.allocator is not None:
             chunk.region.allocator.cleanup()
         return chunk

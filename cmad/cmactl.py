@@ -10,6 +10,7 @@ size/align``, ``A regions size/align``, ``f``):
     cmactl free frame0                  by label or start address
     cmactl map                          each region as a coloured block map
     cmactl top                          live view, refreshed every second
+    cmactl trace [--region R] [--errors]   follow the cma trace events until Ctrl-C
 
 It needs only the mountpoint (``--mountpoint``, else ``$CMAD_MOUNTPOINT``,
 else /run/cma) and reads it through `cmad.client`, never the daemon's
@@ -34,6 +35,7 @@ from typing import Iterable, Iterator, Sequence
 from . import __version__
 from .client import T_CREATED, T_LABEL, T_SIZE, Client, CmaError, NotMounted, RegionInfo, \
     default_mountpoint, errno_name, parse_created, parse_id
+from .cmactl_trace import cmd_trace
 from .memparse import human
 
 #: Why an errno happened, in cmad's terms, per command (the daemon logs the detail).
@@ -47,6 +49,8 @@ HINTS = {
     ("free", errno.ENOENT): "no chunk starts at, is labelled or has the id {}",
     ("free", errno.EPERM): "{} belongs to another user",
     ("free", errno.EACCES): "free needs root or the daemon's group (default cma)",
+    ("trace", errno.EACCES): "the trace events are root's, as the kernel's tracefs",
+    ("trace", errno.EPERM): "the trace events are root's, as the kernel's tracefs",
 }
 
 
@@ -533,6 +537,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        "block, refreshed every --interval seconds until Ctrl-C.")
     s.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     s.add_argument("--iterations", type=int, default=0, help="stop after N refreshes")
+
+    s = sub.add_parser("trace", parents=[common], help="follow allocations as they happen",
+                       description="Follow the kernel's cma trace events (allocation asked, "
+                       "got or failed, released, chunk moved) with human sizes, like "
+                       "perf trace -e 'cma:*', until Ctrl-C.  Events that are off are "
+                       "switched on for the run (root).")
+    s.add_argument("--region", help="only the events of this region")
+    s.add_argument("--errors", action="store_true", help="only failed allocations")
+    s.add_argument("--duration", type=float, default=0, help="stop after SECONDS")
     args = p.parse_args(argv)
     args.mountpoint = getattr(args, "mountpoint", None) or default_mountpoint()
     args.bytes = getattr(args, "bytes", False)
@@ -540,7 +553,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 COMMANDS = {"regions": cmd_regions, "list": cmd_list, "alloc": cmd_alloc, "free": cmd_free,
-            "map": cmd_map, "top": cmd_top}
+            "map": cmd_map, "top": cmd_top, "trace": cmd_trace}
 
 
 def report(command: str, e: OSError, subject: str = "") -> None:

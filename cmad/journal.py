@@ -348,11 +348,13 @@ class Journal:
             self._outage = True
 
     def on_move(self, chunk: Chunk, old_start: int) -> None:
-        """One statement, so one atomic commit: the chunk is at old_start or at start."""
+        """One statement, so one atomic commit: the chunk is at old_start or at start
+        (with its size: ``Cma.release_head`` moves the start and shrinks it)."""
         try:
             self._record_frees()
-            self.db.execute("UPDATE chunks SET start = ?, movable = ? WHERE id = ?",
-                            (_i64(chunk.start), int(chunk.movable), chunk.id))
+            self.db.execute("UPDATE chunks SET start = ?, size = ?, movable = ? WHERE id = ?",
+                            (_i64(chunk.start), _i64(chunk.size), int(chunk.movable),
+                             chunk.id))
         except (sqlite3.Error, OverflowError) as e:
             raise _failure(e, f"the move of chunk {chunk.name}") from e
 

@@ -248,6 +248,9 @@ class Region:
         self.last_compact = 0  # chunks the latest compact moved
         self.alloc_ok = self.alloc_fail = self.freed = 0
         self.peak_used = self.moved = self.moved_bytes = self.compactions = 0
+        # The kernel's sysfs counters (mm/cma_sysfs.c), in 4 KiB pages: pages
+        # allocated minus pages released is always the pages in use (SPEC 3a).
+        self.alloc_pages = self.fail_pages = self.release_pages = 0
         self.phys: int | None = None  # physical start, where the region lies in one run
 
     @property

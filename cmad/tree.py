@@ -28,9 +28,11 @@ from . import request
 from .chunks import Chunk
 from .cma import Cma
 from .errors import CmaError, einval
+from .kernelviews import KernelViews
 from .memparse import fmt_addr
 from .metrics import render, show_stats
 from .regions import Region
+from .trace import Tracer
 
 MAX_REQUEST = 4096
 COMPACT_SLICE = 0.005  # seconds of compaction between letting other clients in
@@ -108,6 +110,7 @@ class AllocHandle:
         self.transient: dict[int, Chunk] = {}
 
     def write(self, data: bytes) -> None:
+        self.tree.tracer.pid = self.caller.pid
         chunk = request.run(self.cma, decode_request(data), uid=self.caller.uid,
                             pid=self.caller.pid)
         self.pending.append(request.result_line(chunk).encode())
@@ -130,6 +133,7 @@ class AllocHandle:
         """Transient chunks die with the handle that made them (exactly
         those: by id, wherever they moved)."""
         failed = []
+        self.tree.tracer.pid = self.caller.pid
         for chunk in list(self.transient.values()):
             try:
                 self.cma.free(f"id={chunk.id}")
@@ -212,8 +216,10 @@ class RegionLinks:
 class Tree:
     """Builds the fusefs tree for ``cma`` and keeps it in step with it."""
 
-    def __init__(self, cma: Cma, *, gid: int = 0, extra_stats: dict | None = None):
+    def __init__(self, cma: Cma, *, gid: int = 0, extra_stats: dict | None = None,
+                 tracer: Tracer | None = None):
         self.cma = cma
+        self.tracer = tracer or Tracer(cma)
         self.extra_stats = extra_stats or {}
         self.root = root = Dir()
         root.add("map", Attr(lambda: cma.map, lambda text, caller: cma.set_map(text),
@@ -233,6 +239,8 @@ class Tree:
         root.add("chunkinfo", Table(self._chunkinfo_rows))
         root.add("stats", Attr(lambda: show_stats(cma.stats(), self.extra_stats)))
         root.add("metrics", Attr(lambda: render(cma)))
+        self.kernel = KernelViews(cma, self.tracer)
+        root.add("kernel", self.kernel.root)
         cma.listeners.append(self)
 
     def _add_region(self, region: Region) -> None:
@@ -260,6 +268,7 @@ class Tree:
     def _store_free(self, text: str, caller: Caller) -> None:
         if not text.strip():
             raise einval("free: empty write; expected a start address, id=<id> or a label")
+        self.tracer.pid = caller.pid
         try:
             self.cma.free(text, uid=caller.uid)
         except CmaError as e:
@@ -273,9 +282,11 @@ class Tree:
         if caller.uid != 0:
             raise CmaError(errno.EPERM, f"compact {region.name}: root only")
         deadline = time.monotonic() + COMPACT_SLICE
+        self.tracer.pid = caller.pid
         for _ in self.cma.compact_steps(region.name):
             if time.monotonic() >= deadline:
                 await trio.sleep(0)
+                self.tracer.pid = caller.pid    # others ran meanwhile
                 deadline = time.monotonic() + COMPACT_SLICE
 
     def labels_after(self, label: str | None) -> Iterator[str]:
@@ -349,6 +360,7 @@ class Tree:
 
     def on_free(self, chunk: Chunk) -> None:
         self._drop_transient(chunk)
+        self.kernel.on_free(chunk)
         self.chunks.invalidate(chunk.name)
         self.ids.invalidate(str(chunk.id))
         self.region_chunks[chunk.region.name].invalidate(chunk.name)

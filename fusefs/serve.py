@@ -29,6 +29,7 @@ from . import guard, mountapi
 from .guard import abort_connection, alive, start_time
 from .notify import invalidator
 from .ops import Filesystem
+from .pipe import end_waits
 
 __all__ = ["Mount", "serve", "check_mountpoint", "resolve", "seal_mountpoint",
            "unseal_mountpoint", "mount_options", "mount_entry", "abort_connection"]
@@ -216,6 +217,7 @@ async def _terminate_on_signals() -> None:
                 continue
             log.info("%s received, unmounting", name)
             terminated = True
+            end_waits()             # a trace_pipe reader must not hold the stop up
             pyfuse3.terminate()
 
 
