@@ -15,11 +15,11 @@ from test_arena import hugepages  # noqa: F401
 
 
 # The tiers (pyproject's markers), by module: the core in process is the rest.
-OPS = {"test_fusefs_ops", "test_fusefs_dynamic", "test_tree"}
+OPS = {"test_fusefs_ops", "test_fusefs_dynamic", "test_tree", "test_kernel_tree", "test_fusefs_pipe"}
 MOUNT = {"test_fusefs_mount", "test_tree_mount", "test_daemon", "test_client", "test_cmactl",
          "test_hostile", "test_identity", "test_load", "test_movable_mount", "test_permissions",
          "test_reliability", "test_restart_mount", "test_service", "test_startup",
-         "test_hugepages", "test_hardening"}
+         "test_hugepages", "test_hardening", "test_kernel_mount"}
 SLOW = {"test_load", "test_reliability", "test_restart_mount"}
 
 
