@@ -161,6 +161,7 @@ class Cma:
             self._regions[spec.name] = region
         self._map = Map(map)
         self._names_ok: set[tuple[str, str]] = set()
+        self._routes: dict[tuple[str, str | None], list[Region]] = {}  # alloc's memo
         self.chunks = ChunkIndex()
         self._next_id = 1
         self.limits: dict[int, int] = dict(limits or {})
@@ -216,6 +217,7 @@ class Cma:
     def set_map(self, text: str) -> None:
         """Replace the map; a syntax error raises EINVAL and keeps the old one."""
         self._map = Map(text)
+        self._routes = {}
         log.info("map set to %r", self._map.text)
 
     def held(self, uid: int) -> int:
@@ -273,10 +275,19 @@ class Cma:
 
     # -- allocation ----------------------------------------------------
 
-    @_locked
     def alloc(self, dev: str, size: int, alignment: int = 0, type: str | None = None,
               **options) -> Chunk:
         """Allocate from the regions the map gives (dev, type), tried in order."""
+        with self._lock:  # not @_locked: one call less on the hot path
+            regions = self._routes.get((dev, type))
+            if regions is None:
+                regions = self._route(dev, type)
+            return self._alloc(regions, size, alignment, dev, type or DEFAULT_TYPE, **options)
+
+    def _route(self, dev: str, type: str | None) -> list[Region]:
+        """The regions the map gives (dev, type), names checked; remembered (up to
+        4096 pairs, until the map changes) when there is at least one."""
+        key = (dev, type)
         type = type or DEFAULT_TYPE
         self._check_names(dev, type)
         names = self._map.lookup(dev, type)
@@ -284,7 +295,9 @@ class Cma:
         if not regions:
             raise CmaError(errno.ENOENT, f"map sends {dev}/{type} to {','.join(names)}, "
                                          "none of which exists")
-        return self._alloc(regions, size, alignment, dev, type, **options)
+        if len(self._routes) < 4096:
+            self._routes[key] = regions
+        return regions
 
     def _check_names(self, dev: str, type: str) -> None:
         """1 to 64 of [A-Za-z0-9_.-] (no newline in chunkinfo, no essay in the
@@ -311,7 +324,13 @@ class Cma:
         def request() -> str:
             return f"alloc {dev}/{type} {size:#x}/{alignment:#x}"
 
-        size, alignment = self._checked(request, size, alignment, bound, label)
+        if (size.__class__ is int and 0 < size <= U64_MAX and label is None and bound is None
+                and (alignment == 0 or alignment == PAGE_SIZE)):
+            # The common request, which _checked would pass unchanged but for rounding.
+            size = (size + PAGE_SIZE - 1) & -PAGE_SIZE
+            alignment = PAGE_SIZE
+        else:
+            size, alignment = self._checked(request, size, alignment, bound, label)
         limit = self.limits.get(uid) if self.limits else None
         if limit is not None and self.held(uid) + size > limit:
             raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
@@ -319,17 +338,18 @@ class Cma:
         # A bound is kept on the fast path (and by moves) by aligning to the chunk's
         # size rounded up to a power of two; alloc_anywhere keeps it exactly.
         fast = max(alignment, _next_pow2(size)) if bound is not None else alignment
-        fields = dict(label=label, movable=movable, transient=transient, bound=bound, uid=uid,
-                      pid=pid, alignment=fast)
+        checks = bound is not None or limit is not None  # what _fits has to look at
         failed: list[Region] = []
         over_limit: list[Region] = []  # had room, but only past the caller's limit
         for region in regions:
             allocator = region.allocator
+            # size <= region.free, without the property's call
             got = (allocator.alloc_for(size, fast, movable)
-                   if allocator and size <= region.free else None)
-            if got is not None and self._fits(got, region, bound, limit, uid, over_limit,
-                                              movable):
-                return self._new_chunk(got, region, dev, type, failed, **fields)
+                   if allocator is not None and size <= region.size - region.used else None)
+            if got is not None and (not checks or self._fits(got, region, bound, limit, uid,
+                                                             over_limit, movable)):
+                return self._new_chunk(got, region, dev, type, failed, label, movable,
+                                       transient, bound, uid, pid, fast)
             if region not in over_limit:
                 failed.append(region)
         # The slow paths (SLOW_PATHS), each over every region that could not serve.
@@ -342,7 +362,8 @@ class Cma:
                                                   movable):
                     log.info("%s: served after %s region %s", request(), why, region.name)
                     return self._new_chunk(got, region, dev, type,
-                                           [r for r in failed if r is not region], **fields)
+                                           [r for r in failed if r is not region], label,
+                                           movable, transient, bound, uid, pid, fast)
         for region in failed:
             region.alloc_fail += 1
         if over_limit:
@@ -420,11 +441,13 @@ class Cma:
         return True
 
     def _new_chunk(self, got: tuple[int, int], region: Region, dev: str, type: str,
-                   failed: list[Region], **fields) -> Chunk:
+                   failed: list[Region], label: str | None, movable: bool, transient: bool,
+                   bound: int | None, uid: int, pid: int, alignment: int) -> Chunk:
         """Make and commit the chunk ``region`` served; charge the regions that could not."""
         for other in failed:
             other.alloc_fail += 1
-        chunk = Chunk(self._next_id, got[0], got[1], region, dev, type, **fields)
+        chunk = Chunk(self._next_id, got[0], got[1], region, dev, type, uid, pid, label, None,
+                      movable, transient, bound, alignment)  # positional: RECORD order
         self._next_id += 1
         self._commit(chunk)
         return chunk
@@ -562,6 +585,15 @@ class Cma:
     def _commit(self, chunk: Chunk) -> None:
         """Index a freshly allocated chunk and tell the listeners; undo all if one vetoes."""
         self._index(chunk)
+        if self.arena is not None or self.listeners:
+            self._tell_alloc(chunk)
+        region = chunk.region
+        region.alloc_ok += 1
+        if region.used > region.peak_used:
+            region.peak_used = region.used
+
+    def _tell_alloc(self, chunk: Chunk) -> None:
+        """Zero the chunk's bytes and tell the listeners; undo all if one vetoes."""
         told = []
         try:
             if self.arena is not None:
@@ -576,25 +608,23 @@ class Cma:
                 listener.on_free(chunk)
             self._forget(chunk)
             raise
-        region = chunk.region
-        region.alloc_ok += 1
-        if region.used > region.peak_used:
-            region.peak_used = region.used
 
     def _forget(self, chunk: Chunk) -> None:
         self.chunks.remove(chunk)
         region = chunk.region
-        region.allocator.free_for(chunk.start, chunk.size, chunk.movable)
-        if region.kind == "sticky" and self.arena is not None:
-            self.arena.release(chunk.start - self.base, chunk.size)
+        start, size, uid = chunk.start, chunk.size, chunk.uid
+        region.allocator.free_for(start, size, chunk.movable)
+        if self.arena is not None and region.kind == "sticky":
+            self.arena.release(start - self.base, size)
         region.users -= 1
-        region.used -= chunk.size
+        region.used -= size
         region.movable_users -= chunk.movable
-        held = self._held[chunk.uid] - chunk.size
-        if held:
-            self._held[chunk.uid] = held
+        held = self._held
+        left = held[uid] - size
+        if left:
+            held[uid] = left
         else:
-            del self._held[chunk.uid]
+            del held[uid]
 
     # -- moves ---------------------------------------------------------
 
@@ -706,25 +736,28 @@ class Cma:
             raise CmaError(errno.ENOENT, f"no chunk with id {text}")
         return chunk
 
-    @_locked
     def free(self, key: int | str, *, uid: int | None = None) -> Chunk:
         """Free a chunk by start or label.  ENOENT (and a warning) if there is none;
         EPERM when ``uid`` is given, not root, and not the chunk's owner."""
-        try:
-            chunk = self.find(key)
-        except CmaError as e:
-            log.warning("free: %s", e.why, extra={"client": True, "why": e.why})
-            raise
-        if uid is not None and uid != 0 and uid != chunk.uid:
-            raise CmaError(errno.EPERM, f"free {chunk.name}: owned by uid {chunk.uid}, "
-                                        f"not {uid}")
-        for listener in self.listeners:
-            listener.on_free(chunk)
-        self._forget(chunk)
-        chunk.region.freed += 1
-        if chunk.region.users == 0 and chunk.region.allocator is not None:
-            chunk.region.allocator.cleanup()
-        return chunk
+        with self._lock:  # not @_locked: one call less on the hot path
+            chunk = self.chunks.get(key) if key.__class__ is int else None
+            if chunk is None:
+                try:
+                    chunk = self.find(key)
+                except CmaError as e:
+                    log.warning("free: %s", e.why, extra={"client": True, "why": e.why})
+                    raise
+            if uid is not None and uid != 0 and uid != chunk.uid:
+                raise CmaError(errno.EPERM, f"free {chunk.name}: owned by uid {chunk.uid}, "
+                                            f"not {uid}")
+            for listener in self.listeners:
+                listener.on_free(chunk)
+            self._forget(chunk)
+            region = chunk.region
+            region.freed += 1
+            if region.users == 0 and region.allocator is not None:
+                region.allocator.cleanup()
+            return chunk
 
     # -- queries -------------------------------------------------------
 

@@ -93,8 +93,10 @@ class BestFit(Allocator):
 
     # -- the interface -------------------------------------------------
 
-    def alloc(self, size: int, alignment: int) -> tuple[int, int] | None:
-        """Best fit.  O(log n), plus one step per big-enough misaligned hole."""
+    def alloc(self, size: int, alignment: int, movable: bool = False,
+              claim: bool = True) -> tuple[int, int] | None:
+        """Best fit.  O(log n), plus one step per big-enough misaligned hole.
+        Also ``alloc_for`` (bf ignores mobility): one call less on the hot path."""
         by_size = self._by_size
         # irange walks the sublists directly: no positional index to keep.
         candidates = by_size.irange(size << _SHIFT)
@@ -146,9 +148,9 @@ class BestFit(Allocator):
         self.free_bytes -= size
         return at, size
 
-    def free(self, start: int, size: int) -> tuple[int, int]:
+    def free(self, start: int, size: int, movable: bool = False) -> tuple[int, int]:
         """Give back [start, start + size), merged with both neighbours; returns
-        the merged hole.  O(log n).
+        the merged hole.  O(log n).  Also ``free_for``.
 
         The core only frees what alloc or reserve gave; only the bounds are
         checked here, and _check catches a double free.
@@ -182,6 +184,9 @@ class BestFit(Allocator):
         by_start[start] = size
         by_end[start + size] = start
         return start, size
+
+    alloc_for = alloc  # the interface's alloc_for and free_for, without a call between
+    free_for = free
 
     def reserve(self, start: int, size: int) -> bool:
         """Claim [start, start + size) if all free.  O(log n) between reserves."""
