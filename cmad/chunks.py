@@ -90,6 +90,9 @@ class ChunkIndex:
 
     def __init__(self) -> None:
         self._by_start: dict[int, Chunk] = {}
+        # get(start): the chunk that starts there, or None.  The dict's own get,
+        # bound once: free asks it on every request.
+        self.get = self._by_start.get
         self._starts: SortedList | None = None  # sorted keys of _by_start, while asked for
         self._idle = 0
         self._by_label: dict[str, Chunk] = {}
@@ -131,14 +134,16 @@ class ChunkIndex:
             if starts is not None:
                 starts.add(start)
         by_start[start] = chunk
-        self._add_id(chunk)
-
-    def _add_id(self, chunk: Chunk) -> None:
         id, ids = chunk.id, self._ids
         self._by_id[id] = chunk
-        if not ids or id > ids[-1]:
+        if not ids or id > ids[-1]:  # a new chunk: ids only grow
             ids.append(id)
-            return
+        else:
+            self._old_id(id, ids)
+
+    @staticmethod
+    def _old_id(id: int, ids: list[int]) -> None:
+        """A chunk indexed again under its id (a move, a restore): keep ``ids`` sorted."""
         i = bisect_left(ids, id)
         if i == len(ids) or ids[i] != id:  # else a tombstone comes back (a move)
             insort(ids, id)
@@ -153,7 +158,7 @@ class ChunkIndex:
             for chunk in chunks:
                 self.add(chunk)
             return
-        self._by_start = {chunk.start: chunk for chunk in chunks}
+        self._by_start.update((chunk.start, chunk) for chunk in chunks)  # keeps self.get
         self._starts = None
         self._by_id = {chunk.id: chunk for chunk in chunks}
         self._ids = sorted(self._by_id)
@@ -184,9 +189,6 @@ class ChunkIndex:
         if starts is not None:
             starts.remove(old)
             starts.add(new)
-
-    def get(self, start: int) -> Chunk | None:
-        return self._by_start.get(start)
 
     def by_label(self, label: str) -> Chunk | None:
         return self._by_label.get(label)

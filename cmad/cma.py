@@ -130,6 +130,12 @@ def _misfit(region: Region | None, name: str, start: int,
     return None
 
 
+def _request(dev: str, type: str, size: int, alignment: int) -> str:
+    """How log lines and errors name an allocation request (not a closure per
+    request: that would cost every allocation its cells)."""
+    return f"alloc {dev}/{type} {size:#x}/{alignment:#x}"
+
+
 def _label_taken(start: int, label: str) -> str:
     return f"chunk {fmt_addr(start)}: label {label!r} is taken"
 
@@ -275,14 +281,16 @@ class Cma:
 
     # -- allocation ----------------------------------------------------
 
-    def alloc(self, dev: str, size: int, alignment: int = 0, type: str | None = None,
-              **options) -> Chunk:
+    def alloc(self, dev: str, size: int, alignment: int = 0, type: str | None = None, *,
+              label: str | None = None, movable: bool = False, transient: bool = False,
+              bound: int | None = None, uid: int = 0, pid: int = 0) -> Chunk:
         """Allocate from the regions the map gives (dev, type), tried in order."""
         with self._lock:  # not @_locked: one call less on the hot path
             regions = self._routes.get((dev, type))
             if regions is None:
                 regions = self._route(dev, type)
-            return self._alloc(regions, size, alignment, dev, type or DEFAULT_TYPE, **options)
+            return self._alloc(regions, size, alignment, dev, type or DEFAULT_TYPE, label,
+                               movable, transient, bound, uid, pid)
 
     def _route(self, dev: str, type: str | None) -> list[Region]:
         """The regions the map gives (dev, type), names checked; remembered (up to
@@ -319,22 +327,21 @@ class Cma:
                            "-", "-", **options)
 
     def _alloc(self, regions: list[Region], size: int, alignment: int, dev: str, type: str,
-               *, label: str | None = None, movable: bool = False, transient: bool = False,
+               label: str | None = None, movable: bool = False, transient: bool = False,
                bound: int | None = None, uid: int = 0, pid: int = 0) -> Chunk:
-        def request() -> str:
-            return f"alloc {dev}/{type} {size:#x}/{alignment:#x}"
-
         if (size.__class__ is int and 0 < size <= U64_MAX and label is None and bound is None
                 and (alignment == 0 or alignment == PAGE_SIZE)):
             # The common request, which _checked would pass unchanged but for rounding.
             size = (size + PAGE_SIZE - 1) & -PAGE_SIZE
             alignment = PAGE_SIZE
         else:
-            size, alignment = self._checked(request, size, alignment, bound, label)
+            what = functools.partial(_request, dev, type, size, alignment)
+            size, alignment = self._checked(what, size, alignment, bound, label)
         limit = self.limits.get(uid) if self.limits else None
         if limit is not None and self.held(uid) + size > limit:
-            raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
-                                         f"{human(self.held(uid))} of its {human(limit)} limit")
+            raise CmaError(errno.EDQUOT, f"{_request(dev, type, size, alignment)}: uid {uid} "
+                                         f"holds {human(self.held(uid))} of its {human(limit)} "
+                                         "limit")
         # A bound is kept on the fast path (and by moves) by aligning to the chunk's
         # size rounded up to a power of two; alloc_anywhere keeps it exactly.
         fast = max(alignment, _next_pow2(size)) if bound is not None else alignment
@@ -360,20 +367,21 @@ class Cma:
                 got = serve(region, size, alignment, fast, movable, bound)
                 if got is not None and self._fits(got, region, bound, limit, uid, over_limit,
                                                   movable):
-                    log.info("%s: served after %s region %s", request(), why, region.name)
+                    log.info("%s: served after %s region %s",
+                             _request(dev, type, size, alignment), why, region.name)
                     return self._new_chunk(got, region, dev, type,
                                            [r for r in failed if r is not region], label,
                                            movable, transient, bound, uid, pid, fast)
         for region in failed:
             region.alloc_fail += 1
         if over_limit:
-            raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
-                                         f"{human(self.held(uid))} of its {human(limit)} "
+            raise CmaError(errno.EDQUOT, f"{_request(dev, type, size, alignment)}: uid {uid} "
+                                         f"holds {human(self.held(uid))} of its {human(limit)} "
                                          "limit; what " + ", ".join(r.name for r in over_limit)
                                          + " could give would take it past")
         tried = ", ".join(r.describe() if r.allocator else f"{r.name} (no allocator: "
                           f"{r.alloc_text})" for r in regions)
-        why = f"{request()}: no room; tried {tried}"
+        why = f"{_request(dev, type, size, alignment)}: no room; tried {tried}"
         log.info("%s", why)
         raise CmaError(errno.ENOMEM, why)
 
@@ -443,13 +451,25 @@ class Cma:
     def _new_chunk(self, got: tuple[int, int], region: Region, dev: str, type: str,
                    failed: list[Region], label: str | None, movable: bool, transient: bool,
                    bound: int | None, uid: int, pid: int, alignment: int) -> Chunk:
-        """Make and commit the chunk ``region`` served; charge the regions that could not."""
+        """Make, index and commit the chunk ``region`` served (``_index`` and the
+        listeners, inline: the hot path); charge the regions that could not."""
         for other in failed:
             other.alloc_fail += 1
-        chunk = Chunk(self._next_id, got[0], got[1], region, dev, type, uid, pid, label, None,
+        start, size = got
+        chunk = Chunk(self._next_id, start, size, region, dev, type, uid, pid, label, None,
                       movable, transient, bound, alignment)  # positional: RECORD order
         self._next_id += 1
-        self._commit(chunk)
+        self.chunks.add(chunk)
+        region.users += 1
+        used = region.used = region.used + size
+        region.movable_users += movable
+        held = self._held
+        held[uid] = held.get(uid, 0) + size
+        if self.arena is not None or self.listeners:
+            self._tell_alloc(chunk)
+        region.alloc_ok += 1
+        if used > region.peak_used:
+            region.peak_used = used
         return chunk
 
     @_locked
@@ -581,16 +601,6 @@ class Cma:
         region.used += chunk.size
         region.movable_users += chunk.movable
         self._held[chunk.uid] = self._held.get(chunk.uid, 0) + chunk.size
-
-    def _commit(self, chunk: Chunk) -> None:
-        """Index a freshly allocated chunk and tell the listeners; undo all if one vetoes."""
-        self._index(chunk)
-        if self.arena is not None or self.listeners:
-            self._tell_alloc(chunk)
-        region = chunk.region
-        region.alloc_ok += 1
-        if region.used > region.peak_used:
-            region.peak_used = region.used
 
     def _tell_alloc(self, chunk: Chunk) -> None:
         """Zero the chunk's bytes and tell the listeners; undo all if one vetoes."""
