@@ -6,6 +6,7 @@ import errno
 import re
 import time
 from bisect import bisect_left, bisect_right, insort
+from itertools import islice
 from typing import Iterable, Iterator
 
 from sortedcontainers import SortedList
@@ -22,6 +23,7 @@ RECORD = ("id", "start", "size", "region", "dev", "type", "uid", "pid", "label",
 LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 ADDR_FORM = re.compile(r"[0-9a-fA-F]{16}")
 IDLE = 4096  # adds and removes without an ordered query before the start order is dropped
+BATCH = 256  # starts in_range takes from the order at a time
 
 
 def check_label(label: str) -> str:
@@ -229,13 +231,22 @@ class ChunkIndex:
         return None if start is None else self._by_start[start]
 
     def in_range(self, start: int, end: int) -> Iterator[Chunk]:
-        """Chunks starting in [start, end), by start.  A chunk freed while the
-        caller holds the iterator is skipped."""
+        """Chunks starting in [start, end), by start.  Lazy, in batches of BATCH
+        starts, each batch taken afresh after the last start yielded: the index
+        may change while the caller holds the iterator (a chunk freed by then
+        is skipped), which a SortedList's own iterator does not allow."""
         by_start = self._by_start
-        for key in self._ordered().irange(start, end, inclusive=(True, False)):
-            chunk = by_start.get(key)
-            if chunk is not None:
-                yield chunk
+        inclusive = True
+        while True:
+            batch = list(islice(self._ordered().irange(start, end, inclusive=(inclusive, False)),
+                                BATCH))
+            for key in batch:
+                chunk = by_start.get(key)
+                if chunk is not None:
+                    yield chunk
+            if len(batch) < BATCH:
+                return
+            start, inclusive = batch[-1], False
 
     def __iter__(self) -> Iterator[Chunk]:
         by_start = self._by_start
