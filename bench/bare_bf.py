@@ -3,15 +3,28 @@
 Holes in a SortedList of int keys ``(size << 64) | start`` (smallest fit,
 lowest address among equals) plus boundary dicts for merging on free.  Page
 alignment only; no region, chunk, quota, listener or check.  The same
-placement as ``cmad.allocators.bf`` with grouping off.
+placement as ``cmad.allocators.bf`` with grouping off, and the same lookup
+of the best fit (``ceiling``: two bisects on the SortedList's sublists, not
+``next(irange(key))``), so that this stays the floor under bf.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
 
 from sortedcontainers import SortedList
 
 SHIFT = 64
 LOW = (1 << SHIFT) - 1
+
+
+def ceiling(keys: SortedList, key: int) -> int | None:
+    """The first key >= key (as cmad.allocators.bf.ceiling)."""
+    i = bisect_left(keys._maxes, key)
+    if i == len(keys._maxes):
+        return None
+    sub = keys._lists[i]
+    return sub[bisect_left(sub, key)]
 
 
 class BareBestFit:
@@ -21,7 +34,7 @@ class BareBestFit:
         self.by_end = {start + size: start}  # hole end -> start
 
     def alloc(self, size: int) -> int | None:
-        key = next(self.by_size.irange(size << SHIFT), None)
+        key = ceiling(self.by_size, size << SHIFT)
         if key is None:
             return None
         hole, hole_size = key & LOW, key >> SHIFT

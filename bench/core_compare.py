@@ -198,7 +198,7 @@ def main() -> None:
               + f"{m[0] / m[-1]:>8.2f}x" + "".join(f"{o / r:>12.2f}x" for o, r in zip(ours, m)))
     print("growth = pairs/s at the fewest live chunks / at the most (1.00x: no slowdown)")
     same = [side.label for side in sides if digests[side.label] == digests["this tree"]]
-    print("placed exactly as this tree: " + ", ".join(same))
+    print("placed exactly as this tree: " + "; ".join(same))
 
 
 if __name__ == "__main__":
