@@ -115,11 +115,12 @@ def test_bound_on_hugepages_is_physically_contiguous(daemon, hugepages):
 
 
 def test_pageblocks_file_and_keys_through_the_mount(daemon):
-    mnt = daemon(*REGIONS)
+    # Grouping is off by default (GROUP_BY_DEFAULT): r asks for it.
+    mnt = daemon("--regions", "r=16M:bf(pageblock=2M);other=8M:buddy", "--map", "*=r")
     alloc(mnt, "x 16K")
     alloc(mnt, "x 16K movable")
     assert read(mnt / "regions/r/pageblocks") == "M......P\n"  # pinned from the top
-    assert read(mnt / "regions/other/pageblocks") == "\n"       # 8 MiB: grouping off
+    assert read(mnt / "regions/other/pageblocks") == "\n"       # grouping off
     stats = dict(line.split() for line in read(mnt / "regions/r/stats").splitlines())
     assert (stats["pageblock"], stats["blocks_free"], stats["blocks_pinned"],
             stats["blocks_movable"], stats["blocks_mixed"], stats["fallbacks"]) == \
