@@ -25,6 +25,7 @@ import argparse
 import gc
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -167,6 +168,14 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.spec, lives)
     before = args.before or export_before(BEFORE)
+    try:
+        run_sides(args, lives, before)
+    finally:
+        if not args.before:
+            shutil.rmtree(before)
+
+
+def run_sides(args: argparse.Namespace, lives: list[int], before: str) -> None:
     sides = [Side("this tree", "cma", str(ROOT), "r=64G:bf", lives),
              Side("before", "cma", before, "r=64G:bf", lives),
              Side("before, pageblock=0", "cma", before, "r=64G:bf(pageblock=0)", lives),
