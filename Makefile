@@ -48,6 +48,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	taskset -c 1 $(PY) bench/core.py
+	taskset -c 1 $(PY) bench/core_compare.py
 	$(PY) bench/fs.py
 	$(PY) bench/frag.py
 	taskset -c 1 $(PY) bench/compact.py

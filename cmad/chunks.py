@@ -6,9 +6,10 @@ import errno
 import re
 import time
 from bisect import bisect_left, bisect_right, insort
+from itertools import islice
 from typing import Iterable, Iterator
 
-from sortedcontainers import SortedDict
+from sortedcontainers import SortedList
 
 from .errors import CmaError, clip, einval
 from .memparse import fmt_addr
@@ -21,6 +22,8 @@ RECORD = ("id", "start", "size", "region", "dev", "type", "uid", "pid", "label",
 
 LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 ADDR_FORM = re.compile(r"[0-9a-fA-F]{16}")
+IDLE = 4096  # adds and removes without an ordered query before the start order is dropped
+BATCH = 256  # starts in_range takes from the order at a time
 
 
 def check_label(label: str) -> str:
@@ -75,10 +78,25 @@ class Chunk:
 
 
 class ChunkIndex:
-    """All live chunks, by start (sorted: log-time "who holds X") and by label."""
+    """All live chunks, by start (sorted: log-time "who holds X") and by label.
+
+    By start: a dict for ``get`` (free, the files), and the starts in order
+    (a SortedList) for the ordered queries (``holding``, ``last_before``,
+    ``in_range``, iteration: listings, compaction, checks).  The order costs
+    two tree updates per alloc+free pair that never ask for it, so it is
+    built on demand and kept up to date by adds and removes until
+    ``max(IDLE, 4 n)`` of them came without an ordered query (as bf's start
+    index): a rebuild, O(n log n), is paid for by at least 4n updates that
+    did not need it.
+    """
 
     def __init__(self) -> None:
-        self._by_start: SortedDict = SortedDict()
+        self._by_start: dict[int, Chunk] = {}
+        # get(start): the chunk that starts there, or None.  The dict's own get,
+        # bound once: free asks it on every request.
+        self.get = self._by_start.get
+        self._starts: SortedList | None = None  # sorted keys of _by_start, while asked for
+        self._idle = 0
         self._by_label: dict[str, Chunk] = {}
         # By id: a dict for lookups, and for listings in id order a list of
         # ids, ascending, with tombstones (ids no longer in the dict).  New
@@ -88,21 +106,46 @@ class ChunkIndex:
         self._by_id: dict[int, Chunk] = {}
         self._ids: list[int] = []
 
+    def _ordered(self) -> SortedList:
+        """The starts in order, built if dropped; an ordered query keeps it alive."""
+        starts = self._starts
+        if starts is None:
+            starts = self._starts = SortedList(self._by_start)
+        self._idle = 0
+        return starts
+
+    def _touched(self) -> SortedList | None:
+        """An add or remove: the start order to keep up to date, if still worth it."""
+        starts = self._starts
+        if starts is not None:
+            self._idle += 1
+            if self._idle > IDLE and self._idle > 4 * len(starts):
+                self._starts = starts = None
+        return starts
+
     def add(self, chunk: Chunk) -> None:
         if chunk.label is not None:
             if chunk.label in self._by_label:
                 raise CmaError(errno.EEXIST, f"label {chunk.label!r} is taken by chunk "
                                              f"{self._by_label[chunk.label].name}")
             self._by_label[chunk.label] = chunk
-        self._by_start[chunk.start] = chunk
-        self._add_id(chunk)
-
-    def _add_id(self, chunk: Chunk) -> None:
+        start = chunk.start
+        by_start = self._by_start
+        if self._starts is not None and start not in by_start:
+            starts = self._touched()
+            if starts is not None:
+                starts.add(start)
+        by_start[start] = chunk
         id, ids = chunk.id, self._ids
         self._by_id[id] = chunk
-        if not ids or id > ids[-1]:
+        if not ids or id > ids[-1]:  # a new chunk: ids only grow
             ids.append(id)
-            return
+        else:
+            self._old_id(id, ids)
+
+    @staticmethod
+    def _old_id(id: int, ids: list[int]) -> None:
+        """A chunk indexed again under its id (a move, a restore): keep ``ids`` sorted."""
         i = bisect_left(ids, id)
         if i == len(ids) or ids[i] != id:  # else a tombstone comes back (a move)
             insort(ids, id)
@@ -110,21 +153,27 @@ class ChunkIndex:
     def add_many(self, chunks: list[Chunk]) -> None:
         """Index chunks sorted by start, none of them indexed yet, labels unique.
 
-        Into an empty index the sorted dicts are built in one go (recovery);
+        Into an empty index the indexes are built in one go (recovery);
         otherwise one by one.
         """
         if self._by_start:
             for chunk in chunks:
                 self.add(chunk)
             return
-        self._by_start = SortedDict([(chunk.start, chunk) for chunk in chunks])
+        self._by_start.update((chunk.start, chunk) for chunk in chunks)  # keeps self.get
+        self._starts = None
         self._by_id = {chunk.id: chunk for chunk in chunks}
         self._ids = sorted(self._by_id)
         self._by_label.update((chunk.label, chunk) for chunk in chunks
                               if chunk.label is not None)
 
     def remove(self, chunk: Chunk) -> None:
-        del self._by_start[chunk.start]
+        start = chunk.start
+        del self._by_start[start]
+        if self._starts is not None:
+            starts = self._touched()
+            if starts is not None:
+                starts.remove(start)
         by_id = self._by_id
         del by_id[chunk.id]
         if len(self._ids) > 2 * len(by_id) + 64:
@@ -134,12 +183,14 @@ class ChunkIndex:
 
     def move(self, chunk: Chunk, new: int) -> None:
         """Re-key a chunk by its new start; its id and label stay indexed."""
-        del self._by_start[chunk.start]
+        old = chunk.start
+        del self._by_start[old]
         chunk.start = new
         self._by_start[new] = chunk
-
-    def get(self, start: int) -> Chunk | None:
-        return self._by_start.get(start)
+        starts = self._touched()
+        if starts is not None:
+            starts.remove(old)
+            starts.add(new)
 
     def by_label(self, label: str) -> Chunk | None:
         return self._by_label.get(label)
@@ -167,23 +218,39 @@ class ChunkIndex:
 
     def holding(self, addr: int) -> Chunk | None:
         """The chunk whose bytes include ``addr``, in O(log n)."""
-        i = self._by_start.bisect_right(addr)
-        if i == 0:
+        start = next(self._ordered().irange(maximum=addr, reverse=True), None)
+        if start is None:
             return None
-        chunk = self._by_start.peekitem(i - 1)[1]
+        chunk = self._by_start[start]
         return chunk if addr < chunk.end else None
 
     def last_before(self, addr: int) -> Chunk | None:
         """The chunk with the highest start below ``addr``, in O(log n)."""
-        i = self._by_start.bisect_left(addr)
-        return self._by_start.peekitem(i - 1)[1] if i else None
+        start = next(self._ordered().irange(maximum=addr, inclusive=(True, False),
+                                            reverse=True), None)
+        return None if start is None else self._by_start[start]
 
     def in_range(self, start: int, end: int) -> Iterator[Chunk]:
-        for key in self._by_start.irange(start, end, inclusive=(True, False)):
-            yield self._by_start[key]
+        """Chunks starting in [start, end), by start.  Lazy, in batches of BATCH
+        starts, each batch taken afresh after the last start yielded: the index
+        may change while the caller holds the iterator (a chunk freed by then
+        is skipped), which a SortedList's own iterator does not allow."""
+        by_start = self._by_start
+        inclusive = True
+        while True:
+            batch = list(islice(self._ordered().irange(start, end, inclusive=(inclusive, False)),
+                                BATCH))
+            for key in batch:
+                chunk = by_start.get(key)
+                if chunk is not None:
+                    yield chunk
+            if len(batch) < BATCH:
+                return
+            start, inclusive = batch[-1], False
 
     def __iter__(self) -> Iterator[Chunk]:
-        return iter(self._by_start.values())
+        by_start = self._by_start
+        return iter([by_start[start] for start in self._ordered()])
 
     def __len__(self) -> int:
         return len(self._by_start)

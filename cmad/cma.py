@@ -141,6 +141,12 @@ def _misfit(region: Region | None, name: str, start: int,
     return None
 
 
+def _request(dev: str, type: str, size: int, alignment: int) -> str:
+    """How log lines and errors name an allocation request (not a closure per
+    request: that would cost every allocation its cells)."""
+    return f"alloc {dev}/{type} {size:#x}/{alignment:#x}"
+
+
 def _label_taken(start: int, label: str) -> str:
     return f"chunk {fmt_addr(start)}: label {label!r} is taken"
 
@@ -172,6 +178,7 @@ class Cma:
             self._regions[spec.name] = region
         self._map = Map(map)
         self._names_ok: set[tuple[str, str]] = set()
+        self._routes: dict[tuple[str, str | None], list[Region]] = {}  # alloc's memo
         self.chunks = ChunkIndex()
         self._next_id = 1
         self.limits: dict[int, int] = dict(limits or {})
@@ -230,6 +237,7 @@ class Cma:
     def set_map(self, text: str) -> None:
         """Replace the map; a syntax error raises EINVAL and keeps the old one."""
         self._map = Map(text)
+        self._routes = {}
         log.info("map set to %r", self._map.text)
 
     def held(self, uid: int) -> int:
@@ -287,10 +295,21 @@ class Cma:
 
     # -- allocation ----------------------------------------------------
 
-    @_locked
-    def alloc(self, dev: str, size: int, alignment: int = 0, type: str | None = None,
-              **options) -> Chunk:
+    def alloc(self, dev: str, size: int, alignment: int = 0, type: str | None = None, *,
+              label: str | None = None, movable: bool = False, transient: bool = False,
+              bound: int | None = None, uid: int = 0, pid: int = 0) -> Chunk:
         """Allocate from the regions the map gives (dev, type), tried in order."""
+        with self._lock:  # not @_locked: one call less on the hot path
+            regions = self._routes.get((dev, type))
+            if regions is None:
+                regions = self._route(dev, type)
+            return self._alloc(regions, size, alignment, dev, type or DEFAULT_TYPE, label,
+                               movable, transient, bound, uid, pid)
+
+    def _route(self, dev: str, type: str | None) -> list[Region]:
+        """The regions the map gives (dev, type), names checked; remembered (up to
+        4096 pairs, until the map changes) when there is at least one."""
+        key = (dev, type)
         type = type or DEFAULT_TYPE
         self._check_names(dev, type)
         names = self._map.lookup(dev, type)
@@ -298,7 +317,9 @@ class Cma:
         if not regions:
             raise CmaError(errno.ENOENT, f"map sends {dev}/{type} to {','.join(names)}, "
                                          "none of which exists")
-        return self._alloc(regions, size, alignment, dev, type, **options)
+        if len(self._routes) < 4096:
+            self._routes[key] = regions
+        return regions
 
     def _check_names(self, dev: str, type: str) -> None:
         """1 to 64 of [A-Za-z0-9_.-] (no newline in chunkinfo, no essay in the
@@ -323,21 +344,25 @@ class Cma:
                            dev, "-", **options)
 
     def _alloc(self, regions: list[Region], size: int, alignment: int, dev: str, type: str,
-               *, label: str | None = None, movable: bool = False, transient: bool = False,
+               label: str | None = None, movable: bool = False, transient: bool = False,
                bound: int | None = None, uid: int = 0, pid: int = 0) -> Chunk:
-        def request() -> str:
-            return f"alloc {dev}/{type} {size:#x}/{alignment:#x}"
-
-        size, alignment = self._checked(request, size, alignment, bound, label)
+        if (size.__class__ is int and 0 < size <= U64_MAX and label is None and bound is None
+                and (alignment == 0 or alignment == PAGE_SIZE)):
+            # The common request, which _checked would pass unchanged but for rounding.
+            size = (size + PAGE_SIZE - 1) & -PAGE_SIZE
+            alignment = PAGE_SIZE
+        else:
+            what = functools.partial(_request, dev, type, size, alignment)
+            size, alignment = self._checked(what, size, alignment, bound, label)
         limit = self.limits.get(uid) if self.limits else None
         if limit is not None and self.held(uid) + size > limit:
-            raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
-                                         f"{human(self.held(uid))} of its {human(limit)} limit")
+            raise CmaError(errno.EDQUOT, f"{_request(dev, type, size, alignment)}: uid {uid} "
+                                         f"holds {human(self.held(uid))} of its {human(limit)} "
+                                         "limit")
         # A bound is kept on the fast path (and by moves) by aligning to the chunk's
         # size rounded up to a power of two; alloc_anywhere keeps it exactly.
         fast = max(alignment, _next_pow2(size)) if bound is not None else alignment
-        fields = dict(label=label, movable=movable, transient=transient, bound=bound, uid=uid,
-                      pid=pid, alignment=fast)
+        checks = bound is not None or limit is not None  # what _fits has to look at
         failed: list[Region] = []
         over_limit: list[Region] = []  # had room, but only past the caller's limit
         tracer = self.tracer
@@ -345,11 +370,13 @@ class Cma:
             if tracer is not None:
                 tracer.alloc_start(region, size, alignment)
             allocator = region.allocator
+            # size <= region.free, without the property's call
             got = (allocator.alloc_for(size, fast, movable)
-                   if allocator and size <= region.free else None)
-            if got is not None and self._fits(got, region, bound, limit, uid, over_limit,
-                                              movable):
-                return self._new_chunk(got, region, dev, type, failed, size, **fields)
+                   if allocator is not None and size <= region.size - region.used else None)
+            if got is not None and (not checks or self._fits(got, region, bound, limit, uid,
+                                                             over_limit, movable)):
+                return self._new_chunk(got, region, dev, type, failed, size, label, movable,
+                                       transient, bound, uid, pid, fast)
             if region not in over_limit:
                 failed.append(region)
         # The slow paths (SLOW_PATHS), each over every region that could not serve.
@@ -360,22 +387,30 @@ class Cma:
                 got = serve(region, size, alignment, fast, movable, bound)
                 if got is not None and self._fits(got, region, bound, limit, uid, over_limit,
                                                   movable):
-                    log.info("%s: served after %s region %s", request(), why, region.name)
+                    log.info("%s: served after %s region %s",
+                             _request(dev, type, size, alignment), why, region.name)
                     return self._new_chunk(got, region, dev, type,
                                            [r for r in failed if r is not region], size,
-                                           **fields)
+                                           label, movable, transient, bound, uid, pid, fast)
         for region in failed:
             self._charge_fail(region, size, alignment)
+        raise self._refusal(regions, over_limit, _request(dev, type, size, alignment), uid,
+                            limit)
+
+    def _refusal(self, regions: list[Region], over_limit: list[Region], what: str, uid: int,
+                 limit: int | None) -> CmaError:
+        """EDQUOT where only the caller's limit stood in the way, else ENOMEM naming
+        every region tried with its free bytes and its largest free range."""
         if over_limit:
-            raise CmaError(errno.EDQUOT, f"{request()}: uid {uid} holds "
-                                         f"{human(self.held(uid))} of its {human(limit)} "
-                                         "limit; what " + ", ".join(r.name for r in over_limit)
-                                         + " could give would take it past")
+            return CmaError(errno.EDQUOT, f"{what}: uid {uid} holds {human(self.held(uid))} "
+                                          f"of its {human(limit)} limit; what "
+                                          + ", ".join(r.name for r in over_limit)
+                                          + " could give would take it past")
         tried = ", ".join(r.describe() if r.allocator else f"{r.name} (no allocator: "
                           f"{r.alloc_text})" for r in regions)
-        why = f"{request()}: no room; tried {tried}"
+        why = f"{what}: no room; tried {tried}"
         log.info("%s", why)
-        raise CmaError(errno.ENOMEM, why)
+        return CmaError(errno.ENOMEM, why)
 
     def _checked(self, request: Callable[[], str], size: int, alignment: int,
                  bound: int | None, label: str | None) -> tuple[int, int]:
@@ -451,21 +486,37 @@ class Cma:
             self.tracer.alloc_finish(region, None, size, alignment, -error)
 
     def _new_chunk(self, got: tuple[int, int], region: Region, dev: str, type: str,
-                   failed: list[Region], size: int, **fields) -> Chunk:
-        """Make and commit the chunk ``region`` served; charge the regions that could not."""
-        alignment = fields["alignment"]
+                   failed: list[Region], asked: int, label: str | None, movable: bool,
+                   transient: bool, bound: int | None, uid: int, pid: int,
+                   alignment: int) -> Chunk:
+        """Make, index and commit the chunk ``region`` served (``_index`` and the
+        listeners, inline: the hot path); charge the regions that could not."""
         for other in failed:
-            self._charge_fail(other, size, alignment)
-        chunk = Chunk(self._next_id, got[0], got[1], region, dev, type, **fields)
+            self._charge_fail(other, asked, alignment)
+        start, size = got
+        chunk = Chunk(self._next_id, start, size, region, dev, type, uid, pid, label, None,
+                      movable, transient, bound, alignment)  # positional: RECORD order
         self._next_id += 1
-        try:
-            self._commit(chunk)
-        except CmaError as e:
-            if self.tracer is not None:
-                self.tracer.alloc_finish(region, None, size, alignment, -e.errno)
-            raise
-        if self.tracer is not None:
-            self.tracer.alloc_finish(region, chunk, chunk.size, alignment, 0)
+        self.chunks.add(chunk)
+        region.users += 1
+        used = region.used = region.used + size
+        region.movable_users += movable
+        held = self._held
+        held[uid] = held.get(uid, 0) + size
+        tracer = self.tracer
+        if self.arena is not None or self.listeners:
+            try:
+                self._tell_alloc(chunk)
+            except CmaError as e:
+                if tracer is not None:
+                    tracer.alloc_finish(region, None, asked, alignment, -e.errno)
+                raise
+        region.alloc_ok += 1
+        region.alloc_pages += size >> PAGE_SHIFT
+        if used > region.peak_used:
+            region.peak_used = used
+        if tracer is not None:
+            tracer.alloc_finish(region, chunk, size, alignment, 0)
         return chunk
 
     @_locked
@@ -600,9 +651,8 @@ class Cma:
         region.movable_users += chunk.movable
         self._held[chunk.uid] = self._held.get(chunk.uid, 0) + chunk.size
 
-    def _commit(self, chunk: Chunk) -> None:
-        """Index a freshly allocated chunk and tell the listeners; undo all if one vetoes."""
-        self._index(chunk)
+    def _tell_alloc(self, chunk: Chunk) -> None:
+        """Zero the chunk's bytes and tell the listeners; undo all if one vetoes."""
         told = []
         try:
             if self.arena is not None:
@@ -617,26 +667,23 @@ class Cma:
                 listener.on_free(chunk)
             self._forget(chunk)
             raise
-        region = chunk.region
-        region.alloc_ok += 1
-        region.alloc_pages += chunk.size >> PAGE_SHIFT
-        if region.used > region.peak_used:
-            region.peak_used = region.used
 
     def _forget(self, chunk: Chunk) -> None:
         self.chunks.remove(chunk)
         region = chunk.region
-        region.allocator.free_for(chunk.start, chunk.size, chunk.movable)
-        if region.kind == "sticky" and self.arena is not None:
-            self.arena.release(chunk.start - self.base, chunk.size)
+        start, size, uid = chunk.start, chunk.size, chunk.uid
+        region.allocator.free_for(start, size, chunk.movable)
+        if self.arena is not None and region.kind == "sticky":
+            self.arena.release(start - self.base, size)
         region.users -= 1
-        region.used -= chunk.size
+        region.used -= size
         region.movable_users -= chunk.movable
-        held = self._held[chunk.uid] - chunk.size
-        if held:
-            self._held[chunk.uid] = held
+        held = self._held
+        left = held[uid] - size
+        if left:
+            held[uid] = left
         else:
-            del self._held[chunk.uid]
+            del held[uid]
 
     # -- moves ---------------------------------------------------------
 
@@ -797,28 +844,31 @@ class Cma:
             raise CmaError(errno.ENOENT, f"no chunk with id {text}")
         return chunk
 
-    @_locked
     def free(self, key: int | str, *, uid: int | None = None) -> Chunk:
         """Free a chunk by start or label.  ENOENT (and a warning) if there is none;
         EPERM when ``uid`` is given, not root, and not the chunk's owner."""
-        try:
-            chunk = self.find(key)
-        except CmaError as e:
-            log.warning("free: %s", e.why, extra={"client": True, "why": e.why})
-            raise
-        if uid is not None and uid != 0 and uid != chunk.uid:
-            raise CmaError(errno.EPERM, f"free {chunk.name}: owned by uid {chunk.uid}, "
-                                        f"not {uid}")
-        for listener in self.listeners:
-            listener.on_free(chunk)
-        self._forget(chunk)
-        chunk.region.freed += 1
-        chunk.region.release_pages += chunk.size >> PAGE_SHIFT
-        if self.tracer is not None:
-            self.tracer.release(chunk.region, chunk, chunk.start, chunk.size)
-        if chunk.region.users == 0 and chunk.region.allocator is not None:
-            chunk.region.allocator.cleanup()
-        return chunk
+        with self._lock:  # not @_locked: one call less on the hot path
+            chunk = self.chunks.get(key) if key.__class__ is int else None
+            if chunk is None:
+                try:
+                    chunk = self.find(key)
+                except CmaError as e:
+                    log.warning("free: %s", e.why, extra={"client": True, "why": e.why})
+                    raise
+            if uid is not None and uid != 0 and uid != chunk.uid:
+                raise CmaError(errno.EPERM, f"free {chunk.name}: owned by uid {chunk.uid}, "
+                                            f"not {uid}")
+            for listener in self.listeners:
+                listener.on_free(chunk)
+            self._forget(chunk)
+            region = chunk.region
+            region.freed += 1
+            region.release_pages += chunk.size >> PAGE_SHIFT
+            if self.tracer is not None:
+                self.tracer.release(region, chunk, chunk.start, chunk.size)
+            if region.users == 0 and region.allocator is not None:
+                region.allocator.cleanup()
+            return chunk
 
     # -- queries -------------------------------------------------------
 

@@ -6,13 +6,13 @@ import errno
 import random
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from sortedcontainers import SortedDict
+from sortedcontainers import SortedDict, SortedList
 
 from cmad.allocators.interface import _registry, registry
-from cmad.allocators.bf import BestFit
+from cmad.allocators.bf import BestFit, ceiling
 from cmad.errors import CmaError
 
 from allocutil import BASE, K, M, P, align_up, complement
@@ -326,3 +326,22 @@ def test_start_index_survives_any_mix_of_reserves_allocs_and_frees(monkeypatch):
         if step % 50 == 0:
             a._check()
     a._check()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 1 << 70)), max_size=3000),
+       st.lists(st.integers(0, 1 << 71), min_size=1, max_size=20))
+def test_ceiling_is_irange_first(ops, probes):
+    """``ceiling`` (two bisects on the SortedList's sublists) answers as
+    ``next(irange(key))``, through adds and removes that split and join the
+    sublists (a small load makes many)."""
+    keys = SortedList()
+    keys._reset(8)
+    for add, key in ops:
+        if add or not keys:
+            keys.add(key)
+        else:
+            keys.remove(keys[key % len(keys)])
+        probes.append(key)
+    for key in probes + [0, max(keys, default=0), max(keys, default=0) + 1]:
+        assert ceiling(keys, key) == next(keys.irange(key), None)
