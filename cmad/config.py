@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from .arena import BACKINGS
 from .errors import CmaError
-from .hugepages import MODES
+from .hugepages import GATHER_LIMIT, MODES, parse_gather_limit
 from .physmap import CONTIGUOUS
 from .memparse import memparse
 
@@ -38,6 +38,7 @@ class Config:
     log_level: str = "info"
     hugepages: str = "reserve"
     contiguous: str = "auto"
+    gather_limit: str = GATHER_LIMIT
 
     def update(self, values: dict, source: str) -> None:
         known = {f.name for f in fields(self)}
@@ -83,6 +84,11 @@ def _convert(key: str, value):
         raise ConfigError(key, f"{value!r} is not one of {', '.join(MODES)}")
     if key == "contiguous" and value not in CONTIGUOUS:
         raise ConfigError(key, f"{value!r} is not one of {', '.join(CONTIGUOUS)}")
+    if key == "gather_limit":
+        try:
+            parse_gather_limit(value)
+        except CmaError as e:
+            raise ConfigError(key, e.why) from None
     if key == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(key, f"{value!r} is not debug, info, warning or error")
     return value
