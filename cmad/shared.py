@@ -125,11 +125,15 @@ def directory(group: str, gid: int, kind: str) -> str:
 
 def create(shared: SharedFile, arena_name: str, kind: str) -> SharedFile:
     """Make the region's file (empty, ``size`` long), owned root:G, mode 0660."""
-    folder = directory(shared.group, shared.gid, kind)
-    shared.path = os.path.join(folder, f"{arena_name}.{shared.region}")
-    remove(shared.path)  # a dead daemon's (no journal keeps it: the caller knows)
-    fd = os.open(shared.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                 | os.O_CLOEXEC, 0o600)
+    pool_lock()  # release_mounts never removes a directory between its making and the file
+    try:
+        folder = directory(shared.group, shared.gid, kind)
+        shared.path = os.path.join(folder, f"{arena_name}.{shared.region}")
+        remove(shared.path)  # a dead daemon's (no journal keeps it: the caller knows)
+        fd = os.open(shared.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+    finally:
+        pool_unlock()
     try:
         if os.geteuid() == 0:
             os.fchown(fd, 0, shared.gid)
@@ -232,5 +236,9 @@ def release_mounts() -> None:
                     os.rmdir(folder)
             except OSError:
                 continue
+        if not os.listdir(SHARED_DIR):
+            os.rmdir(SHARED_DIR)
+    except OSError:
+        pass
     finally:
         pool_unlock()
