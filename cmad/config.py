@@ -11,8 +11,9 @@ from .hugepages import GATHER_LIMIT, MODES, parse_gather_limit
 from .physmap import CONTIGUOUS
 from .memparse import memparse
 
-DEFAULT_REGIONS = "video=32M:bf;common=16M:buddy;dma=8M:bitmap"
-DEFAULT_MAP = "camera,video=video;*=common"
+# gpu: shared with the group cma (SPEC 4d), whose members map its chunks (GPU staging)
+DEFAULT_REGIONS = "video=32M:bf;common=16M:buddy;dma=8M:bitmap;gpu=8M:bf(group=cma)"
+DEFAULT_MAP = "gpu=gpu;camera,video=video;*=common"
 
 
 class ConfigError(Exception):
