@@ -169,6 +169,7 @@ class Arena:
         self.layout = None  # physmap.Layout for a hugetlbfs arena laid out by frame
         self.mm: mmap.mmap | None = None
         self.overlays: list[Overlay] = []
+        self.stale: list[str] = []  # shared files of regions no longer shared (main.build)
         # holes: the ranges of shared regions have no pages in the arena file; a
         # hugetlb mapping must not reserve pages for them
         self.holes = holes

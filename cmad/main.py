@@ -188,6 +188,9 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
                         shared_files=json.dumps({r.name: r.file for r in cma.regions
                                                  if r.file}, sort_keys=True))
             cma.listeners.append(journal)
+        for old in arena.stale:
+            if sharing.remove(old):
+                log.info("removed %s: its region is no longer shared", old)
     except BaseException:
         if survived:
             arena.close()  # never unlink here: the bytes may be all that is left
@@ -285,26 +288,49 @@ def shared_files(cma: Cma) -> list[sharing.SharedFile]:
 
 
 def adopt_shared(arena: Arena, shared: list[sharing.SharedFile], journal: Journal,
-                 path: str) -> None:
-    """Map the surviving shared region files over the surviving arena: the ones the
-    journal recorded, which must be the configured ones."""
-    try:
-        recorded = json.loads(journal.get("shared_files") or "{}")
-    except ValueError:
-        recorded = None
-    names = {s.region for s in shared}
-    if not isinstance(recorded, dict) or set(recorded) != names:
-        raise CmaError(errno.EINVAL, f"arena file {path}: the regions shared with a group "
-                                     f"were {sorted(recorded or {})} when its chunks were "
-                                     f"journalled, and are {sorted(names)} now: their bytes "
-                                     "are in other files; refusing to start (restore the "
-                                     "group= parameters or run 'cmad reset')")
+                 path: str, name: str) -> None:
+    """Map the surviving shared region files over the surviving arena.  A region
+    shared then and not now (or the reverse) is refused while journalled chunks
+    live in it (their bytes are in the other file); without chunks its old file
+    goes, or a new one is made (virtual: the pages are new)."""
+    recorded = recorded_shared(journal, path)
+    configured = {s.region: s for s in shared}
+    busy = sorted(r for r in set(recorded) ^ set(configured) if journal.count(r))
+    if busy:
+        raise CmaError(errno.EINVAL, f"arena file {path}: region {busy[0]} was "
+                                     f"{'' if busy[0] in recorded else 'not '}shared with a "
+                                     f"group when its {journal.count(busy[0])} chunks were "
+                                     "journalled, and is "
+                                     f"{'' if busy[0] in configured else 'not '}now: their "
+                                     "bytes are in another file; refusing to start (restore "
+                                     "its group= parameter, or free its chunks first, or run "
+                                     "'cmad reset')")
+    # no longer shared: the old files go once the start succeeded (`build`)
+    arena.stale = [old for region, old in recorded.items() if region not in configured]
     for s in shared:
-        sharing.adopt(s, str(recorded[s.region]))
+        if s.region in recorded:
+            sharing.adopt(s, recorded[s.region])
+        else:
+            sharing.create(s, name, "hugetlb" if arena.backing == "hugetlb" else "shm")
+            log.info("region %s is shared with %s from now on: its file is %s", s.region,
+                     s.group, s.path)
         try:
             arena.overlay(s.offset, s.size, s.fd, s.path)
         finally:
             s.close()
+
+
+def recorded_shared(journal: Journal, path: str) -> dict[str, str]:
+    """The journal's ``shared_files``: region -> file (none before cmad had them)."""
+    try:
+        recorded = json.loads(journal.get("shared_files") or "{}")
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise CmaError(errno.EINVAL, f"journal of {path}: shared_files is not an object of "
+                                     "region -> file; refusing to start (the journal was "
+                                     "edited or damaged: fix the row, or 'cmad reset')")
+    return recorded
 
 
 def spans_of(cma: Cma, contiguous: str) -> list[physmap.Span]:
@@ -320,10 +346,11 @@ def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
     shared regions' files are mapped over their places (`Arena.overlay`)."""
     spans = spans_of(cma, config.contiguous)
     if journal is not None:
-        arena = Arena(cma.arena_size, path=path, backing=config.backing, holes=bool(shared))
+        holes = bool(shared) or bool(recorded_shared(journal, path))
+        arena = Arena(cma.arena_size, path=path, backing=config.backing, holes=holes)
         arena.pool = pool
         try:
-            adopt_shared(arena, list(shared), journal, path)
+            adopt_shared(arena, list(shared), journal, path, arena_name(config))
         except BaseException:
             arena.close()
             raise

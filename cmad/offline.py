@@ -129,6 +129,10 @@ def check(state_dir: str) -> list[str]:
         if len(cma.chunks) and (arena is None or not os.path.exists(arena)):
             problems.append(f"arena file {arena} is gone: {len(cma.chunks)} chunks lost their "
                             "bytes")
+        for region, shared in shared_files(journal.get("shared_files"), named=True):
+            if journal.count(region) and not os.path.exists(shared):
+                problems.append(f"shared region file {shared} is gone: the chunks of region "
+                                f"{region} lost their bytes")
         if not problems:
             used = sum(r.used for r in cma.regions)
             print(f"ok: {len(cma.chunks)} chunks, {human(used)} in {len(cma.regions)} regions, "
@@ -166,13 +170,16 @@ def reset(state_dir: str) -> int:
     return 0
 
 
-def shared_files(recorded: str | None) -> list[str]:
-    """The shared region files a journal recorded (SPEC 4d)."""
+def shared_files(recorded: str | None, named: bool = False) -> list:
+    """The shared region files a journal recorded (SPEC 4d); ``named``: as
+    (region, file) pairs."""
     try:
         files = json.loads(recorded or "{}")
     except ValueError:
         return []
-    return [str(p) for p in files.values()] if isinstance(files, dict) else []
+    if not isinstance(files, dict):
+        return []
+    return [(str(r), str(p)) if named else str(p) for r, p in files.items()]
 
 
 def remove_arena(arena: str, remove=remove_own) -> None:

@@ -316,6 +316,74 @@ def test_a_region_shared_after_its_chunks_were_journalled_refuses(public_tmp, us
                  "--map", MAP, mountpoint=public_tmp / "mnt")
     alloc(mnt, "gpu 1M label=x")
     from mountutil import MountError
-    with pytest.raises(MountError, match="shared with a group"):
+    with pytest.raises(MountError, match="region gpu was not shared with a group when its 1 "
+                                         "chunks were journalled"):
         daemon.crash_and_restart(mnt, "--state-dir", str(state), "--regions",
                                  REGIONS.format(group=group), "--map", MAP, timeout=15)
+
+
+def test_a_region_without_chunks_becomes_shared_at_restart(public_tmp, users, daemon):  # noqa: F811,E501
+    group, member, outsider = users
+    state = public_tmp / "state"
+    mnt = daemon("--state-dir", str(state), "--regions", "video=4M:bf;gpu=8M:bf",
+                 "--map", MAP, mountpoint=public_tmp / "mnt")
+    alloc(mnt, "cam 1M label=keep")
+    daemon.crash_and_restart(mnt, "--state-dir", str(state), "--regions",
+                             REGIONS.format(group=group), "--map", MAP)
+    alloc(mnt, "gpu 1M label=x")
+    path = read(mnt / "chunks/x/mmap").split()[0]
+    assert pathlib.Path(path).parent.parent == pathlib.Path(SHARED_DIR) / group
+    assert (mnt / "chunks/keep").exists()
+
+
+class FakeGather:
+    """Pages whose frames are never adjacent: no run is ever long enough."""
+
+    def __init__(self, page):
+        self.page, self.count, self.frames = page, 0, []
+
+    def grow(self, count):
+        self.count, self.frames = count, [i * 2 * self.page for i in range(count)]
+
+    def hand_over(self, order):
+        pass
+
+    def close(self):
+        pass
+
+
+class CappedPool:
+    """A pool that has the arena's pages free and may be raised by 4 more: the cap."""
+
+    mode, page, added, capped = "reserve", 2 * M, 0, False
+
+    def __init__(self, free):
+        self.free = free
+
+    def ensure(self, pages, partial=False):
+        self.capped = pages > self.free + 4
+        self.free = min(pages, self.free + 4) if partial else self.free
+        return self.free, ""
+
+    def cap_text(self):
+        return "half of MemAvailable (8.0 MiB, gather_limit=50%)"
+
+    def lock(self):
+        pass
+
+    unlock = lock
+
+    def give_back(self, pages=None):
+        return 0
+
+
+def test_the_cap_ending_the_gather_is_in_the_physical_refusal(monkeypatch):
+    from cmad import physmap
+    monkeypatch.setattr(physmap, "Gather", FakeGather)
+    spans = [Span("gpu", 0, 8 * M, True)]
+    with pytest.raises(CmaError) as e:
+        physmap.build_file(None, 8 * M, spans, CappedPool(4), strict=True)
+    assert e.value.errno == errno.ENOMEM
+    assert "region gpu" in e.value.why
+    assert "stopped at the cap of half of MemAvailable" in e.value.why
+    assert "raise gather_limit or reserve at boot" in e.value.why
