@@ -324,7 +324,7 @@ class Pool:
 
     def held_in(self, path: str) -> None:
         """The pages are in the arena file ``path`` now: a restart or ``cmad reset``
-        finds them there; with no file (a memfd) they go with the daemon."""
+        finds them there; in a memfd (`MEMFD`) they go with the daemon."""
         self.arena = path
         if self.key is not None and self.added:
             self.lock()
@@ -381,6 +381,7 @@ class Pool:
 # daemons' first, so no daemon ever gives back a page it did not add.
 
 LEDGER = os.path.join(RUN_DIR, "hugepages")
+MEMFD = "memfd"  # an entry's pages are in its daemon's memfd arena
 
 
 def boot_id() -> str:
@@ -399,6 +400,15 @@ def _owner_alive(owner: str) -> bool:
     except (OSError, ValueError):
         return False
     return fields[0] != "Z" and (not start.isdigit() or int(fields[19]) == int(start))
+
+
+def _held(entry: list) -> bool:
+    """Whether an entry's pages are in an arena: a file that exists, or the memfd
+    of a daemon that runs."""
+    arena = entry[2]
+    if arena == MEMFD:
+        return _owner_alive(entry[1])
+    return arena != "-" and os.path.exists(arena)
 
 
 def _me() -> str:
@@ -433,17 +443,30 @@ class Ledger:
             total, now = int(head.get("total", "0")), _read_nr()
         except (OSError, ValueError):
             return entries
-        lost = total - now
-        if lost > 0 and entries:
-            for key in sorted(entries, key=lambda k: _owner_alive(entries[k][1])):
-                cut = min(lost, entries[key][0])
+        if total > now and entries:
+            self._lowered(entries, total - now, now)
+        return {k: e for k, e in entries.items() if e[0] > 0}
+
+    @staticmethod
+    def _lowered(entries: dict[str, list], lost: int, now: int) -> None:
+        """The pool is ``lost`` pages below what cmad last saw.  Only free pages go
+        when a pool is lowered: so it took pages of entries that no arena holds
+        (dead daemons' first), and pages in an arena only as far as they became
+        surplus (HugePages_Surp), which vanish with the arena.  Anything beyond
+        is pages another process added and took back itself: not cmad's."""
+        free = [k for k in entries if not _held(entries[k])]
+        held = [k for k in entries if _held(entries[k])]
+        budget = [min(lost, sum(entries[k][0] for k in free))]
+        budget.append(min(lost - budget[0], meminfo().get("HugePages_Surp", 0)))
+        for keys, room in ((free, budget[0]), (held, budget[1])):
+            for key in sorted(keys, key=lambda k: _owner_alive(entries[k][1])):
+                cut = min(room, entries[key][0])
                 if cut:
                     entries[key][0] -= cut
-                    lost -= cut
+                    room -= cut
                     log.warning("hugepages: the pool was lowered to %d by another process: "
                                 "%d pages of %s are no longer counted as added by cmad", now,
                                 cut, key)
-        return {k: e for k, e in entries.items() if e[0] > 0}
 
     def save(self, entries: dict[str, list]) -> None:
         try:
@@ -488,11 +511,12 @@ def unlink_arena(path: str, *, ledger: str | None = None) -> None:
     with the file: the reconciliation has cut those already)."""
     pool_lock()
     try:
-        os.unlink(path)
         if os.geteuid() != 0:
+            os.unlink(path)
             return
         book = Ledger(ledger or LEDGER)
-        entries = book.load()
+        entries = book.load()  # reconciled while the file still holds its pages
+        os.unlink(path)
         for entry in entries.values():
             if entry[2] == path:
                 entry[2] = "-"
@@ -575,9 +599,8 @@ def sweep(prefix: str = "", *, ledger: str | None = None) -> int:
         book = Ledger(ledger or LEDGER)
         entries = book.load()
         book.save(entries)  # reconciled with the pool as it is now
-        orphans = [k for k, (_, owner, arena) in entries.items()
-                   if k.startswith(prefix) and not _owner_alive(owner)
-                   and (arena == "-" or not os.path.exists(arena))]
+        orphans = [k for k, entry in entries.items()
+                   if k.startswith(prefix) and not _owner_alive(entry[1]) and not _held(entry)]
         return sum(give_back_record(k, ledger=ledger) for k in orphans)
     finally:
         pool_unlock()

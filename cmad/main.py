@@ -21,8 +21,8 @@ from typing import Iterator
 from . import __version__, physmap, privileges, ratelimit, service, shared as sharing
 from .allocators import registry
 from .arena import Arena, remove_own
-from .hugepages import (RUN_DIR, Pool, adopt_old_record, escaped_name, fs_type, private_dir,
-                        private_mount, record_key, shm_dir, sweep, user_dir)
+from .hugepages import (MEMFD, RUN_DIR, Pool, adopt_old_record, escaped_name, fs_type,
+                        private_dir, private_mount, record_key, shm_dir, sweep, user_dir)
 from .memparse import human
 from .regions import SHARED_ALIGN, Region
 from .cma import Cma, plan_regions
@@ -171,9 +171,9 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
     arena = open_arena(cma, config, path, pool, journal if survived else None, shared)
     for overlay in arena.overlays:
         next(r for r in cma.regions if r.start - cma.base == overlay.offset).file = overlay.path
-    if arena.pool is not None:  # a memfd arena: the shared files hold its pages
+    if arena.pool is not None:  # a memfd arena with shared regions: their files hold pages
         arena.pool.held_in(arena.path if arena.named else
-                           arena.overlays[0].path if arena.overlays else "-")
+                           arena.overlays[0].path if arena.overlays else MEMFD)
     try:
         if journal is not None:  # before the arena: sticky regions keep their chunks' pages
             next_id = journal.next_id()  # before recovery forgets transient chunks

@@ -396,6 +396,9 @@ def test_pages_that_became_surplus_under_the_arena_are_not_given_back(monkeypatc
     one.held_in(str(arena))
     kernel.free -= 10  # in the arena
     kernel.nr = 6  # lowered by another process under them: 4 surplus
+    monkeypatch.setattr(hugepages, "meminfo", lambda: {"MemAvailable": 1 << 30,
+                                                        "Hugepagesize": 2048,
+                                                        "HugePages_Surp": 4})
     hugepages.unlink_arena(str(arena), ledger=ledger)
     kernel.free += 6  # the 4 surplus pages vanished with the file
     assert read_record("cmad-a", ledger=ledger) == 6
@@ -512,3 +515,23 @@ def test_an_older_cmads_record_joins_the_ledger_if_it_is_of_this_boot(monkeypatc
     assert hugepages.adopt_old_record(str(this_boot), "cmad-a", None, ledger=ledger) == 3
     assert not this_boot.exists() and not last_boot.exists()
     assert sweep(ledger=ledger) == 3 and kernel.nr == 2  # a dead daemon's, in no arena
+
+
+def test_pages_another_process_adds_and_takes_back_are_not_cmads_loss(monkeypatch,
+                                                                       tmp_path):
+    """Another process raises the pool for itself and lowers it again while the
+    daemon's pages are in its arena: the daemon still gives back all of its own."""
+    kernel = FakeKernel(monkeypatch, nr=0, free=0)
+    ledger = str(tmp_path / "ledger")
+    arena = tmp_path / "arena"
+    arena.write_bytes(b"")
+    one = Pool("cmad-a", ledger=ledger)
+    kernel.write(4)  # someone else's 4
+    one.ensure(4 + 16)  # takes 16 more (the 4 are free: counted, not added)
+    one.held_in(str(arena))
+    kernel.free -= 20
+    kernel.free += 4
+    kernel.write(kernel.nr - 4)  # the other process takes its 4 back
+    hugepages.unlink_arena(str(arena), ledger=ledger)
+    kernel.free += 16
+    assert give_back_record("cmad-a", ledger=ledger) == 16 and kernel.nr == 0
