@@ -387,3 +387,33 @@ def test_the_cap_ending_the_gather_is_in_the_physical_refusal(monkeypatch):
     assert "region gpu" in e.value.why
     assert "stopped at the cap of half of MemAvailable" in e.value.why
     assert "raise gather_limit or reserve at boot" in e.value.why
+
+
+# -- tier 2: the tree's files for a shared region (fusefs ops, no mount) -----------
+
+
+async def test_mmap_of_a_shared_chunk_is_the_groups_and_names_the_region_file(tmp_path):
+    from fusefs import Filesystem
+    from cmad.tree import Tree
+    from test_fusefs_ops import ctx, lookup
+    from test_tree import read_file
+
+    cma = Cma("plain=4M:bf;gpu=4M:bf(group=render)", "gpu=gpu;*=plain",
+              arena=Arena(8 * M, path=str(tmp_path / "arena"), backing="shm"))
+    gpu = cma.region("gpu")
+    gpu.gid, gpu.file = 4242, "/run/cmad-shared/render/shm/a.gpu"
+    mine = cma.alloc("gpu", 8192, movable=True)
+    theirs = cma.alloc("cam", 4096)
+    fs = Filesystem(Tree(cma).root)
+    shared = await fs.getattr(await lookup(fs, f"chunks/{mine.name}/mmap"), ctx())
+    assert (shared.st_mode & 0o777, shared.st_gid) == (0o440, 4242)
+    phys = await fs.getattr(await lookup(fs, f"chunks/{mine.name}/phys"), ctx())
+    assert (phys.st_mode & 0o777, phys.st_gid) == (0o400, 0)
+    plain = await fs.getattr(await lookup(fs, f"chunks/{theirs.name}/mmap"), ctx())
+    assert (plain.st_mode & 0o777, plain.st_gid) == (0o400, 0)
+    line = await read_file(fs, await lookup(fs, f"chunks/{mine.name}/mmap"))
+    assert line.decode().split() == [gpu.file, str(mine.start - gpu.start), "8192"]
+    assert not mine.movable  # handed out: pinned
+    line = await read_file(fs, await lookup(fs, f"chunks/{theirs.name}/mmap"))
+    assert line.decode().split()[1] == str(theirs.start - cma.base)
+    cma.arena.close()
