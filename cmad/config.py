@@ -13,7 +13,7 @@ from .memparse import memparse
 
 # gpu: shared with the group cma (SPEC 4d), whose members map its chunks (GPU staging)
 DEFAULT_REGIONS = "video=32M:bf;common=16M:buddy;dma=8M:bitmap;gpu=8M:bf(group=cma)"
-DEFAULT_MAP = "gpu=gpu;camera,video=video;*=common"
+DEFAULT_MAP = "camera,video=video;gpu=gpu;*=common"
 
 
 class ConfigError(Exception):
