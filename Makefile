@@ -54,6 +54,7 @@ bench: $(STAMP)
 	taskset -c 1 $(PY) bench/compact.py
 	$(PY) bench/client.py
 	$(PY) bench/arena.py
+	$(PY) bench/gpu.py $(if $(GPU_USER),--user $(GPU_USER))
 	$(PY) bench/scale.py --sizes 10k,200k,1m --growth
 	$(PY) bench/trace.py
 

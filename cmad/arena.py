@@ -127,12 +127,34 @@ def open_private(path: str) -> tuple[int, bool]:
     return fd, False
 
 
+MAP_NORESERVE = 0x4000  # Linux; Python's mmap module names it only from 3.12
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+
+
+class Overlay:
+    """A file mapped over part of the arena: a shared region's own memory (SPEC 4d)."""
+
+    def __init__(self, offset: int, size: int, fd: int, path: str, page: int):
+        self.offset, self.size, self.fd, self.path, self.page = offset, size, fd, path, page
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
 class Arena:
-    """``size`` bytes of shared memory mapped into the daemon, zero-copy by memoryview."""
+    """``size`` bytes of shared memory mapped into the daemon, zero-copy by memoryview.
+
+    Shared regions' files are mapped over their place (`overlay`): the arena
+    stays one range of addresses, and a range of a shared region is backed
+    by (populated in, punched in) that region's file."""
 
     def __init__(self, size: int, *, path: str | None = None, backing: str = "auto",
                  populate: bool = False, no_hugetlb: str = "",
-                 fd: int = -1):
+                 fd: int = -1, holes: bool = False):
         if backing not in BACKINGS:
             raise CmaError(errno.EINVAL, f"backing {backing!r}: expected one of {BACKINGS}")
         if size <= 0:
@@ -146,6 +168,11 @@ class Arena:
         self.pool = None  # the hugepage pool to give back to when the file is deleted
         self.layout = None  # physmap.Layout for a hugetlbfs arena laid out by frame
         self.mm: mmap.mmap | None = None
+        self.overlays: list[Overlay] = []
+        self.stale: list[str] = []  # shared files of regions no longer shared (main.build)
+        # holes: the ranges of shared regions have no pages in the arena file; a
+        # hugetlb mapping must not reserve pages for them
+        self.holes = holes
         failures = [f"hugetlb: {no_hugetlb}"] if no_hugetlb and backing == "auto" else []
         kinds = ("hugetlb", "thp", "shm") if backing == "auto" else (backing,)
         for kind in kinds[1:] if failures else kinds:
@@ -191,13 +218,40 @@ class Arena:
             self.fd, self.created = open_private(path)
         if os.fstat(self.fd).st_size < self.size:
             os.ftruncate(self.fd, self.size)
-        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+        flags = (mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+                 | (MAP_NORESERVE if self.holes else 0))
         self.mm = mmap.mmap(self.fd, self.size, flags=flags)
         if kind == "thp":
             self.mm.madvise(mmap.MADV_HUGEPAGE)
         self.named = path is not None
         self.path = path if path is not None else f"/proc/{os.getpid()}/fd/{self.fd}"
         self.page = hugepage_size() if kind == "hugetlb" else mmap.PAGESIZE
+
+    def overlay(self, offset: int, size: int, fd: int, path: str) -> None:
+        """Map the file ``fd`` (``path``) over [offset, offset + size) of the arena.
+        Its page size is the arena's (the caller made it on the same kind of memory),
+        and the range lies on whole pages of it."""
+        self.view(offset, size)  # bounds check
+        if offset % self.page or size % self.page:
+            raise CmaError(errno.EINVAL, f"shared file {path}: range {offset:#x}+{size:#x} is "
+                                         f"not on whole pages of {human(self.page)}")
+        flags = mmap.MAP_SHARED | 0x10  # MAP_FIXED: replaces the arena's pages there
+        got = _libc.mmap(self._address() + offset, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                         flags, fd, 0)
+        if got is None or got == ctypes.c_void_p(-1).value:
+            err = ctypes.get_errno()
+            raise CmaError(err or errno.ENOMEM, f"shared file {path}: cannot map it over the "
+                                                f"arena: {os.strerror(err)}")
+        # our own descriptor: the caller's may go, a layout may be tried again
+        self.overlays.append(Overlay(offset, size, os.dup(fd), path, self.page))
+
+    def _backing_of(self, offset: int) -> tuple[int, int, int]:
+        """(descriptor, its offset for ``offset``, end of that file's range in the arena)."""
+        for o in self.overlays:
+            if o.offset <= offset < o.end:
+                return o.fd, offset - o.offset, o.end
+        return self.fd, offset, min((o.offset for o in self.overlays if o.offset > offset),
+                                    default=self.size)
 
     def view(self, offset: int, size: int) -> memoryview:
         """The bytes [offset, offset + size) of the arena, zero-copy."""
@@ -208,12 +262,15 @@ class Arena:
     def populate(self, offset: int, size: int) -> None:
         """Back [offset, offset + size) with memory now: ENOMEM/ENOSPC here, not SIGBUS later."""
         start, end = self._pages(offset, size, outward=True)
-        if end > start:
+        while end > start:
+            fd, at, stop = self._backing_of(start)
+            length = min(end, stop) - start
             try:
-                os.posix_fallocate(self.fd, start, end - start)
+                os.posix_fallocate(fd, at, length)
             except OSError as e:
-                raise CmaError(e.errno, f"arena: cannot back {end - start:#x} bytes at "
+                raise CmaError(e.errno, f"arena: cannot back {length:#x} bytes at "
                                         f"{start:#x}: {e.strerror}") from None
+            start += length
 
     def zero(self, offset: int, size: int) -> None:
         """memset the range to 0: a new chunk never shows a freed one's bytes."""
@@ -292,6 +349,18 @@ class Arena:
                 log.debug("arena: mapping still referenced at close")
             self.mm = None
         self._close_fd()
+        overlays, self.overlays = self.overlays, []
+        for o in overlays:
+            os.close(o.fd)
+            if unlink:
+                from .shared import remove
+                try:
+                    remove(o.path)
+                except CmaError as e:
+                    log.warning("%s", e.why)
+        if unlink and overlays:
+            from .shared import release_mounts
+            release_mounts()
         if unlink and self.named:
             try:
                 unlink_arena(self.path)

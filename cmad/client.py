@@ -23,10 +23,13 @@ Design:
   ``ids/<id>/start`` while that can happen; once freed behind the Buffer's
   back its files and its free fail with ENOENT, never reaching the chunk
   that now sits at the old address.
-- The zero-copy view maps the arena file named by the chunk's ``mmap``
-  attribute (``data`` is direct_io and cannot be mapped).  It is mapped on
-  first use, so a caller without access to the arena file can still
-  allocate and use ``data``.  Reading ``mmap`` pins a movable chunk (the
+- The zero-copy view maps the file named by the chunk's ``mmap``
+  attribute (``data`` is direct_io and cannot be mapped): the root-only
+  arena file, or for a chunk of a region shared with a group (SPEC 4d)
+  that region's own file, which members of the group may map.  It is
+  mapped on first use, so a caller without access can still allocate and
+  use ``data``.  ``Buffer.address`` and ``Buffer.length`` hand the mapping
+  to a device driver (``cudaHostRegister(buf.address, buf.length, 0)``).  Reading ``mmap`` pins a movable chunk (the
   daemon cannot follow a mapping), so the mapping is always of the chunk's
   place at that moment, and final.
 - Listings come from the daemon's one-file table of all chunks
@@ -39,6 +42,7 @@ Design:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -273,9 +277,10 @@ class Buffer:
             text = self._attr("mmap")  # pins the chunk where it is now
         except PermissionError:
             raise PermissionError(
-                errno.EACCES, f"cannot map {self._what()}: zero-copy mapping is for root "
-                f"(the chunk's mmap attribute and the arena file are root-only); uid "
-                f"{os.geteuid()} can use {self.path}/data instead") from None
+                errno.EACCES, f"cannot map {self._what()}: zero-copy mapping is for root, "
+                f"and for the group of a region shared with one (group=G in the region's "
+                f"parameters); region {self.region} is not shared with a group of uid "
+                f"{os.geteuid()}, which can use {self.path}/data instead") from None
         if self._may_move:
             self._start = int(self._attr("start"), 16)  # pinned: final
             self._may_move = False
@@ -299,6 +304,39 @@ class Buffer:
             os.close(fd)
         self._lead = lead
         self._view = memoryview(self._mmap)[lead:lead + length]
+
+    @property
+    def address(self) -> int:
+        """The virtual address of the chunk's first byte in this process (mapped on
+        first use), for registration with a device driver:
+        ``cudaHostRegister(buf.address, buf.length, 0)``.  Valid until `free`."""
+        self.view  # noqa: B018 (maps it)
+        anchor = ctypes.c_char.from_buffer(self._mmap)
+        try:
+            return ctypes.addressof(anchor) + self._lead
+        finally:
+            del anchor  # the export ends here, so free() can unmap
+
+    @property
+    def length(self) -> int:
+        """The chunk's length in bytes (``size``), as drivers name it."""
+        return self.size
+
+    def phys(self) -> list[tuple[int, int]]:
+        """The chunk's physical segments (address, length), where the caller may read
+        them: ``phys`` is root-only (PermissionError saying so otherwise)."""
+        try:
+            text = read_text(os.path.join(self.path, "phys"))
+        except PermissionError:
+            raise PermissionError(errno.EACCES, f"physical segments of {self._what()}: "
+                                  f"{self.path}/phys is root-only (physical addresses "
+                                  "are not for users; a device driver registers "
+                                  "Buffer.address instead)") from None
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENXIO):
+                raise CmaError(errno.ENOENT, f"{self._what()} is gone") from None
+            raise
+        return [(int(a, 16), int(n)) for a, n in (line.split() for line in text.splitlines())]
 
     def numpy(self, dtype="uint8", shape=None):
         """The chunk as a numpy array sharing its memory (numpy imported here)."""

@@ -260,6 +260,9 @@ class Cma:
         if spec.kind != "exclusive" or "sticky" in text:
             raise einval(f"region {region.name}: the kind is set by the configuration, "
                          "not the alloc attribute")
+        if spec.group is not None:
+            raise einval(f"region {region.name}: the group it is shared with is set by the "
+                         "configuration, not the alloc attribute")
         old_class, old_spec = type(region.allocator) if region.allocator else None, region.wanted
         self._switch_allocator(region, spec)
         try:

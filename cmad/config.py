@@ -7,12 +7,13 @@ from dataclasses import dataclass, field, fields
 
 from .arena import BACKINGS
 from .errors import CmaError
-from .hugepages import MODES
+from .hugepages import GATHER_LIMIT, MODES, parse_gather_limit
 from .physmap import CONTIGUOUS
 from .memparse import memparse
 
-DEFAULT_REGIONS = "video=32M:bf;common=16M:buddy;dma=8M:bitmap"
-DEFAULT_MAP = "camera,video=video;*=common"
+# gpu: shared with the group cma (SPEC 4d), whose members map its chunks (GPU staging)
+DEFAULT_REGIONS = "video=32M:bf;common=16M:buddy;dma=8M:bitmap;gpu=8M:bf(group=cma)"
+DEFAULT_MAP = "camera,video=video;gpu=gpu;*=common"
 
 
 class ConfigError(Exception):
@@ -38,6 +39,7 @@ class Config:
     log_level: str = "info"
     hugepages: str = "reserve"
     contiguous: str = "auto"
+    gather_limit: str = GATHER_LIMIT
 
     def update(self, values: dict, source: str) -> None:
         known = {f.name for f in fields(self)}
@@ -83,6 +85,11 @@ def _convert(key: str, value):
         raise ConfigError(key, f"{value!r} is not one of {', '.join(MODES)}")
     if key == "contiguous" and value not in CONTIGUOUS:
         raise ConfigError(key, f"{value!r} is not one of {', '.join(CONTIGUOUS)}")
+    if key == "gather_limit":
+        try:
+            parse_gather_limit(value)
+        except CmaError as e:
+            raise ConfigError(key, e.why) from None
     if key == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(key, f"{value!r} is not debug, info, warning or error")
     return value

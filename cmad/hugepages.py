@@ -35,6 +35,27 @@ RUN_DIR = "/run/cmad"
 MODES = ("reserve", "free")
 # Never take more than this share of MemAvailable for the pool: the rest of the machine lives.
 MAX_SHARE = 0.5
+#: The configuration key ``gather_limit``'s default: the pool is raised (for the
+#: arena and while gathering pages for physical runs) by at most this much of
+#: MemAvailable; a size ("48G") is an absolute cap instead.
+GATHER_LIMIT = "50%"
+
+
+def parse_gather_limit(text: str) -> tuple[float | None, int | None]:
+    """``N%`` (of MemAvailable) -> (share, None); a size -> (None, bytes).
+    CmaError EINVAL for anything else."""
+    from .memparse import memparse
+    text = str(text).strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1:
+            raise CmaError(errno.EINVAL, f"gather_limit {text!r}: a share of MemAvailable "
+                                         "is more than 0% and at most 100%")
+        return share, None
+    return None, memparse(text, "gather_limit")
 
 
 def meminfo() -> dict[str, int]:
@@ -214,10 +235,14 @@ class Pool:
     arena's name: mountpoint and state directory); None records nothing (not
     root: it cannot add pages)."""
 
-    def __init__(self, key: str | None, mode: str = "reserve", *, ledger: str | None = None):
+    def __init__(self, key: str | None, mode: str = "reserve", *, ledger: str | None = None,
+                 gather_limit: str = GATHER_LIMIT):
         if mode not in MODES:
             raise CmaError(errno.EINVAL, f"hugepages {mode!r}: expected one of {MODES}")
         self.key = key
+        self.gather_limit = gather_limit
+        self.share, self.cap_bytes = parse_gather_limit(gather_limit)
+        self.capped = False  # the last ensure was cut short by gather_limit
         self.ledger = Ledger(ledger or LEDGER)
         self.mode = mode
         self.page = page_size()
@@ -234,12 +259,30 @@ class Pool:
 
     # -- growing and shrinking ------------------------------------------------
 
-    def ensure(self, pages: int) -> tuple[int, str]:
+    def cap_text(self) -> str:
+        """The cap gather_limit sets, in words: "half of MemAvailable (3.1 GiB)"."""
+        if self.share is None:
+            return f"gather_limit={self.gather_limit}"
+        words = "half" if self.share == 0.5 else f"{self.share * 100:g}%"
+        return (f"{words} of MemAvailable ({human(self.room() * self.page)}, "
+                f"gather_limit={self.gather_limit})")
+
+    def room(self) -> int:
+        """How many pages gather_limit lets the pool be raised by now: a share of
+        MemAvailable, or an absolute cap less what this daemon added already."""
+        if self.share is not None:
+            return int(meminfo().get("MemAvailable", 0) * 1024 * self.share) // self.page
+        return max(self.cap_bytes // self.page - self.added, 0)
+
+    def ensure(self, pages: int, *, partial: bool = False) -> tuple[int, str]:
         """Make ``pages`` free hugepages available; returns (free now, why not if short).
 
         In ``reserve`` mode as root the pool is raised by what is missing,
-        within MAX_SHARE of MemAvailable, and the addition recorded.
+        within gather_limit, and the addition recorded.  Past the limit
+        nothing is added, or with ``partial`` what the limit allows; either
+        way ``capped`` says the limit, not the machine, cut it short.
         """
+        self.capped = False
         free = unreserved_free()
         if free >= pages:
             return free, ""
@@ -248,10 +291,13 @@ class Pool:
             return free, f"hugepages=free and only {free} of {pages} are free"
         if os.geteuid() != 0:
             return free, f"not root: cannot raise {NR_HUGEPAGES}"
-        room = int(meminfo().get("MemAvailable", 0) * 1024 * MAX_SHARE) // self.page
+        room = self.room()
         if short > room:
-            return free, (f"{short} more hugepages ({human(short * self.page)}) would take "
-                          f"more than {int(MAX_SHARE * 100)}% of the available memory")
+            self.capped = True
+            if not partial or room <= 0:
+                return free, (f"{short} more hugepages ({human(short * self.page)}) would go "
+                              f"past the cap of {self.cap_text()}")
+            short = room
         self.lock()
         try:
             entries = self.ledger.load()  # reconciled with the pool before we change it
@@ -270,6 +316,8 @@ class Pool:
         free = unreserved_free()
         if free >= pages:
             return free, ""
+        if self.capped:
+            return free, f"the pool may be raised by {short} more pages: the cap of {self.cap_text()}"
         if got < short:
             return free, f"the kernel gave {got} of {short} hugepages (memory too fragmented)"
         return free, f"only {free} of {pages} hugepages are free: other processes took them"

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import gc
 import grp
+import json
 import logging
 import os
 import signal
@@ -17,13 +18,13 @@ import time
 from functools import partial
 from typing import Iterator
 
-from . import __version__, physmap, privileges, ratelimit, service
+from . import __version__, physmap, privileges, ratelimit, service, shared as sharing
 from .allocators import registry
 from .arena import Arena, remove_own
-from .hugepages import (MEMFD, RUN_DIR, Pool, adopt_old_record, escaped_name, fs_type, private_dir,
-                        private_mount, record_key, shm_dir, sweep, user_dir)
+from .hugepages import (MEMFD, RUN_DIR, Pool, adopt_old_record, escaped_name, fs_type,
+                        private_dir, private_mount, record_key, shm_dir, sweep, user_dir)
 from .memparse import human
-from .regions import Region
+from .regions import SHARED_ALIGN, Region
 from .cma import Cma, plan_regions
 from .config import Config, ConfigError, load
 from .errors import CmaError
@@ -32,7 +33,7 @@ from .journal import Journal, recover, restore_allocators
 log = logging.getLogger("cmad")
 
 FLAGS = ("regions", "map", "mountpoint", "arena_size", "base", "backing", "arena_file",
-         "state_dir", "group", "log_level", "hugepages", "contiguous")
+         "state_dir", "group", "log_level", "hugepages", "contiguous", "gather_limit")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "default) or free (use only pages already free)")
     p.add_argument("--contiguous", help="auto (physically contiguous regions where the "
                    "hugepages allow, the default), physical (or fail) or virtual")
+    p.add_argument("--gather-limit", help="how far the pool may be raised while gathering "
+                   "hugepages for physical runs: a share of MemAvailable (default 50%%) or a "
+                   "size")
     return p.parse_args(argv)
 
 
@@ -155,7 +159,8 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
     if key is not None:
         adopt_old_records(config, key, path if path and os.path.exists(path) else None)
     sweep()  # dead daemons' pages that no arena holds any more go back first
-    pool = Pool(key, config.hugepages)
+    pool = Pool(key, config.hugepages, gather_limit=config.gather_limit)
+    shared = shared_files(cma)
     if kept:
         check_journal_matches(journal, config, path or arena_path(config), cma.base)
     survived = kept and path is not None and os.path.exists(path)
@@ -163,9 +168,12 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
         check_arena_length(path, journal, cma.arena_size)
     else:
         remove_stale_arenas(config, path)
-    arena = open_arena(cma, config, path, pool, journal if survived else None)
-    if arena.pool is not None:
-        arena.pool.held_in(arena.path if arena.named else MEMFD)
+    arena = open_arena(cma, config, path, pool, journal if survived else None, shared)
+    for overlay in arena.overlays:
+        next(r for r in cma.regions if r.start - cma.base == overlay.offset).file = overlay.path
+    if arena.pool is not None:  # a memfd arena with shared regions: their files hold pages
+        arena.pool.held_in(arena.path if arena.named else
+                           arena.overlays[0].path if arena.overlays else MEMFD)
     try:
         if journal is not None:  # before the arena: sticky regions keep their chunks' pages
             next_id = journal.next_id()  # before recovery forgets transient chunks
@@ -176,8 +184,13 @@ def build(config: Config) -> tuple[Cma, Journal | None]:
         mark_regions(cma, arena)
         if journal is not None:
             journal.set(arena_file=arena.path, regions=config.regions, base=cma.base,
-                        arena_size=arena.size, arena_layout=physmap.record(arena.layout))
+                        arena_size=arena.size, arena_layout=physmap.record(arena.layout),
+                        shared_files=json.dumps({r.name: r.file for r in cma.regions
+                                                 if r.file}, sort_keys=True))
             cma.listeners.append(journal)
+        for old in arena.stale:
+            if sharing.remove(old):
+                log.info("removed %s: its region is no longer shared", old)
     except BaseException:
         if survived:
             arena.close()  # never unlink here: the bytes may be all that is left
@@ -243,11 +256,81 @@ def check_arena_length(path: str, journal: Journal, size: int) -> None:
 
 def remove_stale_arenas(config: Config, path: str | None) -> None:
     """No journalled chunk lives in an old arena file of ours: delete it (and only if it
-    is ours: never a file someone else made at an explicit --arena-file)."""
+    is ours: never a file someone else made at an explicit --arena-file), and the
+    old files of its shared regions."""
     for candidate in [path] if path else arena_paths(config):
         if remove_own(candidate):
             log.info("arena: removed the previous arena file %s (no chunk lives in it)",
                      candidate)
+    for candidate in sharing.files_of(arena_name(config)):
+        if sharing.remove(candidate):
+            log.info("arena: removed the previous shared region file %s", candidate)
+
+
+def shared_files(cma: Cma) -> list[sharing.SharedFile]:
+    """The regions shared with a group (SPEC 4d), their gids resolved; EINVAL for
+    one that does not lie on whole hugepages of the arena."""
+    out = []
+    for region in cma.regions:
+        if region.group is None:
+            continue
+        offset = region.start - cma.base
+        if offset % SHARED_ALIGN:
+            raise CmaError(errno.EINVAL, f"region {region.name} is shared with group "
+                                         f"{region.group}, so it must start on a "
+                                         f"{human(SHARED_ALIGN)} boundary of the arena, and "
+                                         f"it starts {offset:#x} bytes in (set base to a "
+                                         f"multiple of {human(SHARED_ALIGN)})")
+        region.gid = sharing.group_gid(region.group, region.name)
+        out.append(sharing.SharedFile(region.name, region.group, region.gid, offset,
+                                      region.size))
+    return out
+
+
+def adopt_shared(arena: Arena, shared: list[sharing.SharedFile], journal: Journal,
+                 path: str, name: str) -> None:
+    """Map the surviving shared region files over the surviving arena.  A region
+    shared then and not now (or the reverse) is refused while journalled chunks
+    live in it (their bytes are in the other file); without chunks its old file
+    goes, or a new one is made (virtual: the pages are new)."""
+    recorded = recorded_shared(journal, path)
+    configured = {s.region: s for s in shared}
+    busy = sorted(r for r in set(recorded) ^ set(configured) if journal.count(r))
+    if busy:
+        raise CmaError(errno.EINVAL, f"arena file {path}: region {busy[0]} was "
+                                     f"{'' if busy[0] in recorded else 'not '}shared with a "
+                                     f"group when its {journal.count(busy[0])} chunks were "
+                                     "journalled, and is "
+                                     f"{'' if busy[0] in configured else 'not '}now: their "
+                                     "bytes are in another file; refusing to start (restore "
+                                     "its group= parameter, or free its chunks first, or run "
+                                     "'cmad reset')")
+    # no longer shared: the old files go once the start succeeded (`build`)
+    arena.stale = [old for region, old in recorded.items() if region not in configured]
+    for s in shared:
+        if s.region in recorded:
+            sharing.adopt(s, recorded[s.region])
+        else:
+            sharing.create(s, name, "hugetlb" if arena.backing == "hugetlb" else "shm")
+            log.info("region %s is shared with %s from now on: its file is %s", s.region,
+                     s.group, s.path)
+        try:
+            arena.overlay(s.offset, s.size, s.fd, s.path)
+        finally:
+            s.close()
+
+
+def recorded_shared(journal: Journal, path: str) -> dict[str, str]:
+    """The journal's ``shared_files``: region -> file (none before cmad had them)."""
+    try:
+        recorded = json.loads(journal.get("shared_files") or "{}")
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise CmaError(errno.EINVAL, f"journal of {path}: shared_files is not an object of "
+                                     "region -> file; refusing to start (the journal was "
+                                     "edited or damaged: fix the row, or 'cmad reset')")
+    return recorded
 
 
 def spans_of(cma: Cma, contiguous: str) -> list[physmap.Span]:
@@ -257,13 +340,20 @@ def spans_of(cma: Cma, contiguous: str) -> list[physmap.Span]:
 
 
 def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
-               journal: Journal | None) -> Arena:
+               journal: Journal | None, shared: list[sharing.SharedFile] = ()) -> Arena:
     """Adopt the surviving arena file (``journal`` given), else build a fresh one:
-    hugetlbfs laid out by frame where the pool allows, else shared memory."""
+    hugetlbfs laid out by frame where the pool allows, else shared memory.  The
+    shared regions' files are mapped over their places (`Arena.overlay`)."""
     spans = spans_of(cma, config.contiguous)
     if journal is not None:
-        arena = Arena(cma.arena_size, path=path, backing=config.backing)
+        holes = bool(shared) or bool(recorded_shared(journal, path))
+        arena = Arena(cma.arena_size, path=path, backing=config.backing, holes=holes)
         arena.pool = pool
+        try:
+            adopt_shared(arena, list(shared), journal, path, arena_name(config))
+        except BaseException:
+            arena.close()
+            raise
         record = journal.get("arena_layout")
         if record:
             physmap.parse_record(record)  # a tampered row: one line, whatever the backing
@@ -282,7 +372,7 @@ def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
     why = "backing is " + config.backing
     if config.backing in ("auto", "hugetlb"):
         try:
-            return hugetlb_arena(cma, config, path, pool, spans, strict)
+            return hugetlb_arena(cma, config, path, pool, spans, strict, list(shared))
         except OSError as e:
             why = e.strerror or str(e)
     if strict:
@@ -296,13 +386,53 @@ def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
                                      "shared-memory arena never goes there (it would be a "
                                      "file on the disk under the next hugetlbfs mount)")
     spath = path or os.path.join(shm_dir(), arena_name(config))
-    return Arena(cma.arena_size, path=spath, backing=config.backing, no_hugetlb=why)
+    arena = Arena(cma.arena_size, path=spath, backing=config.backing, no_hugetlb=why,
+                  holes=bool(shared))
+    try:
+        for s in shared:
+            try:
+                sharing.create(s, arena_name(config), "shm")
+            except OSError as e:
+                raise CmaError(e.errno or errno.EIO, f"region {s.region}: no file for it "
+                                                     f"(shared with {s.group}): {e.strerror}")
+            try:
+                arena.overlay(s.offset, s.size, s.fd, s.path)
+            finally:
+                s.close()
+    except BaseException:
+        arena.close(unlink=True)
+        for s in shared:
+            if s.path:
+                sharing.remove(s.path)
+        raise
+    return arena
 
 
 def hugetlb_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
-                  spans: list[physmap.Span], strict: bool) -> Arena:
+                  spans: list[physmap.Span], strict: bool,
+                  shared: list[sharing.SharedFile] = ()) -> Arena:
     """A fresh hugetlb arena laid out so that regions lie in physical runs: a file in the
-    private hugetlbfs mount when it must outlive the daemon, else a memfd."""
+    private hugetlbfs mount when it must outlive the daemon, else a memfd; each
+    shared region in a file of its own on its group's hugetlbfs."""
+    try:
+        for s in shared:
+            sharing.create(s, arena_name(config), "hugetlb")  # OSError: shared memory then
+        return _hugetlb_arena(cma, config, path, pool, spans, strict, list(shared))
+    except BaseException:
+        for s in shared:
+            s.close()
+            if s.path:
+                sharing.remove(s.path)
+        sharing.release_mounts()
+        raise
+    finally:
+        for s in shared:
+            s.close()
+
+
+def _hugetlb_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
+                   spans: list[physmap.Span], strict: bool,
+                   shared: list[sharing.SharedFile]) -> Arena:
     if path is None and config.state_dir:
         if os.geteuid() != 0:
             raise OSError(errno.EPERM, "not root: no private hugetlbfs mount")
@@ -310,8 +440,10 @@ def hugetlb_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
     elif path is not None and fs_type(os.path.dirname(path) or ".") != "hugetlbfs":
         raise OSError(errno.EINVAL, f"{path} is not on a hugetlbfs mount")
     size = -(-cma.arena_size // pool.page) * pool.page
+    pieces = [(s.offset, s.size, s.fd) for s in shared]
     for attempt in range(1, ATTEMPTS + 1):
-        arena = laid_out_arena(path, size, spans, pool, strict and attempt == ATTEMPTS)
+        arena = laid_out_arena(path, size, spans, pool, strict and attempt == ATTEMPTS,
+                               shared)
         layout = arena.layout
         failed = [s for s in spans if s.wants and layout.phys[s.name] is None]
         if not failed or attempt == ATTEMPTS or not layout.planned & {s.name for s in failed}:
@@ -319,29 +451,36 @@ def hugetlb_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
         log.info("arena: another process took hugepages while the arena was laid out "
                  "(%s not physical as planned); again", ", ".join(s.name for s in failed))
         arena.close()  # the pool and the mount stay for the next attempt
+        physmap.empty(pieces)
         if path is not None:
             os.unlink(path)
     if strict and failed:
         arena.close(unlink=True)
         raise physmap.refusal(failed[0], layout.longest, layout.gathered,
-                              layout.why[failed[0].name])
+                              layout.why[failed[0].name], stopped=layout.stopped)
+    if failed and layout.stopped:
+        for s in failed:
+            layout.why[s.name] += f" ({layout.cut_short()})"
     log.info("arena: %d hugepages gathered, %d kept, longest physical run %s, in %.2f s",
              layout.gathered, layout.kept, human(layout.longest), layout.seconds)
     return arena
 
 
 def laid_out_arena(path: str | None, size: int, spans: list[physmap.Span], pool: Pool,
-                   strict: bool) -> Arena:
+                   strict: bool, shared: list[sharing.SharedFile] = ()) -> Arena:
     """One attempt: gather, lay out, map, and decide each region on the real frames."""
+    pieces = [(s.offset, s.size, s.fd) for s in shared]
     try:
-        fd, layout = physmap.build_file(path, size, spans, pool, strict=strict)
+        fd, layout = physmap.build_file(path, size, spans, pool, strict=strict, pieces=pieces)
     except OSError as e:  # another process took pages between the gathering and us
         if e.errno != errno.ENOSPC:
             raise
         log.info("arena: hugetlb: %s; gathering again", e.strerror)
-        fd, layout = physmap.build_file(path, size, spans, pool, strict=strict)
-    arena = Arena(size, path=path, backing="hugetlb", fd=fd)
+        fd, layout = physmap.build_file(path, size, spans, pool, strict=strict, pieces=pieces)
+    arena = Arena(size, path=path, backing="hugetlb", fd=fd, holes=bool(shared))
     arena.created, arena.pool = path is not None, pool
+    for s in shared:  # before any frame is read: a hole of the arena file never faults in
+        arena.overlay(s.offset, s.size, s.fd, s.path)
     try:
         physmap.decide(spans, arena.frames(0, size // pool.page), pool.page, layout)
     except CmaError as e:  # frames hidden: every region is virtual
@@ -436,7 +575,7 @@ class Reloader:
         from fusefs.serve import resolve
         new.mountpoint = resolve(new.mountpoint)  # the running one is resolved (main)
         for key in ("mountpoint", "backing", "arena_file", "state_dir", "group", "hugepages",
-                    "contiguous"):
+                    "contiguous", "gather_limit"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; it takes effect at the next start", key)
                 setattr(new, key, getattr(self.config, key))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sqlite3
 import sys
 
+from . import shared as sharing
 from .arena import remove_own
 from .cma import Cma
 from .hugepages import release_mount, sweep
@@ -127,6 +129,10 @@ def check(state_dir: str) -> list[str]:
         if len(cma.chunks) and (arena is None or not os.path.exists(arena)):
             problems.append(f"arena file {arena} is gone: {len(cma.chunks)} chunks lost their "
                             "bytes")
+        for region, shared in shared_files(journal.get("shared_files"), named=True):
+            if journal.count(region) and not os.path.exists(shared):
+                problems.append(f"shared region file {shared} is gone: the chunks of region "
+                                f"{region} lost their bytes")
         if not problems:
             used = sum(r.used for r in cma.regions)
             print(f"ok: {len(cma.chunks)} chunks, {human(used)} in {len(cma.regions)} regions, "
@@ -150,7 +156,10 @@ def reset(state_dir: str) -> int:
     if os.path.exists(path):
         journal = Journal(state_dir, readonly=True)
         arena = journal.get("arena_file")
+        files = shared_files(journal.get("shared_files"))
         journal.close()
+        for shared in files:  # first: a memfd arena's pages are recorded as held there
+            remove_arena(shared, remove=sharing.remove)
         if arena:
             remove_arena(arena)
     give_back()
@@ -161,8 +170,21 @@ def reset(state_dir: str) -> int:
     return 0
 
 
-def remove_arena(arena: str) -> None:
-    """Delete the arena file *arena* if it is the daemon's own and nobody holds it."""
+def shared_files(recorded: str | None, named: bool = False) -> list:
+    """The shared region files a journal recorded (SPEC 4d); ``named``: as
+    (region, file) pairs."""
+    try:
+        files = json.loads(recorded or "{}")
+    except ValueError:
+        return []
+    if not isinstance(files, dict):
+        return []
+    return [(str(r), str(p)) if named else str(p) for r, p in files.items()]
+
+
+def remove_arena(arena: str, remove=remove_own) -> None:
+    """Delete the arena file *arena* (or a shared region's file) if it is the daemon's
+    own and nobody holds it."""
     if not os.path.lexists(arena):
         return
     held = arena_holders(arena)
@@ -171,17 +193,19 @@ def remove_arena(arena: str) -> None:
               "client maps it)", file=sys.stderr)
         return
     try:
-        remove_own(arena)
-        print(f"removed arena {arena}")
+        remove(arena)
+        print(f"removed {'arena' if remove is remove_own else 'shared region file'} {arena}")
     except CmaError as e:
         print(f"kept {arena}: {e.why}", file=sys.stderr)
 
 
 def give_back() -> None:
     """Every page a dead daemon added and no arena file holds goes back (the ledger:
-    cmad/hugepages.py), and the private hugetlbfs mount if it is empty."""
+    cmad/hugepages.py), and the private hugetlbfs mount if it is empty, and the
+    groups' mounts of shared region files."""
     gone = sweep()
     release_mount()
+    sharing.release_mounts()
     if gone:
         print(f"gave {gone} hugepages back to the pool")
 
@@ -190,10 +214,13 @@ def reset_mountpoint(mountpoint: str) -> int:
     """``cmad reset --mountpoint M``: the arena of a daemon run on M without a state
     directory (kill -9 leaves it, and its pages), never one a live process holds."""
     from .config import Config
-    from .main import arena_paths
+    from .main import arena_name, arena_paths
     from fusefs.serve import resolve
 
-    for arena in arena_paths(Config(mountpoint=resolve(mountpoint))):
+    config = Config(mountpoint=resolve(mountpoint))
+    for shared in sharing.files_of(arena_name(config)):
+        remove_arena(shared, remove=sharing.remove)
+    for arena in arena_paths(config):
         remove_arena(arena)
     give_back()
     print(f"reset {mountpoint}")

@@ -81,6 +81,14 @@ class Layout:
     seconds: float = 0.0
     why: dict[str, str] = field(default_factory=dict)
     planned: set[str] = field(default_factory=set)  # regions the plan gave a run
+    stopped: str = ""  # the cap that ended the search, where not the machine
+
+    def cut_short(self) -> str:
+        """The line saying gather_limit, not the machine, ended the search ('' if not)."""
+        if not self.stopped:
+            return ""
+        return (f"gathered {self.gathered:,} pages, stopped at the cap of {self.stopped}; "
+                f"longest run {human(self.longest)}; raise gather_limit or reserve at boot")
 
 
 def groups_of(spans: list[Span], page: int) -> list[Group]:
@@ -206,8 +214,14 @@ def longest_run(runs: list[list[int]], page: int) -> int:
     return max((len(r) for r in runs), default=0) * page
 
 
-def refusal(span: Span, longest: int, gathered: int, why: str = "") -> CmaError:
-    """The one line of contiguous=physical when a region cannot be physical."""
+def refusal(span: Span, longest: int, gathered: int, why: str = "", *,
+            stopped: str = "") -> CmaError:
+    """The one line of contiguous=physical when a region cannot be physical; where
+    gather_limit, not the machine, ended the search (``stopped``), it says so."""
+    if stopped:
+        detail = Layout(gathered=gathered, longest=longest, stopped=stopped).cut_short()
+        return CmaError(errno.ENOMEM, f"contiguous=physical: region {span.name} "
+                                      f"({human(span.size)}) fits no physical run: {detail}")
     detail = (f"the longest run of physically adjacent hugepages among the {gathered} "
               f"gathered is {human(longest)}" + (f" ({why})" if why else ""))
     return CmaError(errno.ENOMEM, f"contiguous=physical: region {span.name} "
@@ -215,10 +229,33 @@ def refusal(span: Span, longest: int, gathered: int, why: str = "") -> CmaError:
                                   f"{ADVICE}")
 
 
-def build_file(path: str | None, size: int, spans: list[Span], pool: Pool, *, strict: bool
-               ) -> tuple[int, Layout]:
+def allocate(fd: int, size: int, pieces: list[tuple[int, int, int]]) -> None:
+    """Allocate the arena's pages in arena order: [0, size) of ``fd``, except each
+    piece (arena offset, length, descriptor), whose pages go to its own file (a
+    shared region's, SPEC 4d) and leave a hole in the arena file.  In one pass
+    from low to high, so the LIFO pool hands every file the pages laid out for it."""
+    pos = 0
+    for offset, length, piece in sorted(pieces):
+        if offset > pos:
+            os.posix_fallocate(fd, pos, offset - pos)
+        os.posix_fallocate(piece, 0, length)
+        pos = offset + length
+    if size > pos:
+        os.posix_fallocate(fd, pos, size - pos)
+
+
+def empty(pieces: list[tuple[int, int, int]]) -> None:
+    """Give back the pages of the pieces' files (a failed or repeated layout)."""
+    for _, length, piece in pieces:
+        os.ftruncate(piece, 0)
+        os.ftruncate(piece, length)
+
+
+def build_file(path: str | None, size: int, spans: list[Span], pool: Pool, *, strict: bool,
+               pieces: list[tuple[int, int, int]] = ()) -> tuple[int, Layout]:
     """Create the hugetlbfs arena file ``path`` (None: a hugetlb memfd) of ``size`` bytes
-    laid out for ``spans``; returns its open descriptor and the layout.
+    laid out for ``spans``; returns its open descriptor and the layout.  ``pieces``:
+    (arena offset, length, descriptor) of the shared regions' files (`allocate`).
 
     ``strict`` (contiguous=physical): CmaError, with the pool as it was and no
     file, when a region that wants a run gets none.  OSError when the pool
@@ -241,13 +278,16 @@ def build_file(path: str | None, size: int, spans: list[Span], pool: Pool, *, st
             raise OSError(errno.ENOMEM, why)
         cap = max(GATHER_MAX * pages, pages + GATHER_FLOOR)
         gather.grow(min(free, cap) if pool.mode == "free" else pages)
+        stopped = ""
         while True:
             runs = find_runs(gather.frames, page)
             order, placed = assign(groups, runs, pages)
             if len(placed) == len(groups) or pool.mode == "free" or gather.count >= cap:
                 break
             want = min(2 * gather.count, cap)
-            avail, _ = pool.ensure(want - gather.count)
+            avail, _ = pool.ensure(want - gather.count, partial=True)
+            if pool.capped:
+                stopped = pool.cap_text()
             want = min(want, gather.count + avail)
             if want <= gather.count:
                 break
@@ -257,20 +297,26 @@ def build_file(path: str | None, size: int, spans: list[Span], pool: Pool, *, st
                 log.info("arena: gathering %d hugepages: %s", want, e.strerror)
                 break
         longest = longest_run(runs, page)
+        if len(placed) == len(groups):
+            stopped = ""  # the cap was reached, but the runs were found
         if strict:
             for gi, g in enumerate(groups):
                 if gi not in placed:
                     span = next(s for s in spans if s.name in g.names)
-                    raise refusal(span, longest, gather.count)
+                    raise refusal(span, longest, gather.count, stopped=stopped)
+        if stopped:
+            log.warning("arena: %s", Layout(gathered=gather.count, longest=longest,
+                                            stopped=stopped).cut_short())
         gather.hand_over(order)
         fd = (os.memfd_create("cmad-arena", os.MFD_HUGETLB | os.MFD_CLOEXEC) if path is None
               else os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                            | os.O_CLOEXEC, 0o600))
         try:
             os.ftruncate(fd, size)
-            os.posix_fallocate(fd, 0, size)
+            allocate(fd, size, list(pieces))
         except OSError:
             os.close(fd)
+            empty(list(pieces))
             if path is not None:
                 os.unlink(path)
             raise
@@ -279,7 +325,7 @@ def build_file(path: str | None, size: int, spans: list[Span], pool: Pool, *, st
         pool.give_back(gathered - pages)  # the pages gathered and not kept, at once
         planned = {n for gi in placed for n in groups[gi].names}
         return fd, Layout(gathered=gathered, kept=pages, longest=longest,
-                          seconds=time.monotonic() - t0, planned=planned)
+                          seconds=time.monotonic() - t0, planned=planned, stopped=stopped)
     except BaseException:
         gather.close()
         pool.give_back(pool.added - added_before)

@@ -24,6 +24,9 @@ NAME_MAX = 64  # as labels: names are file names and log words, never a client's
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,%d}" % NAME_MAX)
 _START_DIR = re.compile(r"[0-9a-fA-F]{16}")
 KINDS = ("exclusive", "sticky")
+#: A region shared with a group (SPEC 4d) starts and ends on this boundary, so that
+#: its hugepages (2 MiB on x86) are its own and its file holds no other region's bytes.
+SHARED_ALIGN = 2 << 20
 
 _REGION = re.compile(
     r"(?P<name>[^=]*)=(?P<size>[^@/:]*)(?:@(?P<start>[^/:]*))?"
@@ -78,11 +81,13 @@ class AllocSpec:
     name: str | None = None  # None: the default allocator
     params: dict[str, int] = field(default_factory=dict)
     kind: str = "exclusive"
+    group: str | None = None  # the group the region is shared with (SPEC 4d), consumed like sticky
 
 
 def alloc_spec_text(spec: AllocSpec) -> str:
     """The canonical text of a spec (parse_alloc_spec reads it back as the same)."""
-    params = ([spec.kind] if spec.kind != "exclusive" else []) + [
+    params = ([spec.kind] if spec.kind != "exclusive" else []) + (
+        [f"group={spec.group}"] if spec.group else []) + [
         f"{k}={v}" for k, v in sorted(spec.params.items())]
     return (spec.name or "") + (f"({','.join(params)})" if params else "")
 
@@ -91,7 +96,7 @@ def parse_alloc_spec(text: str, what: str = "allocator") -> AllocSpec:
     m = _ALLOC.fullmatch(text.strip())
     if m is None:
         raise einval(f"{what} {text!r}: expected NAME or NAME(params)")
-    name, params, kind = m["name"].strip(), {}, "exclusive"
+    name, params, kind, group = m["name"].strip(), {}, "exclusive", None
     if name:
         check_name(name, what)
     elif m["params"] is not None:
@@ -105,10 +110,24 @@ def parse_alloc_spec(text: str, what: str = "allocator") -> AllocSpec:
             kind = key
             continue
         check_name(key, f"{what} parameter")
+        if key == "group":
+            if group is not None:
+                raise einval(f"{what} {text!r}: parameter 'group' given twice")
+            group = check_group_name(value.strip(), f"{what}: group")
+            continue
         if key in params:
             raise einval(f"{what} {text!r}: parameter {key!r} given twice")
         params[key] = memparse(value.strip(), f"{what} parameter {key}")
-    return AllocSpec(name or None, params, kind)
+    return AllocSpec(name or None, params, kind, group)
+
+
+def check_group_name(name: str, what: str = "group") -> str:
+    """A group a region is shared with names a directory (/run/cmad-shared/<group>):
+    the name rules, and never '.' or '..'."""
+    check_name(name, what)
+    if name in (".", ".."):
+        raise einval(f"{what} {name!r} is not a group name")
+    return name
 
 
 @dataclass(frozen=True)
@@ -149,6 +168,12 @@ def _parse_region(text: str) -> RegionSpec:
                                 f"region {name}: alignment")
     alloc = parse_alloc_spec(m["alloc"], f"region {name}: allocator") if m["alloc"] is not None \
         else AllocSpec()
+    if alloc.group is not None:
+        if size % SHARED_ALIGN:
+            raise einval(f"region {name}: shared with group {alloc.group}, its size "
+                         f"{human(size)} must be a multiple of {human(SHARED_ALIGN)} (the "
+                         "region's memory is a file of whole hugepages of its own)")
+        alignment = max(alignment, SHARED_ALIGN)
     return RegionSpec(name, page_align(size), start, alignment, alloc)
 
 
@@ -239,6 +264,9 @@ class Region:
         self.start = start
         self.size = spec.size
         self.kind = spec.alloc.kind
+        self.group = spec.alloc.group  # shared with this group (SPEC 4d), or None
+        self.gid = 0  # the group's gid once the daemon resolved it (0: root only)
+        self.file: str | None = None  # the file of a shared region's memory
         self.wanted: AllocSpec = spec.alloc  # what the alloc attribute asked for
         self.configured: AllocSpec = spec.alloc  # what the configuration said
         self.allocator: Allocator | None = None

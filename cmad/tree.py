@@ -48,6 +48,7 @@ REGION_ATTRS = {
     "free": lambda r: str(r.free),
     "users": lambda r: str(r.users),
     "kind": lambda r: r.kind,
+    "group": lambda r: r.group or "",
     "contiguous": lambda r: r.contiguous,
     "stats": lambda r: show_stats(r.stats()),
     "bitmap": lambda r: region_bitmap(r),
@@ -303,7 +304,9 @@ class Tree:
             for name, show in CHUNK_ATTRS.items():
                 d.add(name, Attr(partial(self._show_live, show, chunk)))
             d.add("data", Bytes(partial(self._data, chunk), mode=0o600, uid=chunk.uid))
-            d.add("mmap", Attr(partial(self._mmap, chunk), mode=0o400))
+            region = chunk.region
+            d.add("mmap", Attr(partial(self._mmap, chunk), mode=0o440 if region.file else 0o400,
+                               gid=region.gid if region.file else 0))
             d.add("phys", Attr(partial(self._phys, chunk), mode=0o400))
         return LazyDir(populate)
 
@@ -318,11 +321,17 @@ class Tree:
 
     def _mmap(self, chunk: Chunk) -> str:
         """Handing out a mapping pins a movable chunk: the daemon cannot follow it.
-        Root only (mode 0400), as the arena file is: nobody else could map it."""
+        Root only (mode 0400), as the arena file is: nobody else could map it; in a
+        region shared with a group (SPEC 4d), readable by the group (0440) and
+        naming the region's own file and the chunk's offset in it."""
         arena = self.cma.arena
         if arena is None:
             raise CmaError(errno.ENODEV, "no arena behind this daemon")
+        self.cma.check_live(chunk)
         self.cma.pin(chunk)
+        region = chunk.region
+        if region.file:
+            return f"{region.file} {chunk.start - region.start} {chunk.size}"
         return f"{arena.path} {chunk.start - self.cma.base} {chunk.size}"
 
     def _region_phys(self, region: Region) -> str:

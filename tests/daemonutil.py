@@ -15,6 +15,7 @@ import pytest
 from cmad.config import Config
 from cmad.hugepages import escaped_name, give_back_record, record_key, release_mount
 from cmad.main import arena_paths
+from cmad.shared import files_of, release_mounts
 from mountutil import MountError, cleanup, daemon_stderr, mounted, require_fuse
 
 #: A client writing ``x`` to ``free`` and ``alloc`` in a loop until the file
@@ -68,6 +69,7 @@ class Daemons:
         self.proc = None
         self.arenas: set[str] = set()
         self.records: set[str] = set()
+        self.names: set[str] = set()  # arena names: their shared region files go too
         stack.callback(self.remove_arenas)  # runs last, once every daemon has stopped
 
     def argv(self, mnt: pathlib.Path, args) -> list[str]:
@@ -77,18 +79,20 @@ class Daemons:
         self.records.add(record_key(state, str(mnt)) or "")
         self.records.add(record_key(None, str(mnt)) or "")
         self.arenas.add(os.path.join("/run/cmad/hugetlbfs", escaped_name(str(mnt), state)))
+        self.names.update({escaped_name(str(mnt), state), escaped_name(str(mnt))})
         if "--contiguous" not in args:  # the layout search only where a test asks for it
             args = (*args, "--contiguous", "virtual")
         return [sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt), *args]
 
     def remove_arenas(self) -> None:
         """A persistent daemon keeps its arena file while chunks live: not after a test."""
-        for path in self.arenas:
+        for path in self.arenas | {p for name in self.names for p in files_of(name)}:
             if os.path.lexists(path):
                 os.unlink(path)
         for record in self.records:  # a killed daemon's hugepages go back to the pool
             give_back_record(record or None)
         release_mount()
+        release_mounts()
 
     def __call__(self, *args: str, env: dict | None = None, mountpoint=None) -> pathlib.Path:
         self.count += 1

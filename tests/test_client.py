@@ -188,7 +188,7 @@ def test_chunks_listing_matches_the_files(daemon):
         assert c.label == (read(d / "label") or None)
     assert [c.start for c in client.chunks("dma")] == [bufs[-1].start]
     assert {r.name: r.users for r in client.regions()} == \
-        {"video": MANY, "common": 0, "dma": 1}
+        {"video": MANY, "common": 0, "dma": 1, "gpu": 0}
     video = client.region("video")
     assert video.used == MANY * (64 << 10) == video.stats["bytes_allocated"]
     assert client.bitmap("video").count("#") * 4096 == video.used

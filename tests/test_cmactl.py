@@ -88,7 +88,7 @@ def test_regions_table_bytes_and_json(daemon):
     exact = {row[0]: row for row in rows_of(ok(mnt, "regions", "--bytes"))}
     assert exact["video"][2:6] == [str(32 * M), str(6 * M), str(26 * M), "1"]
     listed = json.loads(ok(mnt, "regions", "--json"))
-    assert [r["name"] for r in listed] == ["video", "common", "dma"]
+    assert [r["name"] for r in listed] == ["video", "common", "dma", "gpu"]
     for r in listed:
         d = mnt / "regions" / r["start"]
         assert r["name"] == read(d / "name") and r["start"] == read(d / "start")
@@ -185,7 +185,7 @@ def test_errors_are_one_line_with_the_errno(daemon, tmp_path):
     r = subprocess.run([sys.executable, "-m", "cmad.cmactl", "regions", "--json"],
                        capture_output=True, text=True, env={**os.environ,
                                                             "CMAD_MOUNTPOINT": str(mnt)})
-    assert r.returncode == 0 and len(json.loads(r.stdout)) == 3
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 4
     daemon.proc.kill()
     daemon.proc.wait()
     r = cmactl(mnt, "list")

@@ -252,7 +252,7 @@ def test_metrics_parse(daemon):
     families = {f.name: f for f in text_string_to_metric_families(read(mnt / "metrics"))}
     ok = {s.labels["region"]: s.value for s in families["cma_region_alloc_ok"].samples
           if s.name.endswith("_total")}
-    assert ok == {"video": 1.0, "common": 0.0, "dma": 0.0}
+    assert ok == {"video": 1.0, "common": 0.0, "dma": 0.0, "gpu": 0.0}
     used = {s.labels["region"]: s.value for s in families["cma_region_bytes_allocated"].samples}
     assert used["video"] == M
     stats = dict(line.split(None, 1) for line in read(mnt / "stats").splitlines())

@@ -77,7 +77,7 @@ def test_ready_after_mount_then_watchdog_pings(daemon, notify_socket, tmp_path):
     got = messages(sock, until)
     ready = [m for m in got if m.get("READY") == "1"]
     assert ready and seen_mounted == [True]
-    assert "3 regions, 0 chunks" in ready[0]["STATUS"]
+    assert "4 regions, 0 chunks" in ready[0]["STATUS"]
     assert sum(m.get("WATCHDOG") == "1" for m in got) >= 2
 
 
@@ -100,8 +100,8 @@ def test_sighup_takes_the_new_map_and_keeps_chunks(daemon, notify_socket, tmp_pa
     daemon.proc.send_signal(signal.SIGHUP)
     assert eventually(lambda: read(mnt / "map") == "*=video\n")
     assert sorted(os.listdir(mnt / "regions")) == sorted(
-        ["common", "dma", "video", "0000000040000000", "0000000042000000",
-         "0000000043000000"])
+        ["common", "dma", "gpu", "video", "0000000040000000", "0000000042000000",
+         "0000000043000000", "0000000043800000"])
     assert (mnt / "chunks/keep").exists()
     with open(daemon.proc.stderr_path) as f:
         assert "region layout changed" in f.read()
