@@ -346,28 +346,7 @@ def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
     shared regions' files are mapped over their places (`Arena.overlay`)."""
     spans = spans_of(cma, config.contiguous)
     if journal is not None:
-        holes = bool(shared) or bool(recorded_shared(journal, path))
-        arena = Arena(cma.arena_size, path=path, backing=config.backing, holes=holes)
-        arena.pool = pool
-        try:
-            adopt_shared(arena, list(shared), journal, path, arena_name(config))
-        except BaseException:
-            arena.close()
-            raise
-        record = journal.get("arena_layout")
-        if record:
-            physmap.parse_record(record)  # a tampered row: one line, whatever the backing
-        if arena.backing == "hugetlb" and record:
-            arena.layout = physmap.verify(record, spans, arena.frames, arena.page, path)
-        virtual = [s for s in spans if s.wants and (
-            arena.layout is None or arena.layout.phys.get(s.name) is None)]
-        if config.contiguous == "physical" and virtual:
-            arena.close()
-            raise CmaError(errno.EINVAL, f"contiguous=physical: region {virtual[0].name} lies "
-                                         f"in the surviving arena file {path} without a "
-                                         "physical run, and its journalled chunks keep that "
-                                         "layout; use contiguous=auto or run 'cmad reset'")
-        return arena
+        return adopt_arena(cma, config, path, pool, journal, list(shared), spans)
     strict = config.contiguous == "physical"
     why = "backing is " + config.backing
     if config.backing in ("auto", "hugetlb"):
@@ -380,6 +359,39 @@ def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
         raise physmap.refusal(span, 0, 0, why)
     if config.backing == "hugetlb":
         raise CmaError(errno.ENOMEM, f"arena of {human(cma.arena_size)}: hugetlb: {why}")
+    return shm_arena(cma, config, path, list(shared), why)
+
+
+def adopt_arena(cma: Cma, config: Config, path: str | None, pool: Pool, journal: Journal,
+                shared: list[sharing.SharedFile], spans: list[physmap.Span]) -> Arena:
+    """The surviving arena file and shared files, their layout checked against the journal."""
+    holes = bool(shared) or bool(recorded_shared(journal, path))
+    arena = Arena(cma.arena_size, path=path, backing=config.backing, holes=holes)
+    arena.pool = pool
+    try:
+        adopt_shared(arena, shared, journal, path, arena_name(config))
+    except BaseException:
+        arena.close()
+        raise
+    record = journal.get("arena_layout")
+    if record:
+        physmap.parse_record(record)  # a tampered row: one line, whatever the backing
+    if arena.backing == "hugetlb" and record:
+        arena.layout = physmap.verify(record, spans, arena.frames, arena.page, path)
+    virtual = [s for s in spans if s.wants and (
+        arena.layout is None or arena.layout.phys.get(s.name) is None)]
+    if config.contiguous == "physical" and virtual:
+        arena.close()
+        raise CmaError(errno.EINVAL, f"contiguous=physical: region {virtual[0].name} lies "
+                                     f"in the surviving arena file {path} without a "
+                                     "physical run, and its journalled chunks keep that "
+                                     "layout; use contiguous=auto or run 'cmad reset'")
+    return arena
+
+
+def shm_arena(cma: Cma, config: Config, path: str | None,
+              shared: list[sharing.SharedFile], why: str) -> Arena:
+    """A shared-memory arena (no hugepages to be had: ``why``), shared regions' files beside."""
     private = os.path.join(RUN_DIR, "hugetlbfs")
     if path is not None and os.path.dirname(os.path.abspath(path)) == private:
         raise CmaError(errno.EINVAL, f"arena file {path}: {private} is not mounted, and a "

@@ -19,7 +19,7 @@ OPS = {"test_fusefs_ops", "test_fusefs_dynamic", "test_tree", "test_kernel_tree"
 MOUNT = {"test_fusefs_mount", "test_tree_mount", "test_daemon", "test_client", "test_cmactl",
          "test_hostile", "test_identity", "test_load", "test_movable_mount", "test_permissions",
          "test_reliability", "test_restart_mount", "test_service", "test_startup",
-         "test_hugepages", "test_hardening", "test_kernel_mount"}
+         "test_hugepages", "test_hardening", "test_kernel_mount", "test_shared"}
 SLOW = {"test_load", "test_reliability", "test_restart_mount"}
 
 

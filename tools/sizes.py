@@ -22,6 +22,7 @@ LARGER = {
     "cmad/cmactl.py": "one module per command not yet (issue 18)",
     "cmad/journal.py": "store, row rules and recovery policy not yet apart (issue 18)",
     "cmad/main.py": "start-up, arena assembly and reload not yet apart (issue 18)",
+    "cmad/physmap.py": "gather, sort by frame and create not yet apart (issue 18: memory/)",
     "cmad/hugepages.py": "pool, ledger, lock and private mounts together (issue 18: memory/)",
     "fusefs/nodes.py": "the node kinds not yet one module each (issue 18)",
     "fusefs/ops.py": "the Operations class and its inode table (issue 18)",
