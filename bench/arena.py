@@ -24,9 +24,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cmad.hugepages import NR_HUGEPAGES, Pool  # noqa: E402
+from cmad.memory.hugepages import NR_HUGEPAGES, Pool  # noqa: E402
 from cmad.memparse import human, memparse  # noqa: E402
-from cmad.physmap import Span, build_file  # noqa: E402
+from cmad.memory.physmap import Span, build_file  # noqa: E402
 
 
 def nr() -> int:

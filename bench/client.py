@@ -1,6 +1,6 @@
 """Client benchmark: the zero-copy view against memcpy, and ``cmactl list`` on 10,000 chunks.
 
-Data: a 64 MiB buffer from `cmad.client`; GB/s writing into and reading out
+Data: a 64 MiB buffer from `cmad.clients.client`; GB/s writing into and reading out
 of ``buf.view`` (one slice assignment each: memcpy into and out of the
 arena's shared mapping) next to memcpy between two private 64 MiB buffers,
 in the same run.  Rounds alternate view-write, view-read, private memcpy;
@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from mountutil import mounted  # noqa: E402
 
-from cmad.client import CHUNK_TABLE, Client  # noqa: E402
+from cmad.clients.client import CHUNK_TABLE, Client  # noqa: E402
 
 M = 1 << 20
 SIZE = 64 * M
@@ -82,7 +82,7 @@ def listing(mnt: str, client: Client) -> None:
     t0 = time.perf_counter()
     fill(mnt, CHUNKS)
     print(f"  {CHUNKS} chunks allocated in {time.perf_counter() - t0:.1f} s")
-    argv = [sys.executable, "-m", "cmad.cmactl", "--mountpoint", mnt]
+    argv = [sys.executable, "-m", "cmad.clients.cmactl", "--mountpoint", mnt]
     start = []
     for _ in range(5):
         t0 = time.perf_counter()
@@ -107,7 +107,7 @@ def listing(mnt: str, client: Client) -> None:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mnt = f"{tmp}/cmad"
-        argv = [sys.executable, "-m", "cmad.main", "--mountpoint", mnt, "--regions",
+        argv = [sys.executable, "-m", "cmad.daemon.main", "--mountpoint", mnt, "--regions",
                 "video=80M:bf;pool=48M:bf", "--map", "*=video", "--log-level", "warning"]
         with mounted(argv, mnt):
             client = Client(mnt)

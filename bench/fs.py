@@ -102,7 +102,7 @@ def main() -> None:
             print(f"fs: {ITER} iterations, client and daemons pinned to CPU {CPU}, medians")
             for journal in (False, True):
                 cmad_mnt = f"{tmp}/cmad{int(journal)}"
-                argv = [sys.executable, "-m", "cmad.main", "--mountpoint", cmad_mnt,
+                argv = [sys.executable, "-m", "cmad.daemon.main", "--mountpoint", cmad_mnt,
                         "--regions", "video=128M:bf;common=16M:buddy", "--log-level", "warning"]
                 if journal:
                     argv += ["--state-dir", f"{tmp}/state"]

@@ -6,7 +6,7 @@
 Against a running cmad whose map sends ``--device`` to a region shared with
 a group (SPEC 4d; ``make run``'s ``gpu`` region), as a member of that group:
 
-1. allocate through the daemon (`cmad.client`), map the chunk, register it
+1. allocate through the daemon (`cmad.clients.client`), map the chunk, register it
    with ``cudaHostRegister(address, size, 0)``, and check bytes both ways
    (host -> device -> a second host buffer, and device -> the chunk);
 2. H2D and D2H GB/s of the cmad chunk, ``cudaHostAlloc`` memory and
@@ -278,7 +278,7 @@ def main() -> int:
         if os.geteuid() == 0:
             raise Skip("run as a plain member of the shared region's group (or as root "
                        "with --user NAME): this bench shows what such a user can do")
-        from cmad.client import Client
+        from cmad.clients.client import Client
         client = Client(args.mountpoint)
     except Skip as e:
         print(f"bench/gpu.py skipped: {e}")

@@ -27,15 +27,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 OWN_TREE = os.path.dirname(HERE)
 
-#: What a chunk table row holds (see cmad/client.py CHUNK_TABLE).
+#: What a chunk table row holds (see cmad/clients/client.py CHUNK_TABLE).
 REGIONS = (("video", 0x40000000), ("common", 0x80000000), ("dma", 0x100000000))
 DEVS = ("camera preview", "camera -", "net -", "gpu scanout", "- -")
 
 RUN = """\
 import sys
-import cmad.client
-cmad.client.Client.check = lambda self: None
-from cmad.cmactl import main
+import cmad.clients.client
+cmad.clients.client.Client.check = lambda self: None
+from cmad.clients.cmactl import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -34,7 +34,7 @@ Usage: bench/scale.py [--sizes 10k,200k,1m] [--seconds 10] [--find-max 200k]
                       [--gc tamed|default] [--growth]
 (``--gc default`` runs the daemon with CPython's collector untouched, for the
 comparison with the tamed one: frozen after start-up and after each full
-collection, see cmad/main.py.  ``--growth`` also allocates each size in
+collection, see cmad/daemon/main.py.  ``--growth`` also allocates each size in
 process, chunk by chunk, under both policies, and prints the worst single
 allocation: full collections over a growing heap are what stalls a filling
 daemon, and a state restored from the journal does not show them.)
@@ -77,7 +77,7 @@ def recovery_cpu(state_dir: str) -> float:
     """CPU seconds of the journal's recovery alone, in a fresh process, as the
     daemon runs it (no collection during start-up)."""
     code = ("import gc, sys, time; gc.disable()\n"
-            "from cmad import Cma\nfrom cmad.journal import Journal, recover\n"
+            "from cmad import Cma\nfrom cmad.store.journal import Journal, recover\n"
             f"cma = Cma({REGIONS!r}, {MAP!r}); journal = Journal(sys.argv[1])\n"
             "t = time.process_time(); recover(cma, journal, arena_survived=True)\n"
             "print(time.process_time() - t)")
@@ -89,7 +89,7 @@ def recovery_cpu(state_dir: str) -> float:
 GROWTH = """
 import gc, sys, time
 from cmad import Cma
-from cmad.main import settle_gc
+from cmad.daemon.main import settle_gc
 n, policy = int(sys.argv[1]), sys.argv[2]
 if policy == "tamed":
     settle_gc()
@@ -128,7 +128,7 @@ def growth_stalls(n: int, policy: str) -> tuple[float, int, int, float, float]:
 def build_state(n: int, state_dir: str, arena_file: str) -> None:
     """N journalled chunks, as the daemon would have recorded them, and their pages."""
     from cmad import Cma
-    from cmad.journal import Journal
+    from cmad.store.journal import Journal
 
     cma = Cma(REGIONS, MAP)
     journal = Journal(state_dir)
@@ -158,7 +158,7 @@ class Daemon:
         """Start and return the seconds until ``allocators`` reads."""
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            ["taskset", "-c", DAEMON_CPU, sys.executable, "-m", "cmad.main",
+            ["taskset", "-c", DAEMON_CPU, sys.executable, "-m", "cmad.daemon.main",
              "--mountpoint", self.mnt, "--regions", REGIONS, "--map", MAP,
              "--state-dir", self.state_dir, "--arena-file", self.arena_file,
              "--log-level", "warning", "--hugepages", "free", "--contiguous", "virtual"],
@@ -300,7 +300,7 @@ def measure(n: int, args: argparse.Namespace, empty_rss: int | None) -> dict:
         subprocess.run(["taskset", "-apc", DAEMON_CPU, str(daemon.proc.pid)], check=True,
                        capture_output=True)
         out["stats"] = min(timed(["cat", f"{mnt}/stats"]) for _ in range(5))
-        out["list"] = timed([sys.executable, "-m", "cmad.cmactl", "--mountpoint", mnt, "list"])
+        out["list"] = timed([sys.executable, "-m", "cmad.clients.cmactl", "--mountpoint", mnt, "list"])
         out["alloc"], out["free"] = quiet_costs(mnt)
         waits, starts = latency_under_load(mnt, args.seconds)
         out["p50"], out["p99"], out["max"] = pct(waits, .5), pct(waits, .99), max(waits)

@@ -68,7 +68,7 @@ def tracing(mnt: str, *parts: str) -> str:
 
 def daemon_argv(code: str, mnt: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; sys.path.insert(0, {code!r}); "
-            "from cmad.main import main; sys.exit(main())", "--mountpoint", mnt,
+            "from cmad.daemon.main import main; sys.exit(main())", "--mountpoint", mnt,
             "--regions", REGIONS, "--contiguous", "virtual", "--log-level", "error"]
 
 
@@ -130,7 +130,7 @@ sys.path.insert(0, sys.argv[1])
 from cmad import Cma
 cma = Cma("r=256M", "*=r")
 if sys.argv[2] == "on":
-    from cmad.trace import Tracer
+    from cmad.daemon.trace import Tracer
     Tracer(cma).enable(None, True)
 live = [cma.alloc("x", 4096) for _ in range(1000)]
 alloc, free = cma.alloc, cma.free

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import clip, einval
+from cmad.errors import clip, einval
 
 U64_MAX = (1 << 64) - 1
 # No literal of a 64-bit value is longer (octal with a suffix is 24); leading

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from cmad import Arena
-from cmad.hugepages import LEDGER, Ledger, sweep
+from cmad.memory.hugepages import LEDGER, Ledger, sweep
 from daemonutil import daemon  # noqa: F401
 from test_arena import hugepages  # noqa: F401
 
@@ -77,7 +77,7 @@ def hugepage_records():
 TEST_KEYS = "cmad-tmp-pytest-"  # the ledger entries of daemons on pytest's directories
 GIVE_BACK_LATER = """
 import os, sys, time
-from cmad.hugepages import sweep
+from cmad.memory.hugepages import sweep
 pid, prefix = int(sys.argv[1]), sys.argv[2]
 for _ in range(600):
     try:

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from cmad.config import Config
-from cmad.hugepages import escaped_name, give_back_record, record_key, release_mount
-from cmad.main import arena_paths
-from cmad.shared import files_of, release_mounts
+from cmad.daemon.config import Config
+from cmad.memory.hugepages import escaped_name, give_back_record, record_key, release_mount
+from cmad.daemon.main import arena_paths
+from cmad.memory.shared import files_of, release_mounts
 from mountutil import MountError, cleanup, daemon_stderr, mounted, require_fuse
 
 #: A client writing ``x`` to ``free`` and ``alloc`` in a loop until the file
@@ -82,7 +82,7 @@ class Daemons:
         self.names.update({escaped_name(str(mnt), state), escaped_name(str(mnt))})
         if "--contiguous" not in args:  # the layout search only where a test asks for it
             args = (*args, "--contiguous", "virtual")
-        return [sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt), *args]
+        return [sys.executable, "-m", "cmad.daemon.main", "--mountpoint", str(mnt), *args]
 
     def remove_arenas(self) -> None:
         """A persistent daemon keeps its arena file while chunks live: not after a test."""

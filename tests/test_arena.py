@@ -7,7 +7,7 @@ import os
 import pytest
 
 from cmad import Arena, CmaError
-from cmad.arena import hugepage_size
+from cmad.memory.arena import hugepage_size
 
 M = 1 << 20
 NR = "/proc/sys/vm/nr_hugepages"

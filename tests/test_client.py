@@ -1,4 +1,4 @@
-"""cmad.client against a real mount: zero-copy views, numpy, freeing, listings, errors."""
+"""cmad.clients.client against a real mount: zero-copy views, numpy, freeing, listings, errors."""
 
 import calendar
 import errno
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from cmad import CmaError
-import cmad.client as client_module
-from cmad.client import Buffer, ChunkInfo, Client, NotMounted, parse_created, parse_result
+import cmad.clients.client as client_module
+from cmad.clients.client import Buffer, ChunkInfo, Client, NotMounted, parse_created, parse_result
 from test_daemon import alloc, eventually, write_errno
 
 M = 1 << 20
@@ -25,8 +25,8 @@ def read(path) -> str:
 
 
 def test_importable_without_the_daemon_stack():
-    code = ("import sys; import cmad.client; "
-            "assert not {'pyfuse3', 'trio', 'fusefs', 'cmad.tree', 'cmad.main'} & "
+    code = ("import sys; import cmad.clients.client; "
+            "assert not {'pyfuse3', 'trio', 'fusefs', 'cmad.daemon.tree', 'cmad.daemon.main'} & "
             "set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 

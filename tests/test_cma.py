@@ -358,7 +358,7 @@ def test_the_id_index_lists_live_chunks_in_id_order(steps):
     """Adds, frees and moves (remove and add again under the same id) in any
     order: ``ids_after`` lists exactly the live chunks, by id, whatever its
     tombstones and sweeps did."""
-    from cmad.chunks import ChunkIndex, Chunk
+    from cmad.core.chunks import ChunkIndex, Chunk
     index, live, next_id = ChunkIndex(), {}, 1
     region = Cma("r=1G", "*=r").region("r")
     for op, n in steps:
@@ -388,8 +388,8 @@ def test_the_start_order_is_right_whether_kept_dropped_or_rebuilt(steps, monkeyp
     made tiny here so it is dropped and rebuilt often): ``holding``,
     ``last_before``, ``in_range`` and iteration always answer as a scan of the
     live chunks would."""
-    from cmad import chunks as chunks_module
-    from cmad.chunks import ChunkIndex, Chunk
+    from cmad.core import chunks as chunks_module
+    from cmad.core.chunks import ChunkIndex, Chunk
     monkeypatch.setattr(chunks_module, "IDLE", 3)
     monkeypatch.setattr(chunks_module, "BATCH", 2)
     index, live, next_id = ChunkIndex(), {}, 1
@@ -423,7 +423,7 @@ def test_the_start_order_is_right_whether_kept_dropped_or_rebuilt(steps, monkeyp
 def test_the_start_order_goes_after_updates_alone_and_comes_back():
     """Kept while ordered queries come, dropped after max(IDLE, 4n) updates
     without one, rebuilt right by the next."""
-    from cmad.chunks import IDLE, ChunkIndex, Chunk
+    from cmad.core.chunks import IDLE, ChunkIndex, Chunk
     region = Cma("r=1G", "*=r").region("r")
     index = ChunkIndex()
     chunks = [Chunk(i + 1, i << 12, 4096, region, "d", "t") for i in range(10)]
@@ -444,7 +444,7 @@ def test_a_chunk_freed_while_a_listing_runs_is_skipped(batch, monkeypatch):
     """``in_range`` is lazy (chunkinfo renders what a reader reads): a chunk freed
     between two of its steps is not yielded, and nothing raises (the old
     SortedDict iterator raised IndexError)."""
-    from cmad import chunks as chunks_module
+    from cmad.core import chunks as chunks_module
     monkeypatch.setattr(chunks_module, "BATCH", batch)
     cma = Cma("r=1G", "*=r")
     a, b, c = (cma.alloc("d", 4096) for _ in range(3))

@@ -10,8 +10,8 @@ import subprocess
 import sys
 import time
 
-import cmad.cmactl as cmactl_module
-from cmad.client import Client
+import cmad.clients.cmactl as cmactl_module
+from cmad.clients.client import Client
 from cmad.memparse import human
 from test_client import fake_mount
 from test_daemon import eventually
@@ -21,7 +21,7 @@ COLOUR = re.compile(r"\x1b\[(?:\d+;)*(?:3[0-8]|9[0-7])(?:;\d+)*m")  # a foregrou
 
 
 def cmactl(mnt, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmad.cmactl", "--mountpoint", str(mnt), *args],
+    return subprocess.run([sys.executable, "-m", "cmad.clients.cmactl", "--mountpoint", str(mnt), *args],
                           capture_output=True, text=True, timeout=30,
                           env={**os.environ, **(env or {})})
 
@@ -36,7 +36,7 @@ def ok(mnt, *args: str) -> str:
 def in_pty(mnt, *args: str, env: dict | None = None) -> tuple[int, str]:
     """Run cmactl with a pseudo-terminal as stdin, stdout and stderr."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "cmad.cmactl", "--mountpoint", str(mnt),
+    proc = subprocess.Popen([sys.executable, "-m", "cmad.clients.cmactl", "--mountpoint", str(mnt),
                              *args], stdin=slave, stdout=slave, stderr=slave,
                             env={**os.environ, "TERM": "xterm-256color", **(env or {})})
     os.close(slave)
@@ -182,7 +182,7 @@ def test_errors_are_one_line_with_the_errno(daemon, tmp_path):
                         "pass the right mountpoint\n")
     r = cmactl(tmp_path / "empty", "regions", env={"CMAD_MOUNTPOINT": str(mnt)})
     assert r.returncode == 1  # the flag wins over the environment
-    r = subprocess.run([sys.executable, "-m", "cmad.cmactl", "regions", "--json"],
+    r = subprocess.run([sys.executable, "-m", "cmad.clients.cmactl", "regions", "--json"],
                        capture_output=True, text=True, env={**os.environ,
                                                             "CMAD_MOUNTPOINT": str(mnt)})
     assert r.returncode == 0 and len(json.loads(r.stdout)) == 4

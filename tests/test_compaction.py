@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cmad import Arena, Cma, CmaError
-from cmad.journal import Journal, recover
+from cmad.store.journal import Journal, recover
 
 M = 1 << 20
 ALLOCATORS = ["bf", "buddy", "bitmap(order_per_bit=2)"]
@@ -207,7 +207,7 @@ def test_phys_without_cap_sys_admin_is_eacces():
                                "cmad")
         shutil.copytree(package, os.path.join(public, "cmad"))
         script = (f"import sys, errno; sys.path.insert(0, {public!r})\n"
-                  "from cmad.arena import Arena\n"
+                  "from cmad.memory.arena import Arena\n"
                   "a = Arena(1 << 20); a.populate(0, 1 << 20)\n"
                   "try:\n    a.phys(0, 8192)\nexcept OSError as e:\n"
                   "    print(errno.errorcode[e.errno])\n")

@@ -8,10 +8,12 @@ import sys
 
 import pytest
 
-from cmad import Cma, request
+from cmad import Cma
+
+from cmad.core import request
 from cmad.memparse import memparse
-from cmad.ratelimit import MAX_LINE, ClientLogFilter, TokenBucket
-from cmad.regions import parse_regions
+from cmad.daemon.ratelimit import MAX_LINE, ClientLogFilter, TokenBucket
+from cmad.core.regions import parse_regions
 
 M = 1 << 20
 K = 1 << 10
@@ -35,7 +37,7 @@ def test_huge_number_in_a_request_is_einval(cma):
 
 
 def test_huge_base_is_one_line_and_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "cmad.main", "--mountpoint", str(tmp_path),
+    r = subprocess.run([sys.executable, "-m", "cmad.daemon.main", "--mountpoint", str(tmp_path),
                         "--base", "9" * 5000], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
@@ -210,7 +212,7 @@ def test_client_warnings_are_rate_limited_per_call_site_with_a_count():
 
 def test_a_refusal_the_core_warned_about_is_one_line(cma):
     log_filter = ClientLogFilter()
-    core, handler = logger_with(log_filter, "cmad.cma")
+    core, handler = logger_with(log_filter, "cmad.core.cma")
     boundary, boundary_handler = logger_with(log_filter, "fusefs")
     try:
         e = refused(errno.ENOENT, cma.free, "nolabel")
@@ -224,7 +226,7 @@ def test_a_refusal_the_core_warned_about_is_one_line(cma):
 
 
 def test_the_cores_unknown_free_warning_is_rate_limited(cma):
-    log, handler = logger_with(ClientLogFilter(), "cmad.cma")
+    log, handler = logger_with(ClientLogFilter(), "cmad.core.cma")
     try:
         for i in range(200):
             refused(errno.ENOENT, cma.free, f"nolabel{i}")
@@ -243,7 +245,7 @@ def test_the_cores_unknown_free_warning_is_rate_limited(cma):
 def test_configuration_mistakes_are_one_line(tmp_path, args, message):
     (tmp_path / "FILE").touch()
     args = [str(tmp_path / "FILE") if a == "FILE" else a for a in args]
-    r = subprocess.run([sys.executable, "-m", "cmad.main", "--mountpoint",
+    r = subprocess.run([sys.executable, "-m", "cmad.daemon.main", "--mountpoint",
                         str(tmp_path / "mnt"), *args], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2, r.stderr

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cmad import Cma
-from cmad.config import DEFAULT_MAP, DEFAULT_REGIONS
+from cmad.daemon.config import DEFAULT_MAP, DEFAULT_REGIONS
 
 M = 1 << 20
 
@@ -111,7 +111,7 @@ def test_every_file_matches_the_core(daemon):
     for text in steps:
         line = alloc(mnt, text)
         start, size, region, *label, chunk_id = line.split()
-        from cmad.request import run
+        from cmad.core.request import run
         c = run(core, text)
         assert (int(start, 16), int(size), region) == (c.start, c.size, c.region.name)
         assert chunk_id == f"id={c.id}" and label == ([c.label] if c.label else [])
@@ -299,7 +299,7 @@ def test_sigterm_unmounts_cleanly(daemon):
 
 
 def cmad(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmad.main", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cmad.daemon.main", *args], capture_output=True,
                           text=True, timeout=60)
 
 

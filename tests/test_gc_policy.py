@@ -5,7 +5,7 @@ import sys
 
 PROBE = """
 import gc
-from cmad.main import hold_gc, settle_gc
+from cmad.daemon.main import hold_gc, settle_gc
 hold_gc()
 assert not gc.isenabled()
 start_up = [[i] for i in range(50000)]          # what recovery and the tree create
@@ -34,7 +34,7 @@ def test_start_up_objects_frozen_and_full_collections_freeze_survivors():
 
 
 def test_cmad_gc_default_keeps_the_collector_as_it_is():
-    run = subprocess.run([sys.executable, "-c", "import gc\nfrom cmad.main import hold_gc, "
+    run = subprocess.run([sys.executable, "-c", "import gc\nfrom cmad.daemon.main import hold_gc, "
                           "settle_gc\nhold_gc()\nassert gc.isenabled()\nsettle_gc()\n"
                           "assert gc.get_freeze_count() == 0\nprint('ok')"],
                          capture_output=True, text=True, timeout=60,

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from cmad.errors import CmaError
-from cmad.map import Map
+from cmad.core.map import Map
 from cmad.memparse import fmt_addr, memparse
-from cmad.regions import AllocSpec, parse_alloc_spec, parse_alignment, parse_regions
+from cmad.core.regions import AllocSpec, parse_alloc_spec, parse_alignment, parse_regions
 
 
 @pytest.mark.parametrize("text, value", [

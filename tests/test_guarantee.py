@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cmad import Cma, CmaError
-from cmad.compaction import MOVE_RATIO
+from cmad.core.compaction import MOVE_RATIO
 
 K, M = 1 << 10, 1 << 20
 PAGE = 4 * K
@@ -270,7 +270,7 @@ def test_quota_and_bound_hold_on_the_slow_paths(allocator):
 def test_the_slow_paths_run_in_the_order_of_slow_paths(caplog, monkeypatch):
     """Policy as data: the log says which path served, and changing the order
     changes which does."""
-    from cmad import cma as cma_module
+    from cmad.core import cma as cma_module
 
     def serve(order):
         monkeypatch.setattr(cma_module, "SLOW_PATHS", order)
@@ -279,7 +279,7 @@ def test_the_slow_paths_run_in_the_order_of_slow_paths(caplog, monkeypatch):
         for c in movers[1::2]:
             cma.free(c.start)
         caplog.clear()
-        with caplog.at_level("INFO", logger="cmad.cma"):
+        with caplog.at_level("INFO", logger="cmad.core.cma"):
             try:
                 cma.alloc("d", 2 * M)
             except CmaError as e:

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from cmad.config import Config
-from cmad.hugepages import escaped_name
-from cmad.main import arena_paths
+from cmad.daemon.config import Config
+from cmad.memory.hugepages import escaped_name
+from cmad.daemon.main import arena_paths
 from mountutil import daemon_stderr, mounted, require_fuse
 from test_daemon import alloc, cmad, read
 
@@ -39,7 +39,7 @@ umount -l /run/cmad/hugetlbfs 2>/dev/null
 umount -l /run/cmad/tmpfs 2>/dev/null
 mount -t tmpfs -o mode=0755 tmpfs /run || exit 97
 {prepare}
-"$PY" -m cmad.main --mountpoint "$MNT" {args} 2>"$LOG" &
+"$PY" -m cmad.daemon.main --mountpoint "$MNT" {args} 2>"$LOG" &
 pid=$!
 i=0
 while [ ! -e "$MNT/allocators" ]; do
@@ -236,7 +236,7 @@ def test_roots_own_symlink_is_followed_and_names_the_real_mountpoint(tmp_path):
     link = tmp_path / "link"
     link.symlink_to(real)
     real.mkdir()
-    argv = [sys.executable, "-m", "cmad.main", "--mountpoint", str(link), "--regions",
+    argv = [sys.executable, "-m", "cmad.daemon.main", "--mountpoint", str(link), "--regions",
             "a=4M:bf", "--backing", "shm", "--hugepages", "free"]
     with mounted(argv, real):
         assert os.path.ismount(real)
@@ -247,7 +247,7 @@ def test_roots_own_symlink_is_followed_and_names_the_real_mountpoint(tmp_path):
 
 async def test_an_unexpected_error_a_client_repeats_is_rate_limited():
     from fusefs import Attr, Dir, Filesystem
-    from cmad.ratelimit import ClientLogFilter
+    from cmad.daemon.ratelimit import ClientLogFilter
     from test_core_limits import logger_with, restore
     from test_fusefs_ops import ctx, errno_of, lookup
 
@@ -273,7 +273,7 @@ def test_two_daemons_started_at_once_on_one_mountpoint_one_mounts(tmp_path):
     mnt = tmp_path / "mnt"
     for attempt in range(5):
         procs = [subprocess.Popen(
-            [sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt), "--regions",
+            [sys.executable, "-m", "cmad.daemon.main", "--mountpoint", str(mnt), "--regions",
              "a=4M:bf", "--backing", "shm", "--hugepages", "free", "--contiguous", "virtual",
              "--state-dir", str(tmp_path / f"s{attempt}-{i}")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -348,7 +348,7 @@ def test_a_tampered_arena_layout_is_one_line_and_cmad_check_reports_it(daemon, t
 def test_a_daemon_meeting_the_mount_lock_names_its_holder(tmp_path):
     """The lock held from check to mount: while another start holds it (here this
     process), a daemon fails at once, naming the holder, and touches nothing."""
-    from cmad.main import mount_lock, mount_unlock
+    from cmad.daemon.main import mount_lock, mount_unlock
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     lock = mount_lock(str(mnt))
@@ -364,8 +364,8 @@ def test_a_daemon_meeting_the_mount_lock_names_its_holder(tmp_path):
 
 # -- items 4, 8: the ledger of added hugepages, reconciled with the pool --------------
 
-from cmad import hugepages  # noqa: E402
-from cmad.hugepages import Ledger, Pool, give_back_record, read_record, sweep  # noqa: E402
+from cmad.memory import hugepages
+from cmad.memory.hugepages import Ledger, Pool, give_back_record, read_record, sweep  # noqa: E402
 from test_hugepages import FakeKernel, nr, pool  # noqa: E402,F401 (pool: the fixture)
 
 
@@ -494,7 +494,7 @@ def test_the_guard_holds_no_capability_and_the_daemon_still_stops_it(daemon):
 
 def test_a_daemon_of_another_user_keeps_its_files_in_its_runtime_dir(monkeypatch,
                                                                     tmp_path):
-    from cmad.hugepages import user_dir
+    from cmad.memory.hugepages import user_dir
     runtime = tmp_path / "run-user"
     runtime.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))

@@ -15,12 +15,12 @@ import sys
 
 import pytest
 
-from cmad import hugepages
-from cmad.config import Config
-from cmad.hugepages import (NR_HUGEPAGES, Pool, escaped_name, give_back_record, read_record,
+from cmad.memory import hugepages
+from cmad.daemon.config import Config
+from cmad.memory.hugepages import (NR_HUGEPAGES, Pool, escaped_name, give_back_record, read_record,
                             record_key)
-from cmad.main import arena_paths
-from cmad.physmap import Group, Span, assign, find_runs, groups_of
+from cmad.daemon.main import arena_paths
+from cmad.memory.physmap import Group, Span, assign, find_runs, groups_of
 from mountutil import daemon_stderr
 
 M = 1 << 20
@@ -189,7 +189,7 @@ def alloc(mnt: pathlib.Path, request: str) -> str:
 def start_fails(tmp_path, *args: str) -> subprocess.CompletedProcess:
     mnt = tmp_path / "refused"
     mnt.mkdir(exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "cmad.daemon.main", "--mountpoint", str(mnt), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=60)
@@ -305,7 +305,7 @@ def test_cmad_reset_gives_the_pages_back(pool, daemon, tmp_path):
     path = read(mnt / "stats").split("arena_file ")[1].split()[0]
     daemon.proc.kill()
     daemon.proc.wait()
-    r = subprocess.run([sys.executable, "-m", "cmad.main", "reset", "--state-dir", str(state)],
+    r = subprocess.run([sys.executable, "-m", "cmad.daemon.main", "reset", "--state-dir", str(state)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert not os.path.exists(path) and read_record(record_key(str(state), str(mnt))) == 0

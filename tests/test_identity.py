@@ -13,7 +13,7 @@ import pytest
 
 from cmad import Cma
 from cmad.errors import CmaError
-from cmad.request import result_line, run
+from cmad.core.request import result_line, run
 from test_daemon import alloc, read, write_errno
 
 K = 1 << 10

@@ -8,8 +8,8 @@ import pathlib
 import pytest
 
 from cmad import Cma, CmaError
-from cmad.journal import Journal, recover
-from cmad.offline import check, reset
+from cmad.store.journal import Journal, recover
+from cmad.daemon.offline import check, reset
 
 M = 1 << 20
 REGIONS = "video=32M:bf;common=16M:buddy;dma=8M:bitmap(order_per_bit=1)"

@@ -8,10 +8,10 @@ import sqlite3
 import pytest
 
 from cmad import Cma, CmaError
-from cmad.config import Config
-from cmad.journal import Journal, recover, restore_allocators
-from cmad.main import build
-from cmad.offline import check
+from cmad.daemon.config import Config
+from cmad.store.journal import Journal, recover, restore_allocators
+from cmad.daemon.main import build
+from cmad.daemon.offline import check
 
 M = 1 << 20
 K = 1 << 10

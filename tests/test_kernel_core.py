@@ -6,8 +6,8 @@ import random
 import pytest
 
 from cmad import Cma, CmaError
-from cmad.journal import Journal, recover
-from cmad.trace import NO_PFN, Tracer, format_line, page_token
+from cmad.store.journal import Journal, recover
+from cmad.daemon.trace import NO_PFN, Tracer, format_line, page_token
 
 M = 1 << 20
 P = 4096

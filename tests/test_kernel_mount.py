@@ -135,7 +135,7 @@ def test_a_script_written_for_the_kernel_runs_against_the_mount(daemon):
 
 def test_cmactl_trace_follows_with_human_sizes_until_ctrl_c(daemon):
     mnt = daemon("--regions", REGIONS)
-    argv = [sys.executable, "-m", "cmad.cmactl", "--mountpoint", str(mnt), "trace"]
+    argv = [sys.executable, "-m", "cmad.clients.cmactl", "--mountpoint", str(mnt), "trace"]
     every = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     errors = subprocess.Popen(argv + ["--errors", "--region", "common"],

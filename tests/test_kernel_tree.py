@@ -9,7 +9,7 @@ import trio
 
 from fusefs import Filesystem
 from cmad import Cma
-from cmad.tree import Tree
+from cmad.daemon.tree import Tree
 from test_fusefs_ops import ctx, errno_of, list_dir, lookup
 
 P = 4096

@@ -11,8 +11,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from cmad import Arena, Cma, CmaError
 from cmad.allocators import pageblocks
 from cmad.allocators.pageblocks import Grouped
-from cmad.compaction import MOVE_RATIO
-from cmad.metrics import render, show_stats
+from cmad.core.compaction import MOVE_RATIO
+from cmad.daemon.metrics import render, show_stats
 from fusefs import Caller
 
 K, M = 1 << 10, 1 << 20
@@ -201,7 +201,7 @@ def test_stats_and_metrics_show_the_pageblock_keys():
 
 
 def test_pageblocks_file_has_64_blocks_per_line():
-    from cmad.tree import Tree
+    from cmad.daemon.tree import Tree
 
     cma = Cma("r=256M:bf(pageblock=2M)", "*=r")
     cma.alloc("x", 4 * K)
@@ -211,7 +211,7 @@ def test_pageblocks_file_has_64_blocks_per_line():
 
 
 async def test_a_compact_of_many_chunks_lets_stats_through():
-    from cmad.tree import Tree
+    from cmad.daemon.tree import Tree
 
     cma = Cma("r=1G:bf", "*=r")
     chunks = [cma.alloc("x", 4 * K * (1 + i % 4), movable=i % 2 == 0) for i in range(20000)]

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cmad import Cma, CmaError
-from cmad.journal import BadRow, Journal, check_rows, recover, restore_record
+from cmad.store.journal import BadRow, Journal, check_rows, recover, restore_record
 
 K = 4096
 REGIONS = ("a=1M:bf;b=1M:buddy;c=1M:bitmap(order_per_bit=1);d=512K:bf(sticky);"
@@ -221,7 +221,7 @@ def test_daemon_refuses_a_tampered_journal_with_one_line(tmp_path):
     journal.close()
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    run = subprocess.run([sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt),
+    run = subprocess.run([sys.executable, "-m", "cmad.daemon.main", "--mountpoint", str(mnt),
                           "--regions", REGIONS, "--state-dir", str(state),
                           "--arena-file", str(arena), "--contiguous", "virtual"],
                          capture_output=True, text=True,
@@ -233,7 +233,7 @@ def test_daemon_refuses_a_tampered_journal_with_one_line(tmp_path):
 
 
 def test_cmad_check_names_a_tampered_row(tmp_path):
-    from cmad.offline import check
+    from cmad.daemon.offline import check
 
     write_journal(tmp_path, [("a", 0, 1, None, False, False, 0, None, 0)])
     journal = Journal(str(tmp_path))

@@ -26,7 +26,7 @@ def chunk_facts(mnt) -> dict:
 
 
 def cmad_check(state) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmad.main", "check", "--state-dir",
+    return subprocess.run([sys.executable, "-m", "cmad.daemon.main", "check", "--state-dir",
                            str(state)], capture_output=True, text=True, timeout=60)
 
 
@@ -87,7 +87,7 @@ def test_shrunk_region_under_live_chunks_refuses_to_start(daemon, tmp_path):
     start = alloc(mnt, "camera 20M label=big").split()[0]
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=20) == 0
-    r = subprocess.run([sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt),
+    r = subprocess.run([sys.executable, "-m", "cmad.daemon.main", "--mountpoint", str(mnt),
                         "--state-dir", str(state), "--regions", "video=8M;common=16M;dma=8M"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
@@ -103,7 +103,7 @@ def test_a_second_daemon_never_touches_a_live_one(daemon, tmp_path):
     alloc(mnt, "camera 1M label=mine")
     arena = read(mnt / "stats").split("arena_file ")[1].split()[0]
     for extra in ((), ("--state-dir", str(tmp_path / "other"))):
-        r = subprocess.run([sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt),
+        r = subprocess.run([sys.executable, "-m", "cmad.daemon.main", "--mountpoint", str(mnt),
                             *extra], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and str(mnt) in r.stderr
         assert os.path.exists(arena)
@@ -120,7 +120,7 @@ def test_moving_the_arena_under_journalled_chunks_refuses(daemon, tmp_path, chan
     alloc(mnt, "camera 1M label=keep")
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=20) == 0
-    r = subprocess.run([sys.executable, "-m", "cmad.main", "--mountpoint", str(mnt),
+    r = subprocess.run([sys.executable, "-m", "cmad.daemon.main", "--mountpoint", str(mnt),
                         "--state-dir", str(state), *change],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and message in r.stderr

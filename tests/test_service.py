@@ -34,7 +34,7 @@ def test_units_verify(tmp_path):
 def test_example_config_is_the_embedded_default():
     import tomllib
 
-    from cmad.config import DEFAULT_MAP, DEFAULT_REGIONS
+    from cmad.daemon.config import DEFAULT_MAP, DEFAULT_REGIONS
 
     example = tomllib.loads((ROOT / "systemd" / "cmad.toml").read_text())
     assert (example["regions"], example["map"]) == (DEFAULT_REGIONS, DEFAULT_MAP)

@@ -12,13 +12,13 @@ import textwrap
 import pytest
 
 from cmad import Cma
-from cmad.arena import Arena
-from cmad.config import ConfigError, load
+from cmad.memory.arena import Arena
+from cmad.daemon.config import ConfigError, load
 from cmad.errors import CmaError
-from cmad.hugepages import Pool, parse_gather_limit, read_record, record_key
-from cmad.physmap import Layout, Span, allocate, refusal
-from cmad.regions import AllocSpec, alloc_spec_text, parse_alloc_spec, parse_regions
-from cmad.shared import SHARED_DIR, files_of
+from cmad.memory.hugepages import Pool, parse_gather_limit, read_record, record_key
+from cmad.memory.physmap import Layout, Span, allocate, refusal
+from cmad.core.regions import AllocSpec, alloc_spec_text, parse_alloc_spec, parse_regions
+from cmad.memory.shared import SHARED_DIR, files_of
 from test_daemon import alloc, read
 from test_permissions import as_user, public_tmp, users  # noqa: F401 (fixtures)
 
@@ -151,7 +151,7 @@ MAP = "gpu=gpu;*=video"
 
 MEMBER = textwrap.dedent("""
     import os, sys
-    from cmad.client import Client
+    from cmad.clients.client import Client
     mnt = sys.argv[1]
     client = Client(mnt)
     buf = client.alloc("gpu", "1M", label="mine", movable=True)
@@ -293,7 +293,7 @@ def test_kill_9_keeps_the_file_and_reset_removes_it(public_tmp, users, daemon,  
 
 def daemon_cmd() -> list[str]:
     import sys
-    return [sys.executable, "-m", "cmad.main"]
+    return [sys.executable, "-m", "cmad.daemon.main"]
 
 
 def test_clean_empty_stop_removes_the_file(public_tmp, users, daemon):  # noqa: F811
@@ -378,7 +378,7 @@ class CappedPool:
 
 
 def test_the_cap_ending_the_gather_is_in_the_physical_refusal(monkeypatch):
-    from cmad import physmap
+    from cmad.memory import physmap
     monkeypatch.setattr(physmap, "Gather", FakeGather)
     spans = [Span("gpu", 0, 8 * M, True)]
     with pytest.raises(CmaError) as e:
@@ -394,7 +394,7 @@ def test_the_cap_ending_the_gather_is_in_the_physical_refusal(monkeypatch):
 
 async def test_mmap_of_a_shared_chunk_is_the_groups_and_names_the_region_file(tmp_path):
     from fusefs import Filesystem
-    from cmad.tree import Tree
+    from cmad.daemon.tree import Tree
     from test_fusefs_ops import ctx, lookup
     from test_tree import read_file
 

@@ -64,7 +64,7 @@ def mounts_on(path) -> int:
 
 def second_daemon(*args: str) -> subprocess.CompletedProcess:
     """A daemon that should refuse to start; stopped (and failed) if it does not."""
-    proc = subprocess.Popen([sys.executable, "-m", "cmad.main", *args], text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "cmad.daemon.main", *args], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = proc.communicate(timeout=30)

@@ -1,4 +1,4 @@
-"""Tier 2: the daemon's tree (cmad.tree) served by fusefs.Filesystem, no mount.
+"""Tier 2: the daemon's tree (cmad.daemon.tree) served by fusefs.Filesystem, no mount.
 
 The chunk directories store nothing: nodes exist while the kernel holds them.
 """
@@ -12,8 +12,8 @@ from fusefs import Filesystem, Node
 from fusefs.notify import invalidator
 from cmad import Cma
 from cmad.memparse import fmt_addr
-from cmad.request import run
-from cmad.tree import Tree
+from cmad.core.request import run
+from cmad.daemon.tree import Tree
 from test_fusefs_ops import the_rest, Collector, ctx, errno_of, list_dir, lookup
 
 REGIONS, MAP = "r=64M:bf", "*=r"
@@ -213,7 +213,7 @@ async def test_a_long_lived_alloc_handle_forgets_transient_chunks_freed_explicit
 
 
 async def test_answers_never_read_are_bounded():
-    from cmad.tree import MAX_UNREAD
+    from cmad.daemon.tree import MAX_UNREAD
     cma, tree, fs, _ = tree_with(0)
     fh, handle = await open_alloc(fs)
     lines = []

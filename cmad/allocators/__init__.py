@@ -7,6 +7,7 @@
   allocator in pageblocks of one mobility type each (SPEC 4b).
 """
 
-from .interface import BUILTIN, PAGE_SHIFT, PAGE_SIZE, Allocator, Factory, register, registry
+from cmad.allocators.interface import (BUILTIN, PAGE_SHIFT, PAGE_SIZE, Allocator, Factory,
+                                      register, registry)
 
 __all__ = ["BUILTIN", "PAGE_SHIFT", "PAGE_SIZE", "Allocator", "Factory", "register", "registry"]

@@ -39,8 +39,8 @@ from typing import Iterator
 
 from sortedcontainers import SortedList
 
-from .interface import PAGE_SIZE, Allocator, register
-from ..errors import CmaError
+from cmad.allocators.interface import PAGE_SIZE, Allocator, register
+from cmad.errors import CmaError
 
 _SHIFT = 64
 _LOW = (1 << _SHIFT) - 1

@@ -34,8 +34,8 @@ import errno
 import re
 from typing import Iterator
 
-from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator, register
-from ..errors import CmaError
+from cmad.allocators.interface import PAGE_SHIFT, PAGE_SIZE, Allocator, register
+from cmad.errors import CmaError
 
 MAX_ORDER_PER_BIT = 20
 MAX_BITS = 1 << 32  # one byte each: a bigger map is refused, not left to MemoryError

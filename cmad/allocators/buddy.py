@@ -47,8 +47,8 @@ import errno
 from heapq import heapify, heappop, heappush
 from typing import Iterator
 
-from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator, merge_adjacent, register
-from ..errors import CmaError
+from cmad.allocators.interface import PAGE_SHIFT, PAGE_SIZE, Allocator, merge_adjacent, register
+from cmad.errors import CmaError
 
 _PAGE_MASK = PAGE_SIZE - 1
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 from typing import Callable, Iterable, Iterator
 
-from ..errors import CmaError
+from cmad.errors import CmaError
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT

@@ -43,9 +43,9 @@ from array import array
 from heapq import merge
 from typing import Iterator
 
-from ..errors import CmaError
-from .bitmap import MAX_ORDER_PER_BIT, Bitmap
-from .interface import PAGE_SHIFT, PAGE_SIZE, Allocator, merge_adjacent
+from cmad.errors import CmaError
+from cmad.allocators.bitmap import MAX_ORDER_PER_BIT, Bitmap
+from cmad.allocators.interface import PAGE_SHIFT, PAGE_SIZE, Allocator, merge_adjacent
 
 # What a block shows: free, pinned, movable, mixed (both, after a fallback).
 FREE, PINNED, MOVABLE, MIXED = 0, 1, 2, 3

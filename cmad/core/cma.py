@@ -13,14 +13,16 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
-from . import compaction, faults
-from .allocators import PAGE_SHIFT, PAGE_SIZE, Allocator, registry
-from .arena import Arena
-from .chunks import Chunk, ChunkIndex, check_label
-from .errors import CmaError, clip, einval
-from .map import DEFAULT_TYPE, Map
-from .memparse import U64_MAX, fmt_addr, human, is_power_of_two
-from .regions import (AllocSpec, Region, RegionSpec, RegionStats, check_name, fragmentation,
+from cmad.core import compaction
+
+from cmad.core import faults
+from cmad.allocators import PAGE_SHIFT, PAGE_SIZE, Allocator, registry
+from cmad.memory.arena import Arena
+from cmad.core.chunks import Chunk, ChunkIndex, check_label
+from cmad.errors import CmaError, clip, einval
+from cmad.core.map import DEFAULT_TYPE, Map
+from cmad.memparse import U64_MAX, fmt_addr, human, is_power_of_two
+from cmad.core.regions import (AllocSpec, Region, RegionSpec, RegionStats, check_name, fragmentation,
                       layout, parse_alignment, parse_alloc_spec, parse_regions)
 
 log = logging.getLogger(__name__)
@@ -184,7 +186,7 @@ class Cma:
         self.limits: dict[int, int] = dict(limits or {})
         self._held: dict[int, int] = {}
         self.listeners: list[Listener] = []
-        # The trace hook (cmad.trace.Tracer) while some trace event is enabled,
+        # The trace hook (cmad.daemon.trace.Tracer) while some trace event is enabled,
         # else None: a disabled event costs one attribute test.
         self.tracer: Tracer | None = None
         self.arena: Arena | None = None

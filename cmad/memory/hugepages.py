@@ -25,8 +25,8 @@ import logging
 import os
 import stat
 
-from .errors import CmaError
-from .memparse import human
+from cmad.errors import CmaError
+from cmad.memparse import human
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ GATHER_LIMIT = "50%"
 def parse_gather_limit(text: str) -> tuple[float | None, int | None]:
     """``N%`` (of MemAvailable) -> (share, None); a size -> (None, bytes).
     CmaError EINVAL for anything else."""
-    from .memparse import memparse
+    from cmad.memparse import memparse
     text = str(text).strip()
     if text.endswith("%"):
         try:

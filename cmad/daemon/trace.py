@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .allocators import PAGE_SHIFT
+from cmad.allocators import PAGE_SHIFT
 
 if TYPE_CHECKING:
-    from .chunks import Chunk
-    from .cma import Cma
-    from .regions import Region
+    from cmad.core.chunks import Chunk
+    from cmad.core.cma import Cma
+    from cmad.core.regions import Region
 
 #: The events in the order events/cma/ lists them, with the kernel's TP_printk.
 EVENTS = {

@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .chunks import Chunk, check_label
-from .errors import einval
-from .memparse import fmt_addr, memparse
-from .regions import check_name
+from cmad.core.chunks import Chunk, check_label
+from cmad.errors import einval
+from cmad.memparse import fmt_addr, memparse
+from cmad.core.regions import check_name
 
 FLAGS = ("movable", "transient")
 

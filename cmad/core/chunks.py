@@ -11,9 +11,9 @@ from typing import Iterable, Iterator
 
 from sortedcontainers import SortedList
 
-from .errors import CmaError, clip, einval
-from .memparse import fmt_addr
-from .regions import Region
+from cmad.errors import CmaError, clip, einval
+from cmad.memparse import fmt_addr
+from cmad.core.regions import Region
 
 # A chunk as the journal records it and ``Cma.restore_many`` takes it back: a
 # plain tuple in this order (no dict per row: recovery handles millions).

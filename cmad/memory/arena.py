@@ -18,10 +18,10 @@ import os
 import stat
 from array import array
 
-from .errors import CmaError
-from .hugepages import fs_type, page_size, release_mount, unlink_arena
-from .memparse import human
-from .privileges import pagemap_fd
+from cmad.errors import CmaError
+from cmad.memory.hugepages import fs_type, page_size, release_mount, unlink_arena
+from cmad.memparse import human
+from cmad.privileges import pagemap_fd
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ class Arena:
 
     def frames(self, first: int, count: int) -> list[int]:
         """The physical address of each of ``count`` hugepages from page ``first``."""
-        from .physmap import read_frames
+        from cmad.memory.physmap import read_frames
         return read_frames(self._address() + first * self.page, count, self.page)
 
     def _unlink_created(self) -> None:
@@ -353,13 +353,13 @@ class Arena:
         for o in overlays:
             os.close(o.fd)
             if unlink:
-                from .shared import remove
+                from cmad.memory.shared import remove
                 try:
                     remove(o.path)
                 except CmaError as e:
                     log.warning("%s", e.why)
         if unlink and overlays:
-            from .shared import release_mounts
+            from cmad.memory.shared import release_mounts
             release_mounts()
         if unlink and self.named:
             try:

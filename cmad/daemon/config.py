@@ -5,11 +5,11 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, fields
 
-from .arena import BACKINGS
-from .errors import CmaError
-from .hugepages import GATHER_LIMIT, MODES, parse_gather_limit
-from .physmap import CONTIGUOUS
-from .memparse import memparse
+from cmad.memory.arena import BACKINGS
+from cmad.errors import CmaError
+from cmad.memory.hugepages import GATHER_LIMIT, MODES, parse_gather_limit
+from cmad.memory.physmap import CONTIGUOUS
+from cmad.memparse import memparse
 
 # gpu: shared with the group cma (SPEC 4d), whose members map its chunks (GPU staging)
 DEFAULT_REGIONS = "video=32M:bf;common=16M:buddy;dma=8M:bitmap;gpu=8M:bf(group=cma)"

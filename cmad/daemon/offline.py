@@ -9,14 +9,14 @@ import os
 import sqlite3
 import sys
 
-from . import shared as sharing
-from .arena import remove_own
-from .cma import Cma
-from .hugepages import release_mount, sweep
-from .errors import CmaError
-from .journal import JOURNAL, BadRow, Journal, restore_allocators, restore_record
-from .memparse import human
-from .physmap import parse_record
+from cmad.memory import shared as sharing
+from cmad.memory.arena import remove_own
+from cmad.core.cma import Cma
+from cmad.memory.hugepages import release_mount, sweep
+from cmad.errors import CmaError
+from cmad.store.journal import JOURNAL, BadRow, Journal, restore_allocators, restore_record
+from cmad.memparse import human
+from cmad.memory.physmap import parse_record
 
 log = logging.getLogger("cmad")
 
@@ -201,7 +201,7 @@ def remove_arena(arena: str, remove=remove_own) -> None:
 
 def give_back() -> None:
     """Every page a dead daemon added and no arena file holds goes back (the ledger:
-    cmad/hugepages.py), and the private hugetlbfs mount if it is empty, and the
+    cmad/memory/hugepages.py), and the private hugetlbfs mount if it is empty, and the
     groups' mounts of shared region files."""
     gone = sweep()
     release_mount()
@@ -213,8 +213,8 @@ def give_back() -> None:
 def reset_mountpoint(mountpoint: str) -> int:
     """``cmad reset --mountpoint M``: the arena of a daemon run on M without a state
     directory (kill -9 leaves it, and its pages), never one a live process holds."""
-    from .config import Config
-    from .main import arena_name, arena_paths
+    from cmad.daemon.config import Config
+    from cmad.daemon.main import arena_name, arena_paths
     from fusefs.serve import resolve
 
     config = Config(mountpoint=resolve(mountpoint))
@@ -259,9 +259,9 @@ def hugepages(config_path: str | None) -> int:
     file that already exists holds its pages already.  Exit 1 if the kernel
     reserved fewer than asked (memory too fragmented), 0 otherwise.
     """
-    from .arena import hugepage_size
-    from .config import load
-    from .main import arena_path
+    from cmad.memory.arena import hugepage_size
+    from cmad.daemon.config import load
+    from cmad.daemon.main import arena_path
 
     config = load(config_path, {})
     cma = Cma(config.regions, "", base=config.base, arena_size=config.arena_size)

@@ -13,7 +13,7 @@ size/align``, ``A regions size/align``, ``f``):
     cmactl trace [--region R] [--errors]   follow the cma trace events until Ctrl-C
 
 It needs only the mountpoint (``--mountpoint``, else ``$CMAD_MOUNTPOINT``,
-else /run/cma) and reads it through `cmad.client`, never the daemon's
+else /run/cma) and reads it through `cmad.clients.client`, never the daemon's
 internals.  rich is imported only to draw (never for ``--json`` or an
 error), so those start fast.  Sizes are human (``6.0 MiB``) unless
 ``--bytes``; colour only on a terminal, never with NO_COLOR.  Errors are
@@ -32,11 +32,11 @@ import sys
 import time
 from typing import Iterable, Iterator, Sequence
 
-from . import __version__
-from .client import T_CREATED, T_LABEL, T_SIZE, Client, CmaError, NotMounted, RegionInfo, \
+from cmad import __version__
+from cmad.clients.client import T_CREATED, T_LABEL, T_SIZE, Client, CmaError, NotMounted, RegionInfo, \
     default_mountpoint, errno_name, parse_created, parse_id
-from .cmactl_trace import cmd_trace
-from .memparse import human
+from cmad.clients.cmactl_trace import cmd_trace
+from cmad.memparse import human
 
 #: Why an errno happened, in cmad's terms, per command (the daemon logs the detail).
 HINTS = {
@@ -167,7 +167,7 @@ def remember(cache: dict, key, value):
 
 
 def chunk_json_lines(rows: Iterable[Sequence[str]]) -> Iterator[str]:
-    """Chunk table rows as JSON objects (keys as `cmad.client.ChunkInfo`), one
+    """Chunk table rows as JSON objects (keys as `cmad.clients.client.ChunkInfo`), one
     per row as it is parsed.  Strings go through the C encoder's escaping;
     the members from region to movable repeat over a big table (one process
     allocating in one region within one second), so each distinct run of

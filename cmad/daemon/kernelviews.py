@@ -3,7 +3,7 @@
 
     sys/kernel/debug/cma/<name>/     mm/cma_debug.c   (cma-<i> -> <name>)
     sys/kernel/mm/cma/<name>/        mm/cma_sysfs.c
-    sys/kernel/tracing/              the ``cma`` trace events (cmad.trace)
+    sys/kernel/tracing/              the ``cma`` trace events (cmad.daemon.trace)
 
 As in the kernel, each file is a row of a table: a name and a show that
 prints one value and a newline, or a store that parses one value and calls
@@ -20,12 +20,12 @@ from typing import Callable
 
 from fusefs import Attr, Caller, Dir, Pipe, Symlink
 
-from .allocators import PAGE_SHIFT
-from .cma import Cma
-from .cmadebug import DebugHook, kstrtoull
-from .errors import CmaError, einval
-from .regions import Region
-from .trace import EVENTS, Tracer, region_name
+from cmad.allocators import PAGE_SHIFT
+from cmad.core.cma import Cma
+from cmad.daemon.cmadebug import DebugHook, kstrtoull
+from cmad.errors import CmaError, einval
+from cmad.core.regions import Region
+from cmad.daemon.trace import EVENTS, Tracer, region_name
 
 
 def order_per_bit(region: Region) -> int:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .cma import Cma
-from .regions import RegionStats
+from cmad.core.cma import Cma
+from cmad.core.regions import RegionStats
 
 STAT_KEYS = ("alloc_ok", "alloc_fail", "freed", "bytes_allocated", "largest_free",
              "fragmentation", "peak_used", "moved", "compactions", "pageblock", "blocks_free",

@@ -1,6 +1,6 @@
 """A client of a running cmad, through its mounted filesystem only.
 
-    from cmad.client import Client
+    from cmad.clients.client import Client
     client = Client()                          # /run/cma, or $CMAD_MOUNTPOINT
     with client.alloc("camera", 6 << 20, alignment=1 << 20, label="frame0") as buf:
         buf.view[:4] = b"RIFF"                 # zero-copy: the arena's own bytes
@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable, Iterator, NamedTuple
 
-from .errors import CmaError, einval
-from .memparse import fmt_addr
+from cmad.errors import CmaError, einval
+from cmad.memparse import fmt_addr
 
 DEFAULT_MOUNTPOINT = "/run/cma"
 MOUNTPOINT_ENV = "CMAD_MOUNTPOINT"

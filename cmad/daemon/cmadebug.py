@@ -20,11 +20,11 @@ import errno
 import logging
 import re
 
-from .allocators import PAGE_SHIFT, PAGE_SIZE
-from .chunks import Chunk
-from .cma import Cma
-from .errors import CmaError, clip, einval
-from .regions import Region
+from cmad.allocators import PAGE_SHIFT, PAGE_SIZE
+from cmad.core.chunks import Chunk
+from cmad.core.cma import Cma
+from cmad.errors import CmaError, clip, einval
+from cmad.core.regions import Region
 
 log = logging.getLogger(__name__)
 

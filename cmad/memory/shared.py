@@ -34,8 +34,8 @@ import os
 import stat
 from dataclasses import dataclass
 
-from .errors import CmaError
-from .hugepages import fs_type, page_size, pool_lock, pool_unlock, unlink_arena, user_dir
+from cmad.errors import CmaError
+from cmad.memory.hugepages import fs_type, page_size, pool_lock, pool_unlock, unlink_arena, user_dir
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ import os
 import sqlite3
 from typing import Callable, Iterator
 
-from .chunks import ADDR_FORM, LABEL, RECORD, Chunk, check_label
-from .cma import Cma
-from .errors import CmaError
-from .memparse import fmt_addr
-from .regions import NAME, NAME_MAX, Region, alloc_spec_text
+from cmad.core.chunks import ADDR_FORM, LABEL, RECORD, Chunk, check_label
+from cmad.core.cma import Cma
+from cmad.errors import CmaError
+from cmad.memparse import fmt_addr
+from cmad.core.regions import NAME, NAME_MAX, Region, alloc_spec_text
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import errno
 import re
 from dataclasses import dataclass
 
-from .errors import CmaError, einval
-from .regions import check_name
+from cmad.errors import CmaError, einval
+from cmad.core.regions import check_name
 
 DEFAULT_TYPE = "common"
 _PATTERN_CHARS = re.compile(r"[A-Za-z0-9_.?*-]*")

@@ -18,7 +18,7 @@ from typing import Callable
 
 import trio
 
-from .memparse import human
+from cmad.memparse import human
 
 log = logging.getLogger("cmad")
 

@@ -15,10 +15,10 @@ import errno
 import re
 from dataclasses import dataclass, field
 
-from .allocators import PAGE_SIZE, Allocator
-from .allocators.pageblocks import make_allocator
-from .errors import CmaError, clip, einval
-from .memparse import fmt_addr, human, is_power_of_two, memparse
+from cmad.allocators import PAGE_SIZE, Allocator
+from cmad.allocators.pageblocks import make_allocator
+from cmad.errors import CmaError, clip, einval
+from cmad.memparse import fmt_addr, human, is_power_of_two, memparse
 
 NAME_MAX = 64  # as labels: names are file names and log words, never a client's essay
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,%d}" % NAME_MAX)

@@ -36,10 +36,10 @@ import time
 from array import array
 from dataclasses import dataclass, field
 
-from .errors import CmaError
-from .hugepages import Pool
-from .memparse import human
-from .privileges import pagemap_fd
+from cmad.errors import CmaError
+from cmad.memory.hugepages import Pool
+from cmad.memparse import human
+from cmad.privileges import pagemap_fd
 
 log = logging.getLogger(__name__)
 

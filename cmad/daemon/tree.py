@@ -24,15 +24,15 @@ from sortedcontainers import SortedList
 
 from fusefs import Attr, Bytes, Caller, Dir, DynamicDir, LazyDir, Node, Stream, Symlink, Table
 
-from . import request
-from .chunks import Chunk
-from .cma import Cma
-from .errors import CmaError, einval
-from .kernelviews import KernelViews
-from .memparse import fmt_addr
-from .metrics import render, show_stats
-from .regions import Region
-from .trace import Tracer
+from cmad.core import request
+from cmad.core.chunks import Chunk
+from cmad.core.cma import Cma
+from cmad.errors import CmaError, einval
+from cmad.daemon.kernelviews import KernelViews
+from cmad.memparse import fmt_addr
+from cmad.daemon.metrics import render, show_stats
+from cmad.core.regions import Region
+from cmad.daemon.trace import Tracer
 
 MAX_REQUEST = 4096
 COMPACT_SLICE = 0.005  # seconds of compaction between letting other clients in

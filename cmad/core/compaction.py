@@ -37,12 +37,12 @@ from bisect import bisect_left, bisect_right
 from itertools import accumulate
 from typing import TYPE_CHECKING, Iterator
 
-from .allocators.pageblocks import LARGE, MOVABLE, Grouped
-from .regions import Region, align_up
+from cmad.allocators.pageblocks import LARGE, MOVABLE, Grouped
+from cmad.core.regions import Region, align_up
 
 if TYPE_CHECKING:
-    from .chunks import Chunk
-    from .cma import Cma
+    from cmad.core.chunks import Chunk
+    from cmad.core.cma import Cma
 
 MOVE_RATIO = 1     # an allocation moves at most this many times its own bytes
 ATTEMPTS = 8       # windows tried per allocation (each checked before anything moves)

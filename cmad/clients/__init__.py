@@ -1,0 +1,6 @@
+"""The clients: ``client`` (the Python API), ``cmactl`` and ``cmactl_trace``.
+
+They speak the daemon's files only: they may import the base modules
+(``cmad.errors``, ``cmad.memparse``), never the daemon, the store, the core,
+memory, the allocators, fusefs or pyfuse3 (import-linter checks it).
+"""
