@@ -74,6 +74,7 @@ install: apt
 	install -m 644 systemd/cmad.service systemd/cmad-hugepages.service /etc/systemd/system/
 	install -D -m 644 systemd/cmad.sysusers /etc/sysusers.d/cmad.conf
 	install -D -m 644 README.md $(PREFIX)/share/doc/cmad/README.md
+	install -d $(PREFIX)/share/doc/cmad/docs && install -m 644 docs/*.md $(PREFIX)/share/doc/cmad/docs/
 	test -f /etc/cmad/cmad.toml || install -D -m 644 systemd/cmad.toml /etc/cmad/cmad.toml
 	systemd-sysusers /etc/sysusers.d/cmad.conf 2>/dev/null || groupadd -f cma
 	-systemctl daemon-reload

@@ -7,7 +7,7 @@ Rounds alternate between the configurations (drift hits all alike); the first
 round is warm-up; medians are printed.  Also: bytes the core holds per live
 chunk at 100k chunks (tracemalloc), and at 10k chunks the same allocators
 with grouping by mobility on (``pageblock=2M``; off is the default, see
-README "Grouping by mobility") against the default: what pageblocks cost on
+docs/configuration.md, "grouping by mobility") against the default: what pageblocks cost on
 the hot path.  Prints, never asserts.
 """
 

@@ -268,7 +268,7 @@ def summarise(traces: list[Trace], rows: list[Row]) -> None:
 
 def print_summary(traces: list[Trace], rows: list[Row]) -> None:
     """Per trace and allocator, over the seeds: failed frames and fit-refused
-    requests, pageblock=2M / pageblock=0 (a markdown table, for the README)."""
+    requests, pageblock=2M / pageblock=0 (a markdown table, for docs/performance.md)."""
     allocators = list(dict.fromkeys(r.allocator for r in rows))
     print("\nsummary over the seeds: failed frames pageblock=2M / pageblock=0 "
           "[fit-refused pageblock=2M / pageblock=0]")

@@ -1,7 +1,7 @@
 """`make lint`'s size rule: no function over 60 lines, no module over 400.
 
 A file or function that must be larger is named in LARGER with the reason;
-README ("Development") lists them.  Anything else over the limits fails.
+docs/development.md lists them.  Anything else over the limits fails.
 """
 
 from __future__ import annotations

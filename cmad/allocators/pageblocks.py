@@ -62,7 +62,7 @@ DEFAULT_PAGEBLOCK = 2 << 20
 MIN_BLOCKS = 8          # grouping by default only where a region holds this many blocks
 # Grouping is off unless a region asks for it (``pageblock=2M``): on bench/frag.py's
 # suite it failed more frames than plain placement on five of nine traces for bf
-# and bitmap and on one for buddy (README, "Fragmentation"), and SPEC 4b lets a
+# and bitmap and on one for buddy (docs/performance.md, "Fragmentation"), and SPEC 4b lets a
 # default lose on no workload.
 GROUP_BY_DEFAULT = False
 DEFAULT_MAX_BLOCKS = 1 << 16  # the default block grows past 2 MiB to keep to this many
