@@ -48,24 +48,24 @@ import mmap
 import os
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator
 
-from cmad.errors import CmaError, einval
+from cmad.errors import CmaError
 from cmad.memparse import fmt_addr
+from cmad.protocol import (CHUNK_TABLE, T_CREATED, T_DEV, T_LABEL, T_MOVABLE, T_PID,  # noqa: F401
+                           T_REGION, T_SIZE, T_START, T_TYPE, T_UID, ChunkInfo, chunk_from_row,
+                           device_target, format_request, free_key, parse_id, parse_keyed,
+                           parse_result, regions_target)
 
 DEFAULT_MOUNTPOINT = "/run/cma"
 MOUNTPOINT_ENV = "CMAD_MOUNTPOINT"
 
-#: A table of all chunks in one file, one line each, by start:
-#: ``<start> <size> <region> <dev> <type> <uid> <pid> <created> <movable> <label|-> id=<id>``
-#: (movable 0 or 1, "-" for no label); a table without ``id=`` (an older
-#: daemon) parses with no id.  10,000 chunks list in 40 ms through FUSE, where
-#: reading their files takes ~10 s.
-CHUNK_TABLE = "chunkinfo"
-
-#: Indexes of the fields of a `CHUNK_TABLE` row (`Client.chunk_rows`).
-(T_START, T_SIZE, T_REGION, T_DEV, T_TYPE, T_UID, T_PID, T_CREATED, T_MOVABLE,
- T_LABEL) = range(10)
+#: The wire formats (the request and result lines, the `CHUNK_TABLE` rows and
+#: their ``T_*`` field indexes, the free key, the stats lines) are
+#: `cmad.protocol`'s, imported here under the names this module has always
+#: had.  10,000 chunks list in 40 ms through the chunk table, where reading
+#: their files takes ~10 s.
+request_line = format_request
 
 _READ_SIZE = 1 << 16
 #: Bytes per read of the chunk table: the kernel splits it into FUSE reads
@@ -108,24 +108,6 @@ def read_value(path: str) -> str:
     return read_text(path).removesuffix("\n")
 
 
-def parse_keyed(text: str) -> dict[str, int | float | str]:
-    """``key value`` lines (``stats``): numbers become int or float."""
-    out: dict[str, int | float | str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        out[key] = _number(value)
-    return out
-
-
-def _number(text: str) -> int | float | str:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_created(text: str) -> float:
     """``2026-11-25T06:29:29Z`` -> seconds since the epoch.
 
@@ -156,31 +138,6 @@ class RegionInfo:
     @property
     def dirname(self) -> str:
         return fmt_addr(self.start)
-
-
-class ChunkInfo(NamedTuple):
-    """One row of the chunk table (a tuple: a million of them build fast).
-    ``id`` is None where the daemon gives chunks no identity."""
-
-    start: int
-    size: int
-    region: str
-    dev: str
-    type: str
-    uid: int
-    pid: int
-    label: str | None
-    created: str
-    movable: bool | None = None
-    id: int | None = None
-
-    @property
-    def name(self) -> str:
-        return fmt_addr(self.start)
-
-    @property
-    def end(self) -> int:
-        return self.start + self.size
 
 
 # -- Buffers -----------------------------------------------------------------
@@ -421,46 +378,6 @@ class Buffer:
 # -- The client --------------------------------------------------------------
 
 
-def _word(value, what: str) -> str:
-    """A request word: the alloc grammar splits on whitespace, so none may hide inside."""
-    text = str(value)
-    if not text or any(c.isspace() for c in text):
-        raise einval(f"{what} {text!r} must be one word")
-    return text
-
-
-def request_line(target: str, size, alignment=None, *, label=None, movable=False,
-                 transient=False, bound=None) -> str:
-    """One line of the alloc grammar (sizes as ints or memparse strings)."""
-    words = [_word(target, "target"), _word(size, "size")]
-    if alignment:
-        words[1] += "/" + _word(alignment, "alignment")
-    if label is not None:
-        words.append("label=" + _word(label, "label"))
-    if movable:
-        words.append("movable")
-    if transient:
-        words.append("transient")
-    if bound:
-        words.append("bound=" + _word(bound, "bound"))
-    return " ".join(words)
-
-
-def parse_id(words: list[str]) -> int | None:
-    """The id of a result line or table row: its last word ``id=<id>``, if any."""
-    return int(words[-1][3:]) if words and words[-1].startswith("id=") else None
-
-
-def parse_result(line: str) -> tuple[int, int, str, str | None, int | None]:
-    """An ``alloc`` result line, ``<start> <size> <region> [<label>] [id=<id>]``
-    -> (start, size, region, label, id); labels never hold '='."""
-    start, size, region, *rest = line.split()
-    ident = parse_id(rest)
-    if ident is not None:
-        rest.pop()
-    return int(start, 16), int(size), region, rest[0] if rest else None, ident
-
-
 class Client:
     """A running cmad, reached through its mountpoint (default /run/cma or
     ``$CMAD_MOUNTPOINT``).  Raises `NotMounted` if nothing serves it."""
@@ -501,17 +418,17 @@ class Client:
         ("6M").  A ``transient`` chunk is freed when the Buffer is freed or
         collected, or when this process ends, whichever comes first.
         """
-        target = f"{_word(dev, 'device')}/{_word(type, 'type')}" if type else dev
-        return self.request(request_line(target, size, alignment, label=label,
-                                         movable=movable, transient=transient, bound=bound))
+        return self.request(format_request(device_target(dev, type), size, alignment,
+                                           label=label, movable=movable, transient=transient,
+                                           bound=bound))
 
     def alloc_from(self, regions: str | Iterable[str], size, alignment=None,
                    label: str | None = None, movable: bool = False, transient: bool = False,
                    bound=None) -> Buffer:
         """Allocate from the named regions, tried in order (cma_alloc_from)."""
-        names = regions if isinstance(regions, str) else ",".join(regions)
-        return self.request(request_line("@" + names, size, alignment, label=label,
-                                         movable=movable, transient=transient, bound=bound))
+        return self.request(format_request(regions_target(regions), size, alignment,
+                                           label=label, movable=movable, transient=transient,
+                                           bound=bound))
 
     def request(self, line: str) -> Buffer:
         """Write one request line to ``alloc`` and read its result on the same descriptor."""
@@ -539,9 +456,9 @@ class Client:
         (int, or any form ``free`` takes: what is at that address now), label
         or ``id=<id>``."""
         if isinstance(chunk, Buffer):
-            what = f"id={chunk.id}" if chunk.id is not None else fmt_addr(chunk._start)
+            what = free_key(chunk._start, id=chunk.id)
         else:
-            what = fmt_addr(chunk) if isinstance(chunk, int) else _word(chunk, "chunk")
+            what = free_key(chunk)
         fd = self._open("free", os.O_WRONLY, "free")
         try:
             os.write(fd, what.encode())
@@ -648,14 +565,6 @@ def table_lines(path: str) -> Iterator[str]:
             yield rest.decode()
     finally:
         os.close(fd)
-
-
-def chunk_from_row(fields: list[str]) -> ChunkInfo:
-    """One chunk table row (`Client.chunk_rows`) as a `ChunkInfo`."""
-    start, size, region, dev, type, uid, pid, created, movable, label, *rest = fields
-    ident = parse_id(rest)
-    return ChunkInfo(int(start, 16), int(size), region, dev, type, int(uid), int(pid),
-                     None if label == "-" else label, created, movable == "1", ident)
 
 
 __all__ = ["Buffer", "ChunkInfo", "Client", "CmaError", "NotMounted", "RegionInfo",

@@ -33,10 +33,11 @@ import time
 from typing import Iterable, Iterator, Sequence
 
 from cmad import __version__
-from cmad.clients.client import T_CREATED, T_LABEL, T_SIZE, Client, CmaError, NotMounted, RegionInfo, \
-    default_mountpoint, errno_name, parse_created, parse_id
+from cmad.clients.client import Client, CmaError, NotMounted, RegionInfo, default_mountpoint, \
+    errno_name, parse_created
 from cmad.clients.cmactl_trace import cmd_trace
 from cmad.memparse import human
+from cmad.protocol import T_CREATED, T_LABEL, T_SIZE, parse_id
 
 #: Why an errno happened, in cmad's terms, per command (the daemon logs the detail).
 HINTS = {

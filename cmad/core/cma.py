@@ -22,6 +22,7 @@ from cmad.core.chunks import Chunk, ChunkIndex, check_label
 from cmad.errors import CmaError, clip, einval
 from cmad.core.map import DEFAULT_TYPE, Map
 from cmad.memparse import U64_MAX, fmt_addr, human, is_power_of_two
+from cmad.protocol import SUMMED_KEYS, FreeKey, parse_free_key
 from cmad.core.regions import (AllocSpec, Region, RegionSpec, RegionStats, check_name, fragmentation,
                       layout, parse_alignment, parse_alloc_spec, parse_regions)
 
@@ -815,25 +816,19 @@ class Cma:
     # -- free ----------------------------------------------------------
 
     def find(self, key: int | str) -> Chunk:
-        """A chunk by start address or by the text the ``free`` file takes:
-        the %p form (16 hex digits), 0x hex, decimal, ``id=<n>`` (exactly that
-        chunk, wherever it moved), or a label."""
+        """A chunk by start address or by the text the ``free`` file takes
+        (`cmad.protocol.parse_free_key`): the %p form, 0x hex, decimal,
+        ``id=<n>`` (exactly that chunk, wherever it moved), or a label."""
         if isinstance(key, str):
-            text = key.strip()
-            if text.startswith("id="):
-                return self._find_id(text[3:])
-            if len(text) == 16 and all(c in "0123456789abcdefABCDEF" for c in text):
-                key = int(text, 16)
-            elif text[:2].lower() == "0x" and text[2:] and all(
-                    c in "0123456789abcdefABCDEF" for c in text[2:]):
-                key = int(text[2:], 16)
-            elif text.isdigit() and text.isascii():
-                key = int(text)
-            else:
-                chunk = self.chunks.by_label(text)
+            parsed = parse_free_key(key)
+            if parsed.kind == "id":
+                return self._find_id(parsed)
+            if parsed.kind == "label":
+                chunk = self.chunks.by_label(parsed.value)
                 if chunk is None:
-                    raise CmaError(errno.ENOENT, f"no chunk labelled {clip(text)}")
+                    raise CmaError(errno.ENOENT, f"no chunk labelled {clip(parsed.text)}")
                 return chunk
+            key = parsed.value
         chunk = self.chunks.get(key)
         if chunk is None:
             inside = self.chunks.holding(key)
@@ -841,12 +836,10 @@ class Cma:
             raise CmaError(errno.ENOENT, f"no chunk starts at {fmt_addr(key)}{hint}")
         return chunk
 
-    def _find_id(self, text: str) -> Chunk:
-        if not (text.isdigit() and text.isascii() and len(text) <= 20):
-            raise CmaError(errno.EINVAL, f"chunk id {text[:40]!r}: expected a decimal number")
-        chunk = self.chunks.by_id(int(text))
+    def _find_id(self, key: FreeKey) -> Chunk:
+        chunk = self.chunks.by_id(key.value)
         if chunk is None:
-            raise CmaError(errno.ENOENT, f"no chunk with id {text}")
+            raise CmaError(errno.ENOENT, f"no chunk with id {key.text}")
         return chunk
 
     def free(self, key: int | str, *, uid: int | None = None) -> Chunk:
@@ -893,10 +886,7 @@ class Cma:
         all_stats = [r.stats() for r in self._regions.values()]
         largest = max((s.largest_free for s in all_stats), default=0)
         free = sum(r.free for r in self._regions.values())
-        total = {k: sum(getattr(s, k) for s in all_stats)
-                 for k in ("alloc_ok", "alloc_fail", "freed", "bytes_allocated", "peak_used",
-                           "moved", "compactions", "blocks_free", "blocks_pinned",
-                           "blocks_movable", "blocks_mixed", "fallbacks")}
+        total = {k: sum(getattr(s, k) for s in all_stats) for k in SUMMED_KEYS}
         return RegionStats(largest_free=largest, fragmentation=fragmentation(free, largest),
                            pageblock=max((s.pageblock for s in all_stats), default=0), **total)
 

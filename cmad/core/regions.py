@@ -233,7 +233,9 @@ def layout(specs: list[RegionSpec], base: int, arena_size: int | None,
 
 @dataclass(frozen=True)
 class RegionStats:
-    """A frozen snapshot of a region's counters, as trio's ``statistics()``."""
+    """A frozen snapshot of a region's counters, as trio's ``statistics()``.
+    Its fields are the stat keys of `cmad.protocol.STATS`, in that order (the
+    wire record; tests/test_protocol.py holds the two together)."""
 
     alloc_ok: int
     alloc_fail: int

@@ -1,42 +1,19 @@
-"""The ``stats`` and ``metrics`` files: per-region counters as text."""
+"""The ``stats`` and ``metrics`` files: per-region counters as text (the keys, their
+types and help are `cmad.protocol.STATS`)."""
 
 from __future__ import annotations
 
 from cmad.core.cma import Cma
 from cmad.core.regions import RegionStats
+from cmad.protocol import STAT_KEYS, STATS, format_keyed, stat_text
 
-STAT_KEYS = ("alloc_ok", "alloc_fail", "freed", "bytes_allocated", "largest_free",
-             "fragmentation", "peak_used", "moved", "compactions", "pageblock", "blocks_free",
-             "blocks_pinned", "blocks_movable", "blocks_mixed", "fallbacks")
-
-# name, type, help; the value is the RegionStats field of the same key.
-_METRICS = (
-    ("alloc_ok", "counter", "Allocations served."),
-    ("alloc_fail", "counter", "Allocations this region was tried for and could not serve."),
-    ("freed", "counter", "Chunks freed."),
-    ("bytes_allocated", "gauge", "Bytes held by live chunks."),
-    ("largest_free", "gauge", "Largest request that would succeed now, in bytes."),
-    ("fragmentation", "gauge", "1 - largest_free / free."),
-    ("peak_used", "gauge", "Most bytes ever held at once."),
-    ("moved", "counter", "Chunks moved by compaction."),
-    ("compactions", "counter", "Compaction runs."),
-    ("pageblock", "gauge", "Pageblock size in bytes (grouping by mobility); 0: off."),
-    ("blocks_free", "gauge", "Pageblocks holding no chunk."),
-    ("blocks_pinned", "gauge", "Pageblocks holding pinned chunks only."),
-    ("blocks_movable", "gauge", "Pageblocks holding movable chunks only."),
-    ("blocks_mixed", "gauge", "Pageblocks holding both, after a fallback."),
-    ("fallbacks", "counter", "Allocations served from a block of the other mobility."),
-)
+__all__ = ["STAT_KEYS", "render", "show_stats"]
 
 
 def show_stats(stats: RegionStats, extra: dict[str, object] | None = None) -> str:
-    lines = [f"{key} {_fmt(getattr(stats, key))}" for key in STAT_KEYS]
-    lines += [f"{key} {value}" for key, value in (extra or {}).items()]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    """A ``stats`` file: the `STAT_KEYS` in order, then the daemon's ``extra`` keys."""
+    lines = [(key, stat_text(getattr(stats, key))) for key in STAT_KEYS]
+    return format_keyed(lines + list((extra or {}).items()))
 
 
 def _label(value: str) -> str:
@@ -47,10 +24,10 @@ def render(cma: Cma) -> str:
     """Prometheus text exposition format 0.0.4."""
     regions = [(r, r.stats()) for r in cma.regions]
     out = []
-    for key, kind, help in _METRICS:
+    for key, kind, _, help in STATS:
         name = f"cma_region_{key}" + ("_total" if kind == "counter" else "")
         out += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
-        out += [f'{name}{{region="{_label(r.name)}"}} {_fmt(getattr(s, key))}'
+        out += [f'{name}{{region="{_label(r.name)}"}} {stat_text(getattr(s, key))}'
                 for r, s in regions]
     for key, help, value in (
             ("size_bytes", "Region size in bytes.", lambda r: r.size),

@@ -31,6 +31,7 @@ from cmad.errors import CmaError, einval
 from cmad.daemon.kernelviews import KernelViews
 from cmad.memparse import fmt_addr
 from cmad.daemon.metrics import render, show_stats
+from cmad.protocol import CHUNK_TABLE, chunkinfo_row
 from cmad.core.regions import Region
 from cmad.daemon.trace import Tracer
 
@@ -237,7 +238,7 @@ class Tree:
         count = partial(len, cma.chunks)
         self.chunks = root.add("chunks", DynamicDir(ChunksByStart(self), dirs=count))
         self.ids = root.add("ids", DynamicDir(ChunksById(self), dirs=count))
-        root.add("chunkinfo", Table(self._chunkinfo_rows))
+        root.add(CHUNK_TABLE, Table(self._chunkinfo_rows))
         root.add("stats", Attr(lambda: show_stats(cma.stats(), self.extra_stats)))
         root.add("metrics", Attr(lambda: render(cma)))
         self.kernel = KernelViews(cma, self.tracer)
@@ -262,9 +263,8 @@ class Tree:
         renders only what it reads (fusefs.Table)."""
         first = 0 if after is None else after + 1
         for c in self.cma.chunks.in_range(first, ADDRESS_END):
-            yield c.start, (f"{fmt_addr(c.start)} {c.size} {c.region.name} {c.dev} {c.type} "
-                            f"{c.uid} {c.pid} {c.created_iso()} {int(c.movable)} "
-                            f"{c.label or '-'} id={c.id}\n")
+            yield c.start, chunkinfo_row(c.start, c.size, c.region.name, c.dev, c.type, c.uid,
+                                         c.pid, c.created_iso(), c.movable, c.label, c.id)
 
     def _store_free(self, text: str, caller: Caller) -> None:
         if not text.strip():
