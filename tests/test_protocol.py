@@ -128,3 +128,14 @@ def test_the_root_stats_combine_the_regions_as_the_record_says():
         elif key.total == "max":
             assert getattr(total, key.name) == max(values), key.name
     assert total.bytes_allocated == (64 << 10) + (1 << 20)
+
+
+def test_the_root_stats_leave_out_what_means_something_per_region_only():
+    """One chunk in one of two regions made the summed fragmentation read 0.48:
+    the root's stats file has no fragmentation line; each region's has."""
+    cma = Cma(REGIONS, MAP)
+    request.run(cma, "@a 64K")
+    root = client.parse_keyed(metrics.show_stats(cma.stats(), root=True))
+    assert "fragmentation" not in root and "largest_free" in root
+    for region in cma.regions:
+        assert "fragmentation" in client.parse_keyed(metrics.show_stats(region.stats()))

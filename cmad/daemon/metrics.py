@@ -10,10 +10,18 @@ from cmad.protocol import STAT_KEYS, STATS, format_keyed, stat_text
 __all__ = ["STAT_KEYS", "render", "show_stats"]
 
 
-def show_stats(stats: RegionStats, extra: dict[str, object] | None = None) -> str:
-    """A ``stats`` file: the `STAT_KEYS` in order, then the daemon's ``extra`` keys."""
-    lines = [(key, stat_text(getattr(stats, key))) for key in STAT_KEYS]
+def show_stats(stats: RegionStats, extra: dict[str, object] | None = None,
+               root: bool = False) -> str:
+    """A ``stats`` file: the `STAT_KEYS` in order, then the daemon's ``extra`` keys.
+    The root's (``root``) leaves out what only means something per region
+    (``fragmentation``: one region's largest range against all regions' free
+    bytes says nothing)."""
+    keys = ROOT_KEYS if root else STAT_KEYS
+    lines = [(key, stat_text(getattr(stats, key))) for key in keys]
     return format_keyed(lines + list((extra or {}).items()))
+
+
+ROOT_KEYS = tuple(k.name for k in STATS if k.total != "derived")
 
 
 def _label(value: str) -> str:

@@ -239,7 +239,7 @@ class Tree:
         self.chunks = root.add("chunks", DynamicDir(ChunksByStart(self), dirs=count))
         self.ids = root.add("ids", DynamicDir(ChunksById(self), dirs=count))
         root.add(CHUNK_TABLE, Table(self._chunkinfo_rows))
-        root.add("stats", Attr(lambda: show_stats(cma.stats(), self.extra_stats)))
+        root.add("stats", Attr(lambda: show_stats(cma.stats(), self.extra_stats, root=True)))
         root.add("metrics", Attr(lambda: render(cma)))
         self.kernel = KernelViews(cma, self.tracer)
         root.add("kernel", self.kernel.root)
