@@ -51,6 +51,19 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def exact(n: object) -> str:
+    """Bytes in the largest binary unit that divides them: 64 MiB, 4 KiB, 6148 KiB,
+    4097 B; exact, for log lines and errors about requests.  Anything not a
+    64-bit byte count is shown as written, clipped."""
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < 1 << 64:
+        text = repr(n)
+        return text if len(text) <= 24 else text[:24] + "..."
+    for shift, unit in ((50, "PiB"), (40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
 def human(n: int) -> str:
     """Bytes in the largest binary unit that keeps one decimal: 6.0 MiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):

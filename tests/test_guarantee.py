@@ -312,3 +312,14 @@ def test_a_bound_moves_the_range_to_the_next_window_of_a_hole(allocator):
         cma.free(c.start)
     chunk = cma.alloc("d", 3 * M, bound=4 * M)
     assert chunk.start - base == 4 * M
+
+
+def test_a_refusal_names_sizes_as_people_read_them():
+    cma = Cma("r=4M:bf", "*=r")
+    with pytest.raises(CmaError) as e:
+        cma.alloc("cam", 64 * M, alignment=4 * K)
+    assert e.value.errno == errno.ENOMEM
+    assert "alloc cam/common 64 MiB/4 KiB: no room" in str(e.value)
+    with pytest.raises(CmaError) as e:
+        cma.alloc("cam", 6 * M + 4 * K + 1)
+    assert "alloc cam/common 6152 KiB/4 KiB" in str(e.value)  # exact: rounded to pages

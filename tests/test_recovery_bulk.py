@@ -154,7 +154,7 @@ def test_bulk_recovery_refuses_overlaps_and_changes_nothing(tmp_path):
     with pytest.raises(CmaError) as e:
         recover(cma, journal, arena_survived=True)
     assert "do not fit the configured regions" in e.value.why
-    assert f"chunk {start:016x}+0x1000 overlaps another chunk" in e.value.why
+    assert f"chunk {start:016x}+4 KiB overlaps another chunk" in e.value.why
     assert "region 'gone' is gone" in e.value.why
     assert len(cma.chunks) == 0 and cma.region("a").free == cma.region("a").size
     cma._check()

@@ -21,7 +21,7 @@ from cmad.memory.arena import Arena
 from cmad.core.chunks import Chunk, ChunkIndex, check_label
 from cmad.errors import CmaError, clip, einval
 from cmad.core.map import DEFAULT_TYPE, Map
-from cmad.memparse import U64_MAX, fmt_addr, human, is_power_of_two
+from cmad.memparse import U64_MAX, exact, fmt_addr, human, is_power_of_two
 from cmad.protocol import SUMMED_KEYS, FreeKey, parse_free_key
 from cmad.core.regions import (AllocSpec, Region, RegionSpec, RegionStats, check_name, fragmentation,
                       layout, parse_alignment, parse_alloc_spec, parse_regions)
@@ -139,7 +139,7 @@ def _misfit(region: Region | None, name: str, start: int,
     if region is None or region.allocator is None:
         return errno.ENOENT, f"chunk {fmt_addr(start)}: region {name!r} is gone or has no allocator"
     if start < region.start or start + size > region.end:
-        return errno.EADDRINUSE, (f"chunk {fmt_addr(start)}+{size:#x} is not inside region "
+        return errno.EADDRINUSE, (f"chunk {fmt_addr(start)}+{exact(size)} is not inside region "
                                   f"{name} [{fmt_addr(region.start)}, {fmt_addr(region.end)})")
     return None
 
@@ -147,7 +147,7 @@ def _misfit(region: Region | None, name: str, start: int,
 def _request(dev: str, type: str, size: int, alignment: int) -> str:
     """How log lines and errors name an allocation request (not a closure per
     request: that would cost every allocation its cells)."""
-    return f"alloc {dev}/{type} {size:#x}/{alignment:#x}"
+    return f"alloc {dev}/{type} {exact(size)}/{exact(alignment)}"
 
 
 def _label_taken(start: int, label: str) -> str:
@@ -155,7 +155,7 @@ def _label_taken(start: int, label: str) -> str:
 
 
 def _not_free(start: int, size: int, region: str) -> str:
-    return f"chunk {fmt_addr(start)}+{size:#x} overlaps another chunk or is not free in region {region}"
+    return f"chunk {fmt_addr(start)}+{exact(size)} overlaps another chunk or is not free in region {region}"
 
 
 class Cma:
