@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cmad import Arena, Cma, CmaError
 from cmad.allocators.interface import Allocator, register
-from util.core import DEFAULT, MAP, raises
+from util.core import DEFAULT, MAP, attach, raises
 
 M = 1 << 20
 def test_default_layout_lowest_fit_in_order(cma):
@@ -245,7 +245,7 @@ def test_listener_veto_undoes_the_allocation(cma):
         def on_free(self, chunk):
             pass
 
-    cma.listeners.append(Veto())
+    attach(cma, Veto())
     raises(errno.EIO, cma.alloc, "camera", M)
     assert len(cma.chunks) == 0 and cma.region("video").free == 32 * M
     cma._check()
