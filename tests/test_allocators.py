@@ -223,7 +223,7 @@ def test_check_catches_a_double_free(oracle):
 
 
 @each
-@pytest.mark.parametrize("start", [BASE, BASE + 0x3000])
+@pytest.mark.parametrize("start", [BASE, BASE + 0x3000], ids=["aligned", "unaligned"])
 def test_every_page_taken_then_all_merge_back(oracle, start):
     o = oracle.new(start, 4 * M)
     a = o.a
