@@ -1,18 +1,25 @@
-"""Fixtures shared by the test modules: ``daemon`` and ``hugepages``."""
+"""The tiers, and the fixtures several test modules share: ``daemon``, ``fuse``,
+``cma``, ``arena``, ``hugepages``, ``pool``, ``users``, ``public_tmp``.  Helpers
+live in ``util/``; no test module imports from another."""
 
+import contextlib
 import gc
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from cmad import Arena
-from cmad.memory.hugepages import LEDGER, Ledger, sweep
-from daemonutil import daemon  # noqa: F401
-from test_arena import hugepages  # noqa: F401
-
-
+from cmad import Arena, Cma
+from cmad.memory.hugepages import LEDGER, NR_HUGEPAGES, Ledger, sweep
+from util.core import DEFAULT, MAP
+from util.daemon import Daemons
+from util.mount import is_mounted, require_fuse, unseal
+from util.pool import free_hugepages, nr
+from util.users import run
 
 # The tiers (pyproject's markers), by module: the core in process is the rest.
 OPS = {"test_fusefs_ops", "test_fusefs_dynamic", "test_tree", "test_kernel_tree", "test_fusefs_pipe"}
@@ -40,6 +47,27 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def daemon(tmp_path):
+    """Start cmad daemons for one test (``daemon(*args)`` returns the mountpoint);
+    every one stopped and unmounted after, its arena files and hugepages given back."""
+    require_fuse()
+    with contextlib.ExitStack() as stack:
+        yield Daemons(tmp_path, stack)
+
+
+@pytest.fixture
+def fuse():
+    """Fixture form of ``util.mount.require_fuse``."""
+    require_fuse()
+
+
+@pytest.fixture
+def cma():
+    """The default layout (``util.core.DEFAULT``, ``MAP``) in process, no arena."""
+    return Cma(DEFAULT, MAP)
+
+
+@pytest.fixture
 def arena():
     """A 64 MiB arena for in-process cores that move bytes."""
     a = Arena(64 << 20)
@@ -52,7 +80,6 @@ def unseal_mountpoints(tmp_path_factory):
     """Daemons seal their bare mountpoints (immutable): clear that under the base
     temporary directory at the end, or pytest could never remove it."""
     yield
-    from mountutil import is_mounted, unseal
     for top, dirs, _ in os.walk(tmp_path_factory.getbasetemp()):
         dirs[:] = [d for d in dirs if not is_mounted(os.path.join(top, d))]
         for d in dirs:
@@ -72,6 +99,70 @@ def hugepage_records():
                          start_new_session=True, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def hugepages():
+    """Reserve a few hugepages for one test and restore the old count after."""
+    try:
+        old = nr()
+        with open(NR_HUGEPAGES, "w") as f:
+            f.write(str(old + 4))
+    except OSError as e:
+        pytest.skip(f"cannot reserve hugepages through {NR_HUGEPAGES}: {e.strerror}")
+    try:
+        if free_hugepages() < 4:
+            pytest.skip("the kernel refused to reserve 4 hugepages (memory too fragmented)")
+        yield
+    finally:
+        with open(NR_HUGEPAGES, "w") as f:
+            f.write(str(old))
+
+
+@pytest.fixture
+def pool(daemon):
+    """Root with a writable hugepage pool; the pool restored after the test, also
+    when a daemon was killed (its record is given back, then the count restored)."""
+    if os.geteuid() != 0:
+        pytest.skip("the daemon reserves hugepages only as root")
+    try:
+        old = nr()
+        with open(NR_HUGEPAGES, "w") as f:
+            f.write(str(old))
+    except OSError as e:
+        pytest.skip(f"cannot write {NR_HUGEPAGES}: {e.strerror}")
+    yield old
+    daemon.stack.close()  # every daemon stopped, arena files removed, records given back
+    if nr() != old:
+        with open(NR_HUGEPAGES, "w") as f:
+            f.write(str(old))
+
+
+@pytest.fixture
+def users():
+    """A group and two users, deleted afterwards: (group, member, outsider)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create throwaway users")
+    tag = f"{os.getpid() % 100000}"
+    group, member, outsider = f"cmag{tag}", f"cmai{tag}", f"cmao{tag}"
+    run(["groupadd", group])
+    try:
+        run(["useradd", "-M", "-N", "-G", group, "-s", "/bin/sh", member])
+        run(["useradd", "-M", "-N", "-s", "/bin/sh", outsider])
+        yield group, member, outsider
+    finally:
+        run(["userdel", member], check=False)
+        run(["userdel", outsider], check=False)
+        run(["groupdel", group], check=False)
+
+
+@pytest.fixture
+def public_tmp():
+    """A directory under /tmp that other users can reach (for their mountpoints)."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix="cmad-perm-", dir="/tmp"))
+    path.chmod(0o755)  # other users must reach the mountpoint
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 TEST_KEYS = "cmad-tmp-pytest-"  # the ledger entries of daemons on pytest's directories

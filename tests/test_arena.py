@@ -8,38 +8,9 @@ import pytest
 
 from cmad import Arena, CmaError
 from cmad.memory.arena import hugepage_size
+from util.pool import free_hugepages
 
 M = 1 << 20
-NR = "/proc/sys/vm/nr_hugepages"
-
-
-def free_hugepages() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("HugePages_Free:"):
-                return int(line.split()[1])
-    return 0
-
-
-@pytest.fixture
-def hugepages():
-    """Reserve a few hugepages for one test and restore the old count after."""
-    try:
-        with open(NR) as f:
-            old = int(f.read())
-        with open(NR, "w") as f:
-            f.write(str(old + 4))
-    except OSError as e:
-        pytest.skip(f"cannot reserve hugepages through {NR}: {e.strerror}")
-    try:
-        if free_hugepages() < 4:
-            pytest.skip("the kernel refused to reserve 4 hugepages (memory too fragmented)")
-        yield
-    finally:
-        with open(NR, "w") as f:
-            f.write(str(old))
-
-
 def test_fallback_without_hugepages_says_why(caplog):
     if free_hugepages():
         pytest.skip("hugepages are free on this machine; the fallback is not reachable")

@@ -1,4 +1,6 @@
-"""The best-fit allocator: unit tests, then a rule-based property test with _check()."""
+"""The best-fit allocator's own tests: its placement, its start index, ``ceiling``.
+The contract it shares with the other allocators (and the state machine) is in
+test_allocators.py."""
 
 from __future__ import annotations
 
@@ -6,22 +8,15 @@ import errno
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from sortedcontainers import SortedDict, SortedList
 
 from cmad.allocators.interface import _registry, registry
 from cmad.allocators.bf import BestFit, ceiling
 from cmad.errors import CmaError
 
-from allocutil import BASE, K, M, P, align_up, complement
-
-
-def best_fit(holes, size: int, alignment: int) -> int | None:
-    """The model: smallest hole that fits at the alignment, lowest address on ties."""
-    fits = [(n, s) for s, n in holes if align_up(s, alignment) + size <= s + n]
-    return align_up(min(fits)[1], alignment) if fits else None
+from util.alloc import BASE, K, M, P, complement
 
 
 def with_holes(pattern: str, start: int = BASE) -> tuple[BestFit, list[tuple[int, int]]]:
@@ -48,13 +43,6 @@ def test_registered_first_without_params():
 def test_granule_and_footprint_are_the_request():
     assert BestFit.granule() == P
     assert BestFit(BASE, 16 * M).footprint(3 * P, 64 * K) == (3 * P, 64 * K)
-
-
-def test_fresh_region_is_one_hole():
-    a = BestFit(BASE, 64 * M)
-    a._check()
-    assert list(a.holes()) == [(BASE, 64 * M)]
-    assert a.largest_free() == 64 * M and a.free_bytes == 64 * M
 
 
 def test_empty_region():
@@ -131,31 +119,6 @@ def test_exact_fit_removes_the_hole():
     a._check()
 
 
-def test_reserve_claims_exact_ranges_and_refuses_overlap():
-    a = BestFit(BASE, 16 * M)
-    assert a.reserve(BASE + 3 * M + 0x5000, 5 * M)
-    assert a.free_bytes == 11 * M
-    assert list(a.holes()) == [(BASE, 3 * M + 0x5000), (BASE + 8 * M + 0x5000, 8 * M - 0x5000)]
-    a._check()
-    before = list(a.holes())
-    for start, size in [(BASE + 3 * M, 0x6000), (BASE + 8 * M + 0x4000, 0x2000),
-                        (BASE + 4 * M, P), (BASE, 16 * M),
-                        (BASE - P, 2 * P), (BASE + 16 * M - P, 2 * P), (BASE + 16 * M, P)]:
-        assert not a.reserve(start, size)
-        assert list(a.holes()) == before and a.free_bytes == 11 * M
-        a._check()
-    # Adjacent ranges are fine; an allocated chunk cannot be reserved.
-    assert a.reserve(BASE + 3 * M + 0x4000, P)
-    chunk = a.alloc(M, P)
-    assert not a.reserve(chunk[0], P)
-    a._check()
-    a.free(*chunk)
-    a.free(BASE + 3 * M + 0x4000, P)
-    a.free(BASE + 3 * M + 0x5000, 5 * M)
-    a._check()
-    assert list(a.holes()) == [(BASE, 16 * M)]
-
-
 def test_reserve_interleaved_with_alloc_and_free():
     """The start index reserve keeps is dropped by alloc and free, rebuilt after."""
     rng = random.Random(5)
@@ -177,117 +140,6 @@ def test_reserve_interleaved_with_alloc_and_free():
                 live[start] = size
         a._check()
         assert list(a.holes()) == complement(BASE, 4 * M, live.items())
-
-
-def test_free_outside_region_is_einval():
-    a = BestFit(BASE, 16 * M)
-    for start, size in [(BASE - P, P), (BASE + 16 * M, P), (BASE + 16 * M - P, 2 * P)]:
-        with pytest.raises(CmaError) as e:
-            a.free(start, size)
-        assert e.value.errno == errno.EINVAL
-    a._check()
-
-
-def test_check_catches_a_double_free():
-    a = BestFit(BASE, 16 * P)
-    x = a.alloc(2 * P, P)
-    a.alloc(P, P)
-    a.free(*x)
-    a.free(*x)
-    with pytest.raises(AssertionError):
-        a._check()
-
-
-def test_many_pages_merge_back_to_one_hole():
-    a = BestFit(BASE + 0x3000, 4 * M)
-    pages = [a.alloc(P, P) for _ in range(4 * M // P)]
-    assert a.alloc(P, P) is None and a.free_bytes == 0
-    random.Random(7).shuffle(pages)
-    for p in pages:
-        a.free(*p)
-    a._check()
-    assert list(a.holes()) == [(BASE + 0x3000, 4 * M)]
-
-
-# -- property test ------------------------------------------------------------
-
-class BestFitMachine(RuleBasedStateMachine):
-    """Random alloc/free/reserve against a model of the live chunks."""
-
-    @initialize(
-        start=st.one_of(st.just(BASE), st.integers(0, 1 << 14).map(lambda p: BASE + p * P)),
-        pages=st.one_of(st.integers(1, 256), st.integers(1, 64 * M // P)),
-    )
-    def setup(self, start, pages):
-        self.start, self.size = start, pages * P
-        self.a = BestFit(start, self.size)
-        self.chunks = SortedDict()  # start -> size
-
-    def _holes(self):
-        return complement(self.start, self.size, self.chunks.items())
-
-    @rule(pages=st.integers(1, 64), align_shift=st.integers(0, 8))
-    def alloc(self, pages, align_shift):
-        size, align = pages * P, P << align_shift
-        expect = best_fit(self._holes(), size, align)
-        got = self.a.alloc(size, align)
-        if expect is None:
-            assert got is None
-            return
-        assert got == (expect, size)
-        assert expect % align == 0
-        assert self.start <= expect and expect + size <= self.start + self.size
-        self.chunks[expect] = size
-
-    @rule(data=st.data())
-    def free(self, data):
-        if not self.chunks:
-            return
-        i = data.draw(st.integers(0, len(self.chunks) - 1))
-        self.a.free(*self.chunks.popitem(i))
-
-    @rule(data=st.data(), pages=st.integers(1, 64))
-    def reserve(self, data, pages):
-        region_pages = self.size // P
-        pages = min(pages, region_pages)
-        offset = data.draw(st.integers(0, region_pages - pages))
-        start, size = self.start + offset * P, pages * P
-        expect = any(s <= start and start + size <= s + n for s, n in self._holes())
-        assert self.a.reserve(start, size) == expect
-        if expect:
-            self.chunks[start] = size
-
-    @rule()
-    def largest_free_is_honest(self):
-        lf = self.a.largest_free()
-        assert lf == max((n for _, n in self._holes()), default=0)
-        if lf:
-            got = self.a.alloc(lf, P)
-            assert got is not None
-            self.a.free(*got)
-        assert self.a.alloc(lf + P, P) is None
-
-    @invariant()
-    def consistent(self):
-        self.a._check()
-        assert self.a.free_bytes + sum(self.chunks.values()) == self.size
-        assert list(self.a.holes()) == self._holes()
-
-    def teardown(self):
-        if not hasattr(self, "a"):
-            return
-        for start, size in list(self.chunks.items()):
-            self.a.free(start, size)
-        self.a._check()
-        assert list(self.a.holes()) == [(self.start, self.size)]
-        assert self.a.free_bytes == self.size
-
-
-BestFitMachine.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=40, deadline=None,
-    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
-)
-TestBestFitMachine = BestFitMachine.TestCase
 
 
 def test_start_index_survives_any_mix_of_reserves_allocs_and_frees(monkeypatch):

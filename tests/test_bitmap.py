@@ -1,4 +1,6 @@
-"""The bitmap allocator: unit tests, then a rule-based property test with _check()."""
+"""The bitmap allocator's own tests: blocks of 2^order_per_bit pages, first fit, the
+superblock index.  The contract it shares with the other allocators (and the state
+machine) is in test_allocators.py."""
 
 from __future__ import annotations
 
@@ -6,25 +8,13 @@ import errno
 import random
 
 import pytest
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from sortedcontainers import SortedDict
 
 from cmad.allocators.interface import _registry
 from cmad.allocators.bitmap import Bitmap
 from cmad.errors import CmaError
 
-from allocutil import BASE, K, M, P, align_up, complement
-
-
-def first_fit(holes, size: int, alignment: int) -> int | None:
-    """The model: the lowest aligned address where size fits in a hole."""
-    for s, n in holes:
-        at = align_up(s, alignment)
-        if at + size <= s + n:
-            return at
-    return None
+from util.alloc import BASE, K, M, P, Odd, Tiny, align_up, complement, first_fit
 
 
 class Model:
@@ -153,18 +143,6 @@ def test_alignment_is_of_bus_addresses_and_at_least_a_block():
     m.check()
 
 
-class Tiny(Bitmap):
-    """Superblocks of 4 blocks, runs measured up to 8: every boundary case is near."""
-
-    _super = 4
-    _limit = 8
-
-
-class Odd(Bitmap):
-    _super = 3
-    _limit = 3
-
-
 def test_free_far_below_the_scan_point_is_found():
     m = Model(BASE, 256 * P, cls=Tiny)
     for _ in range(200):
@@ -254,15 +232,6 @@ def test_free_outside_region_or_not_whole_blocks_is_einval():
     a._check()
 
 
-def test_check_catches_a_double_free():
-    a = Bitmap(BASE, 16 * P)
-    x = a.alloc(2 * P, P)
-    a.free(*x)
-    a.free(*x)
-    with pytest.raises(AssertionError):
-        a._check()
-
-
 def test_full_region_then_empty_again():
     a = Bitmap(BASE, 4 * M, order_per_bit=1)
     chunks = [a.alloc(P, P) for _ in range(4 * M // (8 * K))]
@@ -274,80 +243,3 @@ def test_full_region_then_empty_again():
         a.free(*c)
     a._check()
     assert list(a.holes()) == [(BASE, 4 * M)]
-
-
-# -- property test ------------------------------------------------------------
-
-class BitmapMachine(RuleBasedStateMachine):
-    """Random alloc/free/reserve against a first-fit model of the live chunks."""
-
-    @initialize(
-        cls=st.sampled_from([Bitmap, Tiny, Odd]),
-        order=st.integers(0, 3),
-        blocks_in=st.integers(0, 1 << 12),
-        pages=st.one_of(st.integers(1, 256), st.integers(1, 64 * M // P)),
-    )
-    def setup(self, cls, order, blocks_in, pages):
-        block = P << order
-        start = BASE + blocks_in * block
-        size = max(block, pages * P // block * block)
-        self.m = Model(start, size, order, cls)
-
-    @rule(pages=st.integers(1, 64), align_shift=st.integers(0, 8))
-    def alloc(self, pages, align_shift):
-        m = self.m
-        got = m.alloc(pages * P, P << align_shift)
-        if got:
-            start, size = got
-            assert start % (P << align_shift) == 0 and start % m.block == 0
-            assert m.start <= start and start + size <= m.start + m.size
-
-    @rule(data=st.data())
-    def free(self, data):
-        if self.m.chunks:
-            self.m.free_at(data.draw(st.integers(0, len(self.m.chunks) - 1)))
-
-    @rule(data=st.data(), blocks=st.integers(1, 16))
-    def reserve(self, data, blocks):
-        m = self.m
-        region_blocks = m.size // m.block
-        blocks = min(blocks, region_blocks)
-        offset = data.draw(st.integers(0, region_blocks - blocks))
-        start, size = m.start + offset * m.block, blocks * m.block
-        expect = any(s <= start and start + size <= s + n for s, n in m.holes())
-        assert m.a.reserve(start, size) == expect
-        if expect:
-            m.chunks[start] = size
-
-    @rule()
-    def largest_free_is_honest(self):
-        m = self.m
-        lf = m.a.largest_free()
-        assert lf == max((n for _, n in m.holes()), default=0)
-        if lf:
-            got = m.a.alloc(lf, P)
-            assert got is not None
-            m.a.free(*got)
-        assert m.a.alloc(lf + m.block, P) is None
-
-    @invariant()
-    def consistent(self):
-        if hasattr(self, "m"):
-            self.m.check()
-
-    def teardown(self):
-        if not hasattr(self, "m"):
-            return
-        m = self.m
-        while m.chunks:
-            m.free_at(0)
-        m.check()
-        assert list(m.a.holes()) == [(m.start, m.size)]
-        assert m.a.free_bytes == m.size
-
-
-BitmapMachine.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=40, deadline=None,
-    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
-)
-TestBitmapMachine = BitmapMachine.TestCase

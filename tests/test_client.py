@@ -13,15 +13,11 @@ import pytest
 from cmad import CmaError
 import cmad.clients.client as client_module
 from cmad.clients.client import Buffer, ChunkInfo, Client, NotMounted, parse_created, parse_result
-from test_daemon import alloc, eventually, write_errno
+from util.fake_tree import fake_chunk, fake_mount
+from util.files import alloc, eventually, read_value, write_errno
 
 M = 1 << 20
 MANY = 24
-
-
-def read(path) -> str:
-    with open(path) as f:
-        return f.read().removesuffix("\n")
 
 
 def test_importable_without_the_daemon_stack():
@@ -36,7 +32,7 @@ def test_view_and_data_file_are_the_same_bytes(daemon):
     client = Client(mnt)
     buf = client.alloc("camera", 2 * M, alignment=M, label="frame", type="preview")
     assert (buf.start, buf.size, buf.region, buf.label) == (0x40000000, 2 * M, "video", "frame")
-    assert read(mnt / "chunks/frame/type") == "preview"
+    assert read_value(mnt / "chunks/frame/type") == "preview"
     view = buf.view
     assert isinstance(view, memoryview) and not view.readonly and len(view) == 2 * M
     data = mnt / "chunks" / buf.name / "data"
@@ -99,12 +95,12 @@ def test_free_is_idempotent_and_with_frees(daemon):
     buf.free()  # again: nothing
     with pytest.raises(ValueError, match="was freed"):
         buf.view
-    assert read(mnt / "regions/common/users") == "0"
+    assert read_value(mnt / "regions/common/users") == "0"
 
     with pytest.raises(RuntimeError):
         with client.alloc("net", 4096) as other:
             raise RuntimeError("the block fails")
-    assert other.freed and read(mnt / "regions/common/users") == "0"
+    assert other.freed and read_value(mnt / "regions/common/users") == "0"
 
     never_mapped = client.alloc("net", 4096)
     client.free(never_mapped.start)  # freed behind its back
@@ -124,7 +120,7 @@ def test_transient_buffers_live_while_held(daemon):
     client.alloc("camera", M, transient=True, label="t2")  # dropped at once
     assert eventually(lambda: not (mnt / "chunks/t2").exists())
     kept = client.alloc_from(["dma", "common"], 12 << 10, movable=True, bound="2M")
-    assert kept.region == "dma" and read(mnt / "chunks" / kept.name / "movable") == "1"
+    assert kept.region == "dma" and read_value(mnt / "chunks" / kept.name / "movable") == "1"
 
 
 def test_errors_carry_the_errno(daemon, tmp_path, monkeypatch):
@@ -139,7 +135,7 @@ def test_errors_carry_the_errno(daemon, tmp_path, monkeypatch):
         with pytest.raises(CmaError) as e:
             call()
         assert isinstance(e.value, OSError) and e.value.errno == code, e.value
-    assert read(mnt / "regions/video/users") == "0"
+    assert read_value(mnt / "regions/video/users") == "0"
 
     with pytest.raises(NotMounted, match="no such directory") as e:
         Client(tmp_path / "missing")
@@ -154,7 +150,7 @@ def test_unreadable_arena_file_says_so(daemon, monkeypatch):
     mnt = daemon()
     client = Client(mnt)
     buf = client.alloc("camera", M)
-    arena = read(mnt / "chunks" / buf.name / "mmap").rsplit(" ", 2)[0]
+    arena = read_value(mnt / "chunks" / buf.name / "mmap").rsplit(" ", 2)[0]
     real_open = os.open
 
     def refuse_arena(path, flags, *args):  # what a user outside the daemon's group gets
@@ -182,10 +178,10 @@ def test_chunks_listing_matches_the_files(daemon):
     for c in chunks:
         d = mnt / "chunks" / c.name
         assert (c.size, c.region, c.dev, c.type, c.created) == \
-            (int(read(d / "size")), read(d / "region"), read(d / "dev"), read(d / "type"),
-             read(d / "created"))
-        assert f"{c.uid} {c.pid}" == read(d / "owner") and c.pid == os.getpid()
-        assert c.label == (read(d / "label") or None)
+            (int(read_value(d / "size")), read_value(d / "region"), read_value(d / "dev"), read_value(d / "type"),
+             read_value(d / "created"))
+        assert f"{c.uid} {c.pid}" == read_value(d / "owner") and c.pid == os.getpid()
+        assert c.label == (read_value(d / "label") or None)
     assert [c.start for c in client.chunks("dma")] == [bufs[-1].start]
     assert {r.name: r.users for r in client.regions()} == \
         {"video": MANY, "common": 0, "dma": 1, "gpu": 0}
@@ -223,41 +219,7 @@ def test_chunk_table_is_used_when_the_daemon_has_one(tmp_path, monkeypatch):
 # -- Fake trees: a temporary directory laid out like the mount -----------------
 
 
-def fake_mount(root, regions=(("video", 0x40000000, 4 * M),), *, chunkinfo="\n",
-               monkeypatch=None, **region_files):
-    """A directory laid out like the mount: regions (name, start, size) with
-    their attributes, a ``chunkinfo``, a ``free`` file that records writes.
-    ``region_files`` maps a file name to {region name: content}."""
-    root.mkdir(exist_ok=True)
-    (root / "allocators").write_text("bf buddy bitmap\n")
-    (root / "chunkinfo").write_text(chunkinfo)
-    (root / "free").write_text("")
-    (root / "chunks").mkdir()
-    (root / "ids").mkdir()
-    for name, start, size in regions:
-        d = root / "regions" / f"{start:016x}"
-        d.mkdir(parents=True)
-        for attr, value in (("name", name), ("start", f"{start:016x}"), ("size", size),
-                            ("free", size), ("users", 0), ("alloc", "bf"),
-                            ("kind", "exclusive"), ("bitmap", "." * (size // 4096)),
-                            ("stats", "alloc_ok 0\nfragmentation 0.0\nlargest_free 0")):
-            (d / attr).write_text(f"{value}\n")
-        for attr, per_region in region_files.items():
-            if name in per_region:
-                (d / attr).write_text(per_region[name])
-        (root / "regions" / name).symlink_to(f"{start:016x}")
-    if monkeypatch is not None:
-        monkeypatch.setattr(Client, "check", lambda self: None)
-    return root
 
-
-def fake_chunk(root, ident: int, start: int, *, arena=None, offset=0, size=4096) -> None:
-    """``ids/<ident>/`` with start and mmap (into ``arena``)."""
-    d = root / "ids" / str(ident)
-    d.mkdir(exist_ok=True)
-    (d / "start").write_text(f"{start:016x}\n")
-    if arena is not None:
-        (d / "mmap").write_text(f"{arena} {offset} {size}\n")
 
 
 def test_result_line_gives_the_id():
@@ -373,14 +335,14 @@ def test_a_moved_buffer_writes_and_frees_its_own_chunk(daemon):
     buf.view[:20] = b"root buffer, moved.."
     assert (mnt / "chunks/W/data").read_bytes()[:20] == w_bytes
     assert (mnt / "chunks" / buf.name / "data").read_bytes()[:20] == b"root buffer, moved.."
-    assert read(mnt / "chunks" / buf.name / "id") == str(buf.id)
-    assert read(mnt / "chunks" / buf.name / "movable") == "0"  # mapping pinned it
+    assert read_value(mnt / "chunks" / buf.name / "id") == str(buf.id)
+    assert read_value(mnt / "chunks" / buf.name / "movable") == "0"  # mapping pinned it
 
     gone = buf.name
     buf.free()
     assert (mnt / "chunks/W").exists() and (mnt / "chunks/W/data").read_bytes()[:20] == w_bytes
     assert not (mnt / "chunks" / gone).exists() and not (mnt / "ids" / str(buf.id)).exists()
-    assert read(mnt / "regions/r/users") == "3"  # wall, wall2, W
+    assert read_value(mnt / "regions/r/users") == "3"  # wall, wall2, W
 
 
 def test_a_buffer_freed_behind_its_back_is_enoent_not_its_successor(daemon):
@@ -397,7 +359,7 @@ def test_a_buffer_freed_behind_its_back_is_enoent_not_its_successor(daemon):
     with pytest.raises(CmaError, match=f"free chunk id={buf.id}: it is gone") as e:
         buf.free()
     assert e.value.errno == errno.ENOENT and buf.freed
-    assert (mnt / "chunks/next").exists() and read(mnt / "regions/r/users") == "1"
+    assert (mnt / "chunks/next").exists() and read_value(mnt / "regions/r/users") == "1"
 
 
 def test_a_buffer_whose_files_answer_enxio_is_gone(tmp_path, monkeypatch):

@@ -9,24 +9,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cmad import Arena, Cma, CmaError
 from cmad.allocators.interface import Allocator, register
+from util.core import DEFAULT, MAP, attach, raises
 
 M = 1 << 20
-DEFAULT = "video=32M:bf;common=16M:buddy;dma=8M:bitmap"
-MAP = "camera,video=video;*=common"
-
-
-def raises(err, fn, *args, match=None, **kwargs):
-    with pytest.raises(CmaError, match=match) as e:
-        fn(*args, **kwargs)
-    assert e.value.errno == err, e.value
-    return e.value
-
-
-@pytest.fixture
-def cma():
-    return Cma(DEFAULT, MAP)
-
-
 def test_default_layout_lowest_fit_in_order(cma):
     assert [(r.name, r.start, r.size, r.alloc_text) for r in cma.regions] == [
         ("video", 0x40000000, 32 * M, "bf"), ("common", 0x42000000, 16 * M, "buddy"),
@@ -260,7 +245,7 @@ def test_listener_veto_undoes_the_allocation(cma):
         def on_free(self, chunk):
             pass
 
-    cma.listeners.append(Veto())
+    attach(cma, Veto())
     raises(errno.EIO, cma.alloc, "camera", M)
     assert len(cma.chunks) == 0 and cma.region("video").free == 32 * M
     cma._check()

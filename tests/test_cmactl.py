@@ -13,8 +13,8 @@ import time
 import cmad.clients.cmactl as cmactl_module
 from cmad.clients.client import Client
 from cmad.memparse import human
-from test_client import fake_mount
-from test_daemon import eventually
+from util.fake_tree import fake_mount
+from util.files import eventually, read_value
 
 M = 1 << 20
 COLOUR = re.compile(r"\x1b\[(?:\d+;)*(?:3[0-8]|9[0-7])(?:;\d+)*m")  # a foreground colour
@@ -59,11 +59,6 @@ def in_pty(mnt, *args: str, env: dict | None = None) -> tuple[int, str]:
     return proc.wait(timeout=10), out.decode(errors="replace")
 
 
-def read(path) -> str:
-    with open(path) as f:
-        return f.read().removesuffix("\n")
-
-
 def rows_of(text: str) -> list[list[str]]:
     """A table's rows, split into cells (the header and its rule left out)."""
     lines = text.splitlines()
@@ -79,7 +74,7 @@ def test_regions_table_bytes_and_json(daemon):
     # A contiguous column exactly where the daemon has the file (SPEC §4a).
     def contiguous(name: str) -> list[str]:
         path = mnt / "regions" / name / "contiguous"
-        return [read(path)] if path.exists() else []
+        return [read_value(path)] if path.exists() else []
 
     assert table["video"] == ["video", "0000000040000000", "32.0", "MiB", "6.0", "MiB", "26.0",
                               "MiB", "1", "bf", "exclusive", *contiguous("video"), "0.0%"]
@@ -91,12 +86,12 @@ def test_regions_table_bytes_and_json(daemon):
     assert [r["name"] for r in listed] == ["video", "common", "dma", "gpu"]
     for r in listed:
         d = mnt / "regions" / r["start"]
-        assert r["name"] == read(d / "name") and r["start"] == read(d / "start")
+        assert r["name"] == read_value(d / "name") and r["start"] == read_value(d / "start")
         assert (r["size"], r["free"], r["users"]) == \
-            (int(read(d / "size")), int(read(d / "free")), int(read(d / "users")))
+            (int(read_value(d / "size")), int(read_value(d / "free")), int(read_value(d / "users")))
         assert r["used"] == r["size"] - r["free"]
-        assert (r["allocator"], r["kind"]) == (read(d / "alloc"), read(d / "kind"))
-        stats = dict(line.split() for line in read(d / "stats").splitlines())
+        assert (r["allocator"], r["kind"]) == (read_value(d / "alloc"), read_value(d / "kind"))
+        stats = dict(line.split() for line in read_value(d / "stats").splitlines())
         assert {k: str(v) if not isinstance(v, float) else f"{v:.4f}"
                 for k, v in r["stats"].items()} == stats
         assert r["largest_free"] == int(stats["largest_free"])
@@ -111,8 +106,8 @@ def test_alloc_list_free_round_trip(daemon):
     made = json.loads(ok(mnt, "alloc", "net", "300K", "--movable", "--json"))
     assert made == {"start": "0000000042000000", "size": 300 << 10, "region": "common",
                     "label": None, "id": 3}
-    assert read(mnt / "chunks/0000000042000000/id") == "3"
-    assert read(mnt / "chunks/0000000042000000/movable") == "1"
+    assert read_value(mnt / "chunks/0000000042000000/id") == "3"
+    assert read_value(mnt / "chunks/0000000042000000/movable") == "1"
 
     table = rows_of(ok(mnt, "list"))
     assert [r[0] for r in table] == ["0000000040000000", "0000000042000000",
@@ -129,24 +124,24 @@ def test_alloc_list_free_round_trip(daemon):
     for c in listed:
         d = mnt / "chunks" / c["start"]
         assert (c["size"], c["region"], c["dev"], c["type"], c["created"]) == \
-            (int(read(d / "size")), read(d / "region"), read(d / "dev"), read(d / "type"),
-             read(d / "created"))
-        assert f"{c['uid']} {c['pid']}" == read(d / "owner")
-        assert c["label"] == (read(d / "label") or None)
+            (int(read_value(d / "size")), read_value(d / "region"), read_value(d / "dev"), read_value(d / "type"),
+             read_value(d / "created"))
+        assert f"{c['uid']} {c['pid']}" == read_value(d / "owner")
+        assert c["label"] == (read_value(d / "label") or None)
 
     assert ok(mnt, "free", "frame0", "id=2") == ""
     assert ok(mnt, "free", "0x42000000") == ""
     assert json.loads(ok(mnt, "list", "--json")) == []
     assert rows_of(ok(mnt, "list")) == []
     assert not (mnt / "chunks/frame0").exists()
-    assert read(mnt / "regions/video/free") == str(32 * M)
+    assert read_value(mnt / "regions/video/free") == str(32 * M)
 
 
 def test_transient_alloc_dies_with_cmactl(daemon):
     mnt = daemon()
     line = ok(mnt, "alloc", "camera", "1M", "--transient", "--label", "t")
     assert line.endswith(" video t id=1\n")
-    assert eventually(lambda: read(mnt / "regions/video/users") == "0")
+    assert eventually(lambda: read_value(mnt / "regions/video/users") == "0")
     r = cmactl(mnt, "alloc", "--help")
     assert "--transient" in r.stdout and "cmactl exits" in r.stdout
 
@@ -170,7 +165,7 @@ def test_errors_are_one_line_with_the_errno(daemon, tmp_path):
         else:
             assert r.stderr.startswith("cmactl: alloc: Invalid argument (EINVAL)")
             assert r.stderr.count("\n") == 1
-    assert read(mnt / "regions/video/users") == "0"
+    assert read_value(mnt / "regions/video/users") == "0"
 
     r = cmactl(tmp_path / "missing", "regions")
     assert (r.returncode, r.stdout) == (1, "")
@@ -362,7 +357,7 @@ def test_map_of_a_daemon_with_pageblocks(daemon):
     mnt = daemon("--regions", "r=32M:bf(pageblock=2M);small=1M:bf", "--map", "*=r")
     ok(mnt, "alloc", "@r", "1M")
     ok(mnt, "alloc", "@r", "1M", "--movable")
-    blocks = read(mnt / "regions/r/pageblocks").replace("\n", "")
+    blocks = read_value(mnt / "regions/r/pageblocks").replace("\n", "")
     assert sorted(blocks) == ["."] * 14 + ["M", "P"]  # where each goes is the daemon's choice
     r, small, *keys = ok(mnt, "map", "--width", "16").splitlines()
     assert r == f"r     {blocks}   6%"

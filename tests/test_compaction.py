@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cmad import Arena, Cma, CmaError
 from cmad.store.journal import Journal, recover
+from util.core import attach
 
 M = 1 << 20
 ALLOCATORS = ["bf", "buddy", "bitmap(order_per_bit=2)"]
@@ -97,8 +98,7 @@ def test_compact_slides_movable_chunks_down(allocator, arena):
 
 def test_moves_are_journalled(tmp_path, arena):
     cma = Cma("r=16M:bf(pageblock=0)", "*=r", arena=arena)
-    journal = Journal(str(tmp_path))
-    cma.listeners.append(journal)
+    journal = attach(cma, Journal(str(tmp_path)))
     live = checkerboard(cma)
     cma.alloc("x", 2 * M)
     journal.close()
@@ -256,7 +256,7 @@ def test_a_failed_move_gives_everything_back(arena):
         def on_move(self, chunk, old_start):
             raise CmaError(errno.EIO, "journal full")
 
-    cma.listeners.append(Failing())
+    attach(cma, Failing())
     starts = {c.id: c.start for c in live}
     free = cma.region("r").free
     with pytest.raises(CmaError):

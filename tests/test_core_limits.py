@@ -17,7 +17,7 @@ from cmad.core.regions import parse_regions
 
 M = 1 << 20
 K = 1 << 10
-from test_cma import cma, raises as refused  # noqa: F401 (cma: the fixture)
+from util.core import raises as refused
 
 
 

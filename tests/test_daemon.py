@@ -5,60 +5,16 @@ import mmap
 import os
 import signal
 import stat
-import subprocess
-import sys
-import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cmad import Cma
 from cmad.daemon.config import DEFAULT_MAP, DEFAULT_REGIONS
+from util.daemon import cmad
+from util.files import alloc, eventually, read, sh, write_errno
 
 M = 1 << 20
-
-
-def sh(cmd: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=30, **kw)
-
-
-def read(path) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def write_errno(path, data: bytes) -> int:
-    """Write once; 0 on success, else the errno."""
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except OSError as e:
-        return e.errno
-    try:
-        os.write(fd, data)
-        return 0
-    except OSError as e:
-        return e.errno
-    finally:
-        os.close(fd)
-
-
-def eventually(predicate, timeout: float = 10.0) -> bool:
-    """FUSE sends RELEASE after close() returns: wait for its effect, bounded."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def alloc(mnt, text: str) -> str:
-    fd = os.open(mnt / "alloc", os.O_RDWR)
-    try:
-        os.write(fd, text.encode())
-        return os.read(fd, 4096).decode()
-    finally:
-        os.close(fd)
 
 
 def test_shell_session_of_the_spec(daemon, tmp_path):
@@ -296,11 +252,6 @@ def test_sigterm_unmounts_cleanly(daemon):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     assert not os.path.ismount(mnt)
-
-
-def cmad(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmad.daemon.main", *args], capture_output=True,
-                          text=True, timeout=60)
 
 
 def test_version_and_help():

@@ -13,7 +13,7 @@ from sortedcontainers import SortedDict
 
 from fusefs import Attr, Dir, DynamicDir, Filesystem, LazyDir, Symlink, Table
 from fusefs.notify import invalidator
-from test_fusefs_ops import the_rest, ROOT, Collector, ctx, errno_of, list_dir, lookup
+from util.fsops import the_rest, ROOT, Collector, ctx, errno_of, list_dir, lookup
 
 
 class Target:

@@ -14,8 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 import fusefs
-from mountutil import (MountError, daemon_stderr, fuse, is_mounted, mounted,  # noqa: F401
-                       require_fuse)
+from util.mount import MountError, daemon_stderr, is_mounted, mounted, require_fuse
 
 pytestmark = pytest.mark.usefixtures("fuse")
 

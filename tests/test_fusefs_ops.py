@@ -12,84 +12,11 @@ import time
 import stat
 from types import SimpleNamespace
 
-import pyfuse3
 import pytest
-from pyfuse3 import FUSEError
 
 from fusefs import (ATTR_SIZE, Attr, Bytes, Caller, Dir, Filesystem, LazyDir,
                     Stream, Symlink)
-
-ROOT = pyfuse3.ROOT_INODE
-
-
-def ctx(uid=0, gid=0, pid=4242):
-    return SimpleNamespace(uid=uid, gid=gid, pid=pid, umask=0o022)
-
-
-def fields(**kw):
-    base = dict(update_atime=False, update_mtime=False, update_ctime=False,
-                update_mode=False, update_uid=False, update_gid=False,
-                update_size=False)
-    base.update(kw)
-    return SimpleNamespace(**base)
-
-
-class Collector:
-    """Stands in for pyfuse3.readdir_reply: takes *capacity* entries per
-    readdir call, then answers False."""
-
-    def __init__(self, capacity):
-        self.capacity = capacity
-        self.taken = []
-
-    def __call__(self, token, name, attr, next_id):
-        if len(token) >= self.capacity:
-            return False
-        token.append((name, attr.st_ino, next_id))
-        self.taken.append(name)
-        return True
-
-
-async def list_dir(fs, inode, capacity):
-    """A full listing, page by page, as the kernel does it."""
-    fh = await fs.opendir(inode, ctx())
-    fs.readdir_reply = Collector(capacity)
-    entries, start, calls = [], 0, 0
-    while True:
-        page = []
-        await fs.readdir(fh, start, page)
-        calls += 1
-        if not page:
-            break
-        entries += page
-        start = page[-1][2]
-    await fs.releasedir(fh)
-    return entries, calls
-
-
-async def the_rest(fs, fh, start) -> list:
-    """The entries of an open directory after token *start*, page by page."""
-    rest = []
-    while True:
-        page = []
-        await fs.readdir(fh, start, page)
-        if not page:
-            return rest
-        rest += page
-        start = page[-1][2]
-
-
-async def lookup(fs, path):
-    inode = ROOT
-    for part in path.strip("/").split("/"):
-        inode = (await fs.lookup(inode, os.fsencode(part), ctx())).st_ino
-    return inode
-
-
-async def errno_of(coro):
-    with pytest.raises(FUSEError) as info:
-        await coro
-    return info.value.errno
+from util.fsops import ROOT, Collector, ctx, errno_of, fields, list_dir, lookup, the_rest
 
 
 @pytest.fixture
@@ -590,19 +517,19 @@ async def test_paths_for_logs(tree):
     assert Attr(lambda: "").path() == "/"       # never added: no parent
 
 
-# ---- mountutil's FUSE gate (no mount needed) ---------------------------------------
+# ---- util.mount's FUSE gate (no mount needed) ---------------------------------------
 
 def test_require_fuse_skips_or_fails(monkeypatch):
-    import mountutil
-    monkeypatch.setattr(mountutil, "fuse_available", lambda: (False, "no /dev/fuse here"))
+    from util import mount
+    monkeypatch.setattr(mount, "fuse_available", lambda: (False, "no /dev/fuse here"))
     monkeypatch.delenv("CMAD_REQUIRE_FUSE", raising=False)
     with pytest.raises(pytest.skip.Exception, match="no /dev/fuse here"):
-        mountutil.require_fuse()
+        mount.require_fuse()
     monkeypatch.setenv("CMAD_REQUIRE_FUSE", "1")
     with pytest.raises(pytest.fail.Exception, match="CMAD_REQUIRE_FUSE=1.*no /dev/fuse here"):
-        mountutil.require_fuse()
-    monkeypatch.setattr(mountutil, "fuse_available", lambda: (True, ""))
-    mountutil.require_fuse()                   # available: nothing happens
+        mount.require_fuse()
+    monkeypatch.setattr(mount, "fuse_available", lambda: (True, ""))
+    mount.require_fuse()                   # available: nothing happens
 
 
 def test_stale_mount_detection_helpers(tmp_path):

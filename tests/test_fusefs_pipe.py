@@ -9,7 +9,7 @@ import trio
 
 import fusefs.pipe as pipe_module
 from fusefs import Dir, Filesystem, Pipe
-from test_fusefs_ops import ctx, errno_of, lookup
+from util.fsops import ctx, errno_of, lookup
 
 
 class Source:

@@ -19,8 +19,9 @@ import pytest
 from cmad.daemon.config import Config
 from cmad.memory.hugepages import escaped_name
 from cmad.daemon.main import arena_paths
-from mountutil import daemon_stderr, mounted, require_fuse
-from test_daemon import alloc, cmad, read
+from util.mount import daemon_stderr, mounted, require_fuse
+from util.daemon import cmad
+from util.files import alloc, read
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -366,7 +367,7 @@ def test_a_daemon_meeting_the_mount_lock_names_its_holder(tmp_path):
 
 from cmad.memory import hugepages
 from cmad.memory.hugepages import Ledger, Pool, give_back_record, read_record, sweep  # noqa: E402
-from test_hugepages import FakeKernel, nr, pool  # noqa: E402,F401 (pool: the fixture)
+from util.pool import FakeKernel, nr  # noqa: E402
 
 
 def test_a_pool_lowered_by_another_process_is_never_given_back_by_cmad(monkeypatch,

@@ -10,7 +10,7 @@ import os
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from test_daemon import alloc, read, write_errno
+from util.files import alloc, read, write_errno
 
 WRITABLE = ("alloc", "free", "map", "regions/video/alloc", "regions/common/alloc",
             "regions/dma/alloc", "regions/video/compact")

@@ -15,13 +15,14 @@ import sys
 
 import pytest
 
-from cmad.memory import hugepages
 from cmad.daemon.config import Config
-from cmad.memory.hugepages import (NR_HUGEPAGES, Pool, escaped_name, give_back_record, read_record,
+from cmad.memory.hugepages import (Pool, escaped_name, give_back_record, read_record,
                             record_key)
 from cmad.daemon.main import arena_paths
 from cmad.memory.physmap import Group, Span, assign, find_runs, groups_of
-from mountutil import daemon_stderr
+from util.pool import FakeKernel, nr
+from util.files import alloc, read
+from util.mount import daemon_stderr
 
 M = 1 << 20
 P = 2 * M
@@ -60,31 +61,6 @@ def test_assign_leaves_a_group_without_a_long_enough_run():
 
 
 # -- the pool's accounting, in process (a fake kernel) --------------------------
-
-class FakeKernel:
-    """nr_hugepages and the free pages, as the kernel keeps them."""
-
-    def __init__(self, monkeypatch, nr: int, free: int):
-        self.nr, self.free = nr, free
-        monkeypatch.setattr(hugepages, "_read_nr", lambda: self.nr)
-        monkeypatch.setattr(hugepages, "_write_nr", self.write)
-        monkeypatch.setattr(hugepages, "unreserved_free", lambda: self.free)
-        monkeypatch.setattr(hugepages, "meminfo", lambda: {"MemAvailable": 1 << 30,
-                                                            "Hugepagesize": 2048})
-        monkeypatch.setattr(hugepages, "pool_lock", lambda: None)
-        monkeypatch.setattr(hugepages, "pool_unlock", lambda: None)
-        monkeypatch.setattr(os, "geteuid", lambda: 0)
-
-    def write(self, value: int) -> int:
-        lower = min(self.nr - value, self.free)  # the kernel frees only free pages
-        if value > self.nr:
-            self.free += value - self.nr
-            self.nr = value
-        else:
-            self.nr -= lower
-            self.free -= lower
-        return self.nr
-
 
 def test_two_pools_give_back_only_their_own_pages(monkeypatch, tmp_path):
     kernel = FakeKernel(monkeypatch, nr=10, free=10)  # 10 pages the admin reserved
@@ -140,34 +116,6 @@ def test_arena_files_live_where_only_root_can_write():
 
 # -- the real daemon -------------------------------------------------------------
 
-def nr() -> int:
-    with open(NR_HUGEPAGES) as f:
-        return int(f.read())
-
-
-@pytest.fixture
-def pool(daemon):
-    """Root with a writable hugepage pool; the pool restored after the test, also
-    when a daemon was killed (its record is given back, then the count restored)."""
-    if os.geteuid() != 0:
-        pytest.skip("the daemon reserves hugepages only as root")
-    try:
-        old = nr()
-        with open(NR_HUGEPAGES, "w") as f:
-            f.write(str(old))
-    except OSError as e:
-        pytest.skip(f"cannot write {NR_HUGEPAGES}: {e.strerror}")
-    yield old
-    daemon.stack.close()  # every daemon stopped, arena files removed, records given back
-    if nr() != old:
-        with open(NR_HUGEPAGES, "w") as f:
-            f.write(str(old))
-
-
-def read(path: pathlib.Path) -> str:
-    return path.read_text()
-
-
 def phys_lines(path: pathlib.Path) -> list[tuple[int, int]]:
     return [(int(a, 16), int(n)) for a, n in (line.split() for line in read(path).splitlines())]
 
@@ -178,12 +126,6 @@ def physical_or_skip(mnt: pathlib.Path, proc, *names: str) -> None:
         if read(mnt / "regions" / name / "contiguous").strip() != "physical":
             found = [line for line in daemon_stderr(proc).splitlines() if "arena:" in line]
             pytest.skip(f"the kernel gave no run long enough for region {name}: {found}")
-
-
-def alloc(mnt: pathlib.Path, request: str) -> str:
-    with open(mnt / "alloc", "r+b", buffering=0) as f:
-        f.write(request.encode())
-        return f.read(4096).decode().split()[0]
 
 
 def start_fails(tmp_path, *args: str) -> subprocess.CompletedProcess:
@@ -213,7 +155,7 @@ def test_physical_regions_of_32_and_64_mib_and_chunks_with_one_segment(pool, dae
     assert "physical_regions a,b" in read(mnt / "stats")
     assert 'cma_region_physical{region="b"} 1' in read(mnt / "metrics")
     for region, size in (("a", 6 * M), ("b", 16 * M)):
-        start = int(alloc(mnt, f"@{region} {size} label=c{region}"), 16)
+        start = int(alloc(mnt, f"@{region} {size} label=c{region}").split()[0], 16)
         [(rphys, _)] = phys_lines(mnt / "regions" / region / "phys")
         rstart = int(read(mnt / "regions" / region / "start"), 16)
         assert phys_lines(mnt / "chunks" / f"c{region}" / "phys") == [

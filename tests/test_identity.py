@@ -14,7 +14,7 @@ import pytest
 from cmad import Cma
 from cmad.errors import CmaError
 from cmad.core.request import result_line, run
-from test_daemon import alloc, read, write_errno
+from util.files import alloc, read, write_errno
 
 K = 1 << 10
 # Five 64K slots: [pad][p1][victim][hole][p2] once the pad is freed.

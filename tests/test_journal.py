@@ -10,6 +10,7 @@ import pytest
 from cmad import Cma, CmaError
 from cmad.store.journal import Journal, recover
 from cmad.daemon.offline import check, reset
+from util.core import attach
 
 M = 1 << 20
 REGIONS = "video=32M:bf;common=16M:buddy;dma=8M:bitmap(order_per_bit=1)"
@@ -25,7 +26,7 @@ def run_session(state_dir):
     cma, journal = started(state_dir)
     recover(cma, journal, arena_survived=True)
     journal.set(regions=REGIONS, base=cma.base, arena_file="/nonexistent")
-    cma.listeners.append(journal)
+    attach(cma, journal)
     return cma, journal
 
 

@@ -12,6 +12,7 @@ from cmad.daemon.config import Config
 from cmad.store.journal import Journal, recover, restore_allocators
 from cmad.daemon.main import build
 from cmad.daemon.offline import check
+from util.core import attach
 
 M = 1 << 20
 K = 1 << 10
@@ -65,7 +66,7 @@ def session(state_dir, regions=REGIONS):
     arena = state_dir / "arena"  # for cmad check: the chunks' bytes are there
     arena.touch()
     journal.set(regions=regions, base=cma.base, arena_file=str(arena))
-    cma.listeners.append(journal)
+    attach(cma, journal)
     return cma, journal
 
 
@@ -149,8 +150,7 @@ def test_full_disk_refuses_an_allocator_change_and_keeps_the_old_one(tmp_path):
 def test_base_past_2_63_is_journalled_and_recovered(tmp_path):
     base = 0x8000000000000000
     cma = Cma(REGIONS, MAP, base=base)
-    journal = Journal(str(tmp_path))
-    cma.listeners.append(journal)
+    journal = attach(cma, Journal(str(tmp_path)))
     a = cma.alloc("camera", M, label="high", alignment=1 << 63)
     b = cma.alloc_from("video", 4 * K, bound=8 * K)
     cma.free(cma.alloc("net", 64 * K).start)

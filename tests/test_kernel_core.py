@@ -8,6 +8,7 @@ import pytest
 from cmad import Cma, CmaError
 from cmad.store.journal import Journal, recover
 from cmad.daemon.trace import NO_PFN, Tracer, format_line, page_token
+from util.core import attach
 
 M = 1 << 20
 P = 4096
@@ -109,7 +110,7 @@ def test_release_head_is_journalled_and_comes_back_after_a_restart(tmp_path):
     regions = "r=4M"
     cma, journal = Cma(regions, "*=r"), Journal(str(tmp_path))
     recover(cma, journal, arena_survived=True)
-    cma.listeners.append(journal)
+    attach(cma, journal)
     chunk = cma.alloc("x", 8 * P, label="head")
     cma.release_head(chunk, 2 * P)
     journal.close()

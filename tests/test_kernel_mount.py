@@ -10,8 +10,8 @@ import subprocess
 import sys
 import time
 
-from test_daemon import alloc, eventually, read, sh, write_errno
-from test_restart_mount import shm_arena
+from util.files import alloc, eventually, read, sh, write_errno
+from util.daemon import shm_arena
 
 REGIONS = "video=32M:bf;common=16M:buddy;dma=8M:bitmap(order_per_bit=2)"
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "cma-report.sh"

@@ -10,7 +10,7 @@ import trio
 from fusefs import Filesystem
 from cmad import Cma
 from cmad.daemon.tree import Tree
-from test_fusefs_ops import ctx, errno_of, list_dir, lookup
+from util.fsops import ctx, errno_of, list_dir, lookup
 
 P = 4096
 REGIONS = "video=32M:bf;common=16M:buddy;dma=8M:bitmap(order_per_bit=2)"

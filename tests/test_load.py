@@ -8,9 +8,9 @@ import random
 import signal
 import time
 
-from daemonutil import ready
-from test_daemon import read
-from test_reliability import cmad_check
+from util.daemon import ready
+from util.files import read
+from util.daemon import cmad_check
 
 CLIENTS = 8
 SECONDS = 6.0

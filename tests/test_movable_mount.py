@@ -6,8 +6,9 @@ import subprocess
 
 import pytest
 
-from test_daemon import alloc, read, write_errno
-from test_reliability import chunk_facts, cmad_check
+from util.files import alloc, read, write_errno
+from util.daemon import cmad_check
+from util.files import chunk_facts
 
 M = 1 << 20
 REGIONS = ("--regions", "r=16M:bf;other=8M:buddy", "--map", "*=r")

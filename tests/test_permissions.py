@@ -1,60 +1,19 @@
 """Permissions for real users: two throwaway users, one in the cma group, one not."""
 
 import os
-import pathlib
-import shutil
 import subprocess
-import tempfile
 
-import pytest
 
-from test_daemon import alloc, read
+from util.files import alloc, read
+from util.users import as_user
 
 M = 1 << 20
-
-
-def run(cmd: list[str], check=True) -> None:
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if check and r.returncode:
-        pytest.skip(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
-
-
-@pytest.fixture
-def users():
-    """A group and two users, deleted afterwards: (group, member, outsider)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create throwaway users")
-    tag = f"{os.getpid() % 100000}"
-    group, member, outsider = f"cmag{tag}", f"cmai{tag}", f"cmao{tag}"
-    run(["groupadd", group])
-    try:
-        run(["useradd", "-M", "-N", "-G", group, "-s", "/bin/sh", member])
-        run(["useradd", "-M", "-N", "-s", "/bin/sh", outsider])
-        yield group, member, outsider
-    finally:
-        run(["userdel", member], check=False)
-        run(["userdel", outsider], check=False)
-        run(["groupdel", group], check=False)
-
-
-def as_user(user: str, script: str) -> subprocess.CompletedProcess:
-    gid = subprocess.check_output(["id", "-g", user], text=True).strip()
-    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={gid}", "--init-groups",
-                           "sh", "-c", script], capture_output=True, text=True, timeout=30)
 
 
 def put(user: str, path, text: str) -> str:
     """Write text with dd as user: '' on success, else dd's error message."""
     r = as_user(user, f"printf %s '{text}' | dd of={path} conv=notrunc status=none")
     return r.stderr.strip()
-
-
-@pytest.fixture
-def public_tmp():
-    path = pathlib.Path(tempfile.mkdtemp(prefix="cmad-perm-", dir="/tmp"))
-    path.chmod(0o755)  # other users must reach the mountpoint
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_modes_for_real_users(public_tmp, users, daemon):

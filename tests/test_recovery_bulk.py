@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from cmad import Cma, CmaError
 from cmad.store.journal import BadRow, Journal, check_rows, recover, restore_record
+from util.core import attach
 
 K = 4096
 REGIONS = ("a=1M:bf;b=1M:buddy;c=1M:bitmap(order_per_bit=1);d=512K:bf(sticky);"
@@ -126,8 +127,7 @@ def next_start(cma: Cma, region: str) -> int | None:
 
 def test_bulk_recovery_of_many_chunks_in_one_region(tmp_path):
     cma = Cma("r=64M:bf;s=8M:buddy", "*=r")
-    journal = Journal(str(tmp_path))
-    cma.listeners.append(journal)
+    journal = attach(cma, Journal(str(tmp_path)))
     chunks = [cma.alloc("dev", K * (1 + i % 3), label=f"c{i}" if i % 7 == 0 else None)
               for i in range(3000)]
     for chunk in chunks[::5]:
@@ -198,8 +198,7 @@ def test_tampered_row_refuses_start_with_one_line_naming_it(tmp_path, column, va
 
 def test_check_rows_passes_what_the_daemon_writes(tmp_path):
     cma = Cma(REGIONS, "*=a")
-    journal = Journal(str(tmp_path))
-    cma.listeners.append(journal)
+    journal = attach(cma, Journal(str(tmp_path)))
     cma.alloc("cam", 8 * K, type="preview", label="frame0", movable=True, uid=1000, pid=7)
     cma.alloc_from("c", 16 * K, bound=65536, transient=True)
     cma.alloc_from("b", 4 * K, alignment=64 * K)
@@ -248,8 +247,7 @@ def test_cmad_check_names_a_tampered_row(tmp_path):
 def test_bulk_recovery_of_addresses_from_2_63_up(tmp_path):
     regions, base = "lo=64K:bf;hi=1M:bf", 1 << 63
     cma = Cma(regions, "*=hi", base=base)
-    journal = Journal(str(tmp_path))
-    cma.listeners.append(journal)
+    journal = attach(cma, Journal(str(tmp_path)))
     made = [cma.alloc("dev", 8 * K, label=f"c{i}") for i in range(5)]
     cma.alloc_from("lo", K)
     journal.close()

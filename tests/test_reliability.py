@@ -7,27 +7,10 @@ import sys
 
 import pytest
 
-from test_daemon import alloc, read
+from util.daemon import cmad_check
+from util.files import alloc, chunk_facts, read
 
 M = 1 << 20
-
-
-def chunk_facts(mnt) -> dict:
-    facts = {}
-    for name in os.listdir(mnt / "chunks"):
-        d = mnt / "chunks" / name
-        if d.is_symlink():
-            facts[name] = os.readlink(d)
-            continue
-        facts[name] = {f: read(d / f) for f in ("id", "start", "size", "region", "dev", "type",
-                                                  "owner", "label", "created")}
-        facts[name]["data"] = (d / "data").read_bytes()
-    return facts
-
-
-def cmad_check(state) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmad.daemon.main", "check", "--state-dir",
-                           str(state)], capture_output=True, text=True, timeout=60)
 
 
 def test_kill9_and_restart_brings_back_every_acknowledged_chunk(daemon, tmp_path):

@@ -8,19 +8,11 @@ import subprocess
 
 import pytest
 
-from mountutil import daemon_stderr
-from test_daemon import alloc, eventually, read, sh, write_errno
-from test_reliability import cmad_check
+from util.mount import daemon_stderr
+from util.files import alloc, eventually, read, sh, write_errno
+from util.daemon import cmad_check, shm_arena
 
 REGIONS = "video=32M:bf;common=16M:buddy;dma=8M:bitmap(order_per_bit=2)"
-
-
-def shm_arena(daemon, tmp_path) -> tuple[str, str]:
-    """An arena file in /dev/shm, removed after the test: these tests are about the
-    journal, and must not depend on the hugepages other tests hold."""
-    path = f"/dev/shm/cmad-test-{tmp_path.name}-{os.getpid()}"
-    daemon.arenas.add(path)
-    return "--arena-file", path
 
 
 def stop(daemon) -> None:

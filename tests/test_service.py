@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from test_daemon import alloc, eventually, read
+from util.files import alloc, eventually, read
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 UNITS = ("cmad.service", "cmad-hugepages.service")

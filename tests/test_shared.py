@@ -19,8 +19,8 @@ from cmad.memory.hugepages import Pool, parse_gather_limit, read_record, record_
 from cmad.memory.physmap import Layout, Span, allocate, refusal
 from cmad.core.regions import AllocSpec, alloc_spec_text, parse_alloc_spec, parse_regions
 from cmad.memory.shared import SHARED_DIR, files_of
-from test_daemon import alloc, read
-from test_permissions import as_user, public_tmp, users  # noqa: F401 (fixtures)
+from util.files import alloc, read
+from util.users import as_user
 
 M = 1 << 20
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -315,7 +315,7 @@ def test_a_region_shared_after_its_chunks_were_journalled_refuses(public_tmp, us
     mnt = daemon("--state-dir", str(state), "--regions", "video=4M:bf;gpu=8M:bf",
                  "--map", MAP, mountpoint=public_tmp / "mnt")
     alloc(mnt, "gpu 1M label=x")
-    from mountutil import MountError
+    from util.mount import MountError
     with pytest.raises(MountError, match="region gpu was not shared with a group when its 1 "
                                          "chunks were journalled"):
         daemon.crash_and_restart(mnt, "--state-dir", str(state), "--regions",

@@ -15,9 +15,10 @@ import pytest
 
 from fusefs.guard import alive, start_time
 from fusefs.serve import _source_owner, mount_owner, resolve
-from daemonutil import RESTART_WRITER
-from mountutil import cleanup, daemon_stderr, mounted, require_fuse, wait_for_mount
-from test_daemon import alloc, cmad, read
+from util.daemon import RESTART_WRITER
+from util.mount import cleanup, daemon_stderr, mounted, require_fuse, wait_for_mount
+from util.daemon import cmad
+from util.files import alloc, read
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CAP_SYS_ADMIN = 21

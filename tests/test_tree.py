@@ -14,7 +14,7 @@ from cmad import Cma
 from cmad.memparse import fmt_addr
 from cmad.core.request import run
 from cmad.daemon.tree import Tree
-from test_fusefs_ops import the_rest, Collector, ctx, errno_of, list_dir, lookup
+from util.fsops import the_rest, Collector, ctx, errno_of, list_dir, lookup
 
 REGIONS, MAP = "r=64M:bf", "*=r"
 REGION_LINKS = "regions/0000000040000000/chunks"

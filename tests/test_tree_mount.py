@@ -7,7 +7,7 @@ statvfs's f_files is the daemon's inode table (the nodes the kernel holds).
 import os
 import threading
 
-from test_daemon import alloc, eventually, write_errno
+from util.files import alloc, eventually, write_errno
 
 REGIONS = ("--regions", "r=64M:bf", "--map", "*=r")
 
