@@ -24,7 +24,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from mountutil import mounted  # noqa: E402
+from util.mount import mounted  # noqa: E402
 
 from cmad.clients.client import CHUNK_TABLE, Client  # noqa: E402
 

@@ -20,7 +20,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from mountutil import mounted  # noqa: E402
+from util.mount import mounted  # noqa: E402
 
 M = 1 << 20
 CPU = 0

@@ -24,8 +24,8 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from daemonutil import RESTART_WRITER, Daemons  # noqa: E402
-from mountutil import unseal  # noqa: E402
+from util.daemon import RESTART_WRITER, Daemons  # noqa: E402
+from util.mount import unseal  # noqa: E402
 from test_daemon import alloc  # noqa: E402
 
 

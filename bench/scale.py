@@ -58,7 +58,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from mountutil import cleanup, is_mounted  # noqa: E402
+from util.mount import cleanup, is_mounted  # noqa: E402
 
 REGIONS = "r=8G:bf(sticky)"
 MAP = "*=r"

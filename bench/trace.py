@@ -38,7 +38,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from mountutil import mounted  # noqa: E402
+from util.mount import mounted  # noqa: E402
 
 CPU = 0
 REGIONS = "video=128M:bf;common=16M:buddy"
