@@ -14,7 +14,8 @@ import time
 import pytest
 
 from fusefs.guard import alive, start_time
-from fusefs.serve import _source_owner, mount_owner, resolve
+from fusefs.mountinfo import mount_owner, source_owner as _source_owner
+from fusefs.paths import resolve
 from daemonutil import RESTART_WRITER
 from mountutil import cleanup, daemon_stderr, mounted, require_fuse, wait_for_mount
 from test_daemon import alloc, cmad, read

@@ -9,7 +9,6 @@ import logging
 import os
 
 from fusefs import Filesystem, Node
-from fusefs.notify import invalidator
 from cmad import Cma
 from cmad.memparse import fmt_addr
 from cmad.core.request import run
@@ -123,11 +122,11 @@ async def test_a_listing_never_repeats_an_address_freed_and_taken_mid_listing():
 
 async def test_free_and_move_invalidate_only_names_the_kernel_holds(monkeypatch):
     sent = []
-    monkeypatch.setattr(invalidator, "entry",
-                        lambda parent, name, deleted=0: sent.append((name.decode(), deleted)))
     cma = Cma("r=320K:bf", "*=r")
     tree = Tree(cma)
     fs = Filesystem(tree.root)
+    monkeypatch.setattr(fs.invalidator, "entry",
+                        lambda parent, name, deleted=0: sent.append((name.decode(), deleted)))
     run(cma, "x 64K label=pad"), run(cma, "x 64K label=p1")
     victim = run(cma, "x 64K label=victim movable")
     run(cma, "x 64K label=hole"), run(cma, "x 64K label=p2")

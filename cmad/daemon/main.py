@@ -594,7 +594,7 @@ class Reloader:
                       "stay: restart the daemon to apply it", new.regions)
             new.regions, new.base, new.arena_size = (self.config.regions, self.config.base,
                                                      self.config.arena_size)
-        from fusefs.serve import resolve
+        from fusefs import resolve
         new.mountpoint = resolve(new.mountpoint)  # the running one is resolved (main)
         for key in ("mountpoint", "backing", "arena_file", "state_dir", "group", "hugepages",
                     "contiguous", "gather_limit"):
@@ -729,7 +729,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def interruptible() -> Iterator[None]:
     """SIGTERM/SIGINT raise Interrupted in the block.  Outside such blocks start()
     keeps them blocked, from before the mount until the serving loop's own
-    receiver takes them (fusefs.serve): a death in between would leave the mount
+    receiver takes them (fusefs.loop): a death in between would leave the mount
     stale, an ignored signal would keep the daemon running."""
     def interrupt(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
@@ -825,8 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         log.error("configuration: %s", problem)
         return 2
-    from fusefs import Dir, Filesystem, check_mountpoint
-    from fusefs.serve import resolve
+    from fusefs import Dir, Filesystem, check_mountpoint, resolve
 
     try:
         privileges.pagemap_fd()  # opened while privileged: see privileges.py
