@@ -36,14 +36,12 @@ from cmad.memory.hugepages import (MEMFD, RUN_DIR, Pool, adopt_old_record, escap
 from cmad.memparse import human
 from cmad.core.regions import SHARED_ALIGN, Region
 from cmad.core.cma import Cma, plan_regions
-from cmad.daemon.config import Config, ConfigError, load
+from cmad.daemon.config import (LAYOUT, RESTART, Config, ConfigError, add_flags, flag_values,
+                                keys_reloaded, load)
 from cmad.errors import CmaError
 from cmad.store.journal import Journal, recover, restore_allocators
 
 log = logging.getLogger("cmad")
-
-FLAGS = ("regions", "map", "mountpoint", "arena_size", "base", "backing", "arena_file",
-         "state_dir", "group", "log_level", "hugepages", "contiguous", "gather_limit")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,23 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the hugepages the arena needs.")
     p.add_argument("--version", action="version", version=f"cmad {__version__}")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file; flags win")
-    p.add_argument("--regions", help="regions, cma= grammar (default: %(default)s)")
-    p.add_argument("--map", help="map rules, cma.map grammar")
-    p.add_argument("--mountpoint", help="where to mount the tree (default /run/cma)")
-    p.add_argument("--arena-size", help="arena size (memparse); default: end of the last region")
-    p.add_argument("--base", help="bus address of the arena's first byte (default 0x40000000)")
-    p.add_argument("--backing", help="auto, hugetlb, thp or shm (default auto)")
-    p.add_argument("--arena-file", help="named file behind the arena")
-    p.add_argument("--state-dir", help="directory for the journal (persistence)")
-    p.add_argument("--group", help="group allowed to alloc and free (default cma)")
-    p.add_argument("--log-level", help="debug, info, warning or error (default info)")
-    p.add_argument("--hugepages", help="reserve (raise the pool as root when short, the "
-                   "default) or free (use only pages already free)")
-    p.add_argument("--contiguous", help="auto (physically contiguous regions where the "
-                   "hugepages allow, the default), physical (or fail) or virtual")
-    p.add_argument("--gather-limit", help="how far the pool may be raised while gathering "
-                   "hugepages for physical runs: a share of MemAvailable (default 50%%) or a "
-                   "size")
+    add_flags(p)  # one per configuration key (config.KEYS)
     return p.parse_args(argv)
 
 
@@ -584,7 +566,7 @@ class Reloader:
 
     def __call__(self) -> None:
         try:
-            new = load(self.args.config, {k: getattr(self.args, k) for k in FLAGS})
+            new = load(self.args.config, flag_values(self.args))
             changed_layout = layout(new) != layout(self.config)
         except Exception as e:  # a reload never takes the daemon down
             log.error("reload: %s; keeping the running configuration", getattr(e, "why", e))
@@ -592,12 +574,11 @@ class Reloader:
         if changed_layout:
             log.error("reload: the region layout changed (%r); refused, the running regions "
                       "stay: restart the daemon to apply it", new.regions)
-            new.regions, new.base, new.arena_size = (self.config.regions, self.config.base,
-                                                     self.config.arena_size)
+            for key in keys_reloaded(LAYOUT):
+                setattr(new, key, getattr(self.config, key))
         from fusefs import resolve
         new.mountpoint = resolve(new.mountpoint)  # the running one is resolved (main)
-        for key in ("mountpoint", "backing", "arena_file", "state_dir", "group", "hugepages",
-                    "contiguous", "gather_limit"):
+        for key in keys_reloaded(RESTART):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; it takes effect at the next start", key)
                 setattr(new, key, getattr(self.config, key))
@@ -816,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         return offline.main(argv)
     args = parse_args(argv)
     try:
-        config = load(args.config, {k: getattr(args, k) for k in FLAGS})
+        config = load(args.config, flag_values(args))
         logging.getLogger().setLevel(config.log_level.upper())
     except ConfigError as e:
         log.error("%s", e)
