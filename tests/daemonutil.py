@@ -14,7 +14,7 @@ import pytest
 
 from cmad.daemon.config import Config
 from cmad.memory.hugepages import escaped_name, give_back_record, record_key, release_mount
-from cmad.daemon.main import arena_paths
+from cmad.daemon.assembly import arena_paths
 from cmad.memory.shared import files_of, release_mounts
 from mountutil import MountError, cleanup, daemon_stderr, mounted, require_fuse
 

@@ -18,7 +18,7 @@ import pytest
 
 from cmad.daemon.config import Config
 from cmad.memory.hugepages import escaped_name
-from cmad.daemon.main import arena_paths
+from cmad.daemon.assembly import arena_paths
 from mountutil import daemon_stderr, mounted, require_fuse
 from test_daemon import alloc, cmad, read
 
@@ -348,7 +348,7 @@ def test_a_tampered_arena_layout_is_one_line_and_cmad_check_reports_it(daemon, t
 def test_a_daemon_meeting_the_mount_lock_names_its_holder(tmp_path):
     """The lock held from check to mount: while another start holds it (here this
     process), a daemon fails at once, naming the holder, and touches nothing."""
-    from cmad.daemon.main import mount_lock, mount_unlock
+    from cmad.daemon.preflight import mount_lock, mount_unlock
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     lock = mount_lock(str(mnt))

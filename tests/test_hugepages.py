@@ -19,7 +19,7 @@ from cmad.memory import hugepages
 from cmad.daemon.config import Config
 from cmad.memory.hugepages import (NR_HUGEPAGES, Pool, escaped_name, give_back_record, read_record,
                             record_key)
-from cmad.daemon.main import arena_paths
+from cmad.daemon.assembly import arena_paths
 from cmad.memory.physmap import Group, Span, assign, find_runs, groups_of
 from mountutil import daemon_stderr
 

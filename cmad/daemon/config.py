@@ -2,7 +2,7 @@
 
 Every key is one row of `KEYS`: its parser, its command-line flag and help, and
 what a reload does with it; the command line (main.parse_args), the TOML
-loader (`load`) and the reload (main.Reloader) all read that table.
+loader (`load`) and the reload (reload.Reloader) all read that table.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def _log_level(key: str, value) -> str:
     return value
 
 
-# What a SIGHUP reload does with a key (the Reloader in main.py):
+# What a SIGHUP reload does with a key (reload.py):
 LIVE = "live"          # takes effect at once
 LAYOUT = "layout"      # part of the region layout: a changed layout is refused
 RESTART = "restart"    # kept as it is, with a warning: takes effect at the next start
