@@ -12,6 +12,11 @@ fails at once even though entries are cached for minutes.
 A request handler may wait in `settle` only if it is not itself a request
 the invalidation waits for (a lookup, readdir... in the same directory):
 the Filesystem does it in `write` only, and with a time limit.
+
+Each `Filesystem` holds its invalidator (given, or its own); the loop starts
+it and `Mount.close` stops it.  A directory the Filesystem hands to the
+kernel is given it too, since only an entry the kernel was handed can need
+invalidating (`Dir.remove`, `DynamicDir.invalidate`).
 """
 
 from __future__ import annotations
@@ -117,7 +122,3 @@ class Invalidator:
                 token.run_sync_soon(self._poke)
             except trio.RunFinishedError:
                 pass
-
-
-#: The process's invalidator (pyfuse3 has one session per process).
-invalidator = Invalidator()

@@ -3,12 +3,8 @@
 This module holds only FUSE operations: the tree is passed in. Two rules
 shape it:
 
-- One boundary (`_boundary`) wraps every handler. pyfuse3 ends its main
-  loop, and with it the daemon, on any exception other than FUSEError, so
-  FUSEError passes, an OSError (the tree's way to refuse; it may carry a
-  `.why`) becomes its errno with one log line naming the operation, the node
-  and the reason (none if it has a true `.logged`: it was logged where it
-  was raised), and anything else becomes EIO with a logged traceback.
+- One boundary (boundary.py) wraps every handler: whatever a handler
+  raises reaches pyfuse3 as a FUSEError, with one log line.
 - The kernel's view of inodes is tracked exactly: a node enters the inode
   table when a reply hands it to the kernel (lookup, readdirplus entry) and
   leaves it when `forget` brings its lookup count to zero (a `DynamicDir`
@@ -19,64 +15,22 @@ shape it:
 from __future__ import annotations
 
 import errno
-import functools
 import itertools
 import logging
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from .nodes import Caller, Dir, DynamicDir, File, Node, Symlink, _Handle
-from .notify import invalidator
+from .boundary import boundary as _boundary, describe_error
+from .dirs import Dir, DirHandle as _DirHandle, DynamicDir
+from .nodes import Caller, File, Node, Symlink, _Handle
+from .notify import Invalidator
 
 __all__ = ["Filesystem", "describe_error"]
 
 log = logging.getLogger("fusefs")
-
-# Refusals that say something about who asked: worth a warning.
-_WARN_ERRNOS = frozenset({errno.EPERM, errno.EACCES})
-
-
-def describe_error(e: OSError) -> str:
-    """'EINVAL: why' for a log line."""
-    name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else "?"
-    return f"{name}: {getattr(e, 'why', None) or e.strerror or e}"
-
-
-def _boundary(op: str, target: str = "inode") -> Callable:
-    """Wrap a handler: errors become FUSEError, never anything else.
-
-    *target* says how the handler's first arguments name the node for the
-    log line: "inode", "fh" (open file), "dir" (open directory), "entry"
-    (parent inode, name) or "none".
-    """
-    def decorate(fn):
-        @functools.wraps(fn)
-        async def handler(self: "Filesystem", *args):
-            # An open file is looked up first: release drops it before
-            # an error from the handle's release() reaches us.
-            opened = self._handles.get(args[0]) if target == "fh" else None
-            try:
-                return await fn(self, *args)
-            except FUSEError:
-                raise
-            except OSError as e:
-                code = e.errno if e.errno else errno.EIO
-                if not getattr(e, "logged", False):
-                    level = logging.WARNING if code in _WARN_ERRNOS else logging.INFO
-                    log.log(level, "%s %s: %s", op, self._where(target, args, opened),
-                            describe_error(e))
-                raise FUSEError(code) from None
-            except Exception:
-                # A client can repeat whatever request found the bug: rate-limited
-                # like every line a client can cause (cmad/ratelimit.py).
-                log.exception("%s %s: unexpected error, answering EIO",
-                              op, self._where(target, args, opened), extra={"client": True})
-                raise FUSEError(errno.EIO) from None
-        return handler
-    return decorate
 
 
 class Filesystem(pyfuse3.Operations):
@@ -96,8 +50,11 @@ class Filesystem(pyfuse3.Operations):
     readdir_reply = staticmethod(pyfuse3.readdir_reply)
 
     def __init__(self, root: Dir, *, entry_timeout: float = 300.0,
-                 attr_timeout: float = 300.0):
+                 attr_timeout: float = 300.0, invalidator: Optional[Invalidator] = None):
         super().__init__()
+        # Drops the kernel's cached entries (notify.py): given to every
+        # directory handed to the kernel, started and stopped with the loop.
+        self.invalidator = invalidator if invalidator is not None else Invalidator()
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
         # inode -> node for the nodes the kernel holds; each node counts
@@ -122,6 +79,7 @@ class Filesystem(pyfuse3.Operations):
             raise RuntimeError("the kernel already holds nodes of the old root")
         root.inode = pyfuse3.ROOT_INODE
         root.kernel_refs = 1
+        root.invalidator = self.invalidator
         self.root = root
         self._inodes[pyfuse3.ROOT_INODE] = root
 
@@ -142,6 +100,8 @@ class Filesystem(pyfuse3.Operations):
         """The kernel got a reference to *node* (one more lookup)."""
         inodes = self._inodes
         inodes[node.inode] = node
+        if not node.kernel_refs and isinstance(node, Dir):
+            node.invalidator = self.invalidator
         node.kernel_refs += 1
         if len(inodes) > self._inodes_peak:
             self._inodes_peak = len(inodes)
@@ -316,7 +276,7 @@ class Filesystem(pyfuse3.Operations):
         self._dir_handles[fh] = _DirHandle(self._dir(inode))
         return fh
 
-    def _dir_handle(self, fh: int) -> "_DirHandle":
+    def _dir_handle(self, fh: int) -> _DirHandle:
         try:
             return self._dir_handles[fh]
         except KeyError:
@@ -343,7 +303,7 @@ class Filesystem(pyfuse3.Operations):
             # lookup ("." and ".." excepted).
             self._remember(node)
 
-    def _list_dynamic(self, handle: "_DirHandle", start_id: int, token) -> None:
+    def _list_dynamic(self, handle: _DirHandle, start_id: int, token) -> None:
         """Entries after the sort key behind *start_id*; each sent entry
         gets a token of this open directory, remembered with its key."""
         d = handle.node
@@ -397,7 +357,7 @@ class Filesystem(pyfuse3.Operations):
         finally:
             # Entries the store removed are gone from the kernel's cache
             # before the writer learns the outcome (see notify.py).
-            await invalidator.settle()
+            await self.invalidator.settle()
 
     # No flush or fsync: pyfuse3 answers ENOSYS, after which the kernel stops
     # sending them (one round trip less per close); nothing here buffers.
@@ -423,31 +383,3 @@ class Filesystem(pyfuse3.Operations):
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s
-
-
-class _DirHandle:
-    """One open directory. For a DynamicDir: the sort keys behind the tokens
-    of the last two replies, enough for the kernel, which resumes from an
-    entry of the last reply (or, when the reader's buffer took none of it,
-    of the one before); older tokens (a seekdir back) are EINVAL."""
-
-    __slots__ = ("node", "_tokens", "_keys", "_older")
-
-    def __init__(self, node: Dir):
-        self.node = node
-        self._tokens = itertools.count(3)
-        self._keys: dict[int, object] = {}
-        self._older: dict[int, object] = {}
-
-    def next_token(self) -> int:
-        return next(self._tokens)
-
-    def key_of(self, token: int) -> object:
-        for keys in (self._keys, self._older):
-            if token in keys:
-                return keys[token]
-        raise OSError(errno.EINVAL, f"readdir offset {token} is not from this listing")
-
-    def remember(self, keys: dict[int, object]) -> None:
-        if keys:        # an empty reply (the end) may be asked for again
-            self._older, self._keys = self._keys, keys

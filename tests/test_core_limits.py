@@ -2,7 +2,6 @@
 numbers, region lists, limits, log lines (issue 10 items 11, 14 and the smaller ones)."""
 
 import errno
-import logging
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from cmad.core.regions import parse_regions
 M = 1 << 20
 K = 1 << 10
 from util.core import raises as refused
+from util.logs import logger_with, restore
 
 
 
@@ -140,31 +140,6 @@ def test_refusals_of_long_client_text_make_short_whys(cma):
         assert len(e.why) < 300, e.why
     e = refused(errno.ENOENT, cma.free, "L" * 4000)
     assert len(e.why) < 300
-
-
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(self.format(record))
-
-
-def logger_with(log_filter, name="fusefs"):
-    handler = Records()
-    handler.addFilter(log_filter)
-    log = logging.getLogger(name)
-    log.addHandler(handler)
-    log.propagate = False
-    log.setLevel(logging.INFO)
-    return log, handler
-
-
-def restore(log, handler):
-    log.removeHandler(handler)
-    log.propagate = True
-    log.setLevel(logging.NOTSET)
 
 
 def test_every_line_is_bounded():

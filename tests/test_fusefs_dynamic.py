@@ -12,7 +12,6 @@ import weakref
 from sortedcontainers import SortedDict
 
 from fusefs import Attr, Dir, DynamicDir, Filesystem, LazyDir, Symlink, Table
-from fusefs.notify import invalidator
 from util.fsops import the_rest, ROOT, Collector, ctx, errno_of, list_dir, lookup
 
 
@@ -106,9 +105,9 @@ async def test_a_name_that_changed_meaning_gets_a_new_node_and_the_old_keeps_its
 
 async def test_invalidate_tells_the_kernel_only_about_names_it_holds(monkeypatch):
     sent = []
-    monkeypatch.setattr(invalidator, "entry",
-                        lambda parent, name, deleted=0: sent.append((parent, name, deleted)))
     provider, dyn, fs = setup()
+    monkeypatch.setattr(fs.invalidator, "entry",
+                        lambda parent, name, deleted=0: sent.append((parent, name, deleted)))
     a = await lookup(fs, "dyn/a")
     dyn.invalidate("b")                                 # never looked up
     assert sent == []

@@ -186,10 +186,29 @@ async def test_removed_node_lives_until_forgotten(tree):
     assert not fs.known(leaf)
 
 
-async def test_remove_invalidates_only_what_the_kernel_holds(tree, monkeypatch):
-    from fusefs.notify import invalidator
+async def test_each_filesystem_tells_its_own_invalidator():
+    """The invalidator is the Filesystem's, handed to the directories it gives the
+    kernel: a removal in one tree never reaches another's (no process global)."""
+    from fusefs import Invalidator
     sent = []
-    monkeypatch.setattr(invalidator, "entry",
+
+    class Recorder(Invalidator):
+        def entry(self, parent_inode, name, deleted=0):
+            sent.append((parent_inode, name, deleted))
+
+    root = Dir()
+    sub = root.add("sub", Dir())
+    sub.add("leaf", Attr(lambda: "x"))
+    fs, other = Filesystem(root, invalidator=Recorder()), Filesystem(Dir())
+    leaf = await lookup(fs, "sub/leaf")
+    assert sub.invalidator is fs.invalidator and fs.invalidator is not other.invalidator
+    sub.remove("leaf")
+    assert sent == [(sub.inode, b"leaf", leaf)]
+
+
+async def test_remove_invalidates_only_what_the_kernel_holds(tree, monkeypatch):
+    sent = []
+    monkeypatch.setattr(tree.fs.invalidator, "entry",
                         lambda parent, name, deleted=0: sent.append((parent, name)))
     fs = tree.fs
     sub = await lookup(fs, "sub")
@@ -538,7 +557,7 @@ def test_stale_mount_detection_helpers(tmp_path):
     import subprocess
 
     from fusefs.guard import alive as _alive
-    from fusefs.serve import _source_owner, mount_entry
+    from fusefs.mountinfo import mount_entry, source_owner as _source_owner
 
     assert _source_owner("cmad:1234:99") == (1234, 99)
     assert _source_owner("cmad:1234") == (1234, None)

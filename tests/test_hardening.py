@@ -18,7 +18,7 @@ import pytest
 
 from cmad.daemon.config import Config
 from cmad.memory.hugepages import escaped_name
-from cmad.daemon.main import arena_paths
+from cmad.daemon.assembly import arena_paths
 from util.mount import daemon_stderr, mounted, require_fuse
 from util.daemon import cmad
 from util.files import alloc, read
@@ -249,8 +249,8 @@ def test_roots_own_symlink_is_followed_and_names_the_real_mountpoint(tmp_path):
 async def test_an_unexpected_error_a_client_repeats_is_rate_limited():
     from fusefs import Attr, Dir, Filesystem
     from cmad.daemon.ratelimit import ClientLogFilter
-    from test_core_limits import logger_with, restore
-    from test_fusefs_ops import ctx, errno_of, lookup
+    from util.logs import logger_with, restore
+    from util.fsops import ctx, errno_of, lookup
 
     root = Dir()
     root.add("crash", Attr(store=lambda t, c: bytes(1 << 62)))  # MemoryError, say
@@ -349,7 +349,7 @@ def test_a_tampered_arena_layout_is_one_line_and_cmad_check_reports_it(daemon, t
 def test_a_daemon_meeting_the_mount_lock_names_its_holder(tmp_path):
     """The lock held from check to mount: while another start holds it (here this
     process), a daemon fails at once, naming the holder, and touches nothing."""
-    from cmad.daemon.main import mount_lock, mount_unlock
+    from cmad.daemon.preflight import mount_lock, mount_unlock
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     lock = mount_lock(str(mnt))
@@ -474,7 +474,7 @@ def guard_of(pid: int) -> int:
 
 def test_the_guard_holds_no_capability_and_the_daemon_still_stops_it(daemon):
     root_only()
-    from test_startup import capabilities
+    from util.users import capabilities
     daemon("--regions", "a=4M:bf", "--backing", "shm")
     guard = None
     for _ in range(100):  # the guard drops them as its first act

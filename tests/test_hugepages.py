@@ -18,7 +18,7 @@ import pytest
 from cmad.daemon.config import Config
 from cmad.memory.hugepages import (Pool, escaped_name, give_back_record, read_record,
                             record_key)
-from cmad.daemon.main import arena_paths
+from cmad.daemon.assembly import arena_paths
 from cmad.memory.physmap import Group, Span, assign, find_runs, groups_of
 from util.pool import FakeKernel, nr
 from util.files import alloc, read

@@ -395,8 +395,8 @@ def test_the_cap_ending_the_gather_is_in_the_physical_refusal(monkeypatch):
 async def test_mmap_of_a_shared_chunk_is_the_groups_and_names_the_region_file(tmp_path):
     from fusefs import Filesystem
     from cmad.daemon.tree import Tree
-    from test_fusefs_ops import ctx, lookup
-    from test_tree import read_file
+    from util.fsops import ctx, lookup
+    from util.fsops import read_file
 
     cma = Cma("plain=4M:bf;gpu=4M:bf(group=render)", "gpu=gpu;*=plain",
               arena=Arena(8 * M, path=str(tmp_path / "arena"), backing="shm"))

@@ -14,11 +14,13 @@ import time
 import pytest
 
 from fusefs.guard import alive, start_time
-from fusefs.serve import _source_owner, mount_owner, resolve
+from fusefs.mountinfo import mount_owner, source_owner as _source_owner
+from fusefs.paths import resolve
 from util.daemon import RESTART_WRITER
 from util.mount import cleanup, daemon_stderr, mounted, require_fuse, wait_for_mount
 from util.daemon import cmad
 from util.files import alloc, read
+from util.users import capabilities
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CAP_SYS_ADMIN = 21
@@ -186,19 +188,6 @@ def test_reset_on_a_live_state_dir_is_refused_naming_the_daemon(daemon, tmp_path
     assert daemon.proc.wait(timeout=20) == 0
     check = cmad("check", "--state-dir", str(state))
     assert check.returncode == 0 and "ok: 1 chunks" in check.stdout
-
-
-def capabilities(pid: int) -> dict[str, set[int]]:
-    """Cap* lines of every thread of *pid*, each as the set of its numbers."""
-    sets: dict[str, set[int]] = {}
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/status") as f:
-            for line in f:
-                if line.startswith("Cap"):
-                    name, mask = line.split(":")
-                    caps = {c for c in range(64) if int(mask, 16) >> c & 1}
-                    sets.setdefault(name, set()).update(caps)
-    return sets
 
 
 def test_the_serving_daemon_keeps_only_cap_sys_admin_and_none_effective(daemon):

@@ -9,12 +9,11 @@ import logging
 import os
 
 from fusefs import Filesystem, Node
-from fusefs.notify import invalidator
 from cmad import Cma
 from cmad.memparse import fmt_addr
 from cmad.core.request import run
 from cmad.daemon.tree import Tree
-from util.fsops import the_rest, Collector, ctx, errno_of, list_dir, lookup
+from util.fsops import the_rest, Collector, ctx, errno_of, list_dir, lookup, read_file
 
 REGIONS, MAP = "r=64M:bf", "*=r"
 REGION_LINKS = "regions/0000000040000000/chunks"
@@ -30,14 +29,6 @@ def tree_with(n: int, labelled: bool = True):
     chunks = [run(cma, "x 4K" + (f" label=l{i}" if labelled else "")) for i in range(n)]
     tree = Tree(cma)
     return cma, tree, Filesystem(tree.root), chunks
-
-
-async def read_file(fs, inode) -> bytes:
-    fi = await fs.open(inode, os.O_RDONLY, ctx())
-    try:
-        return await fs.read(fi.fh, 0, 4096)
-    finally:
-        await fs.release(fi.fh)
 
 
 def test_a_tree_over_many_chunks_builds_no_node_per_chunk():
@@ -123,11 +114,11 @@ async def test_a_listing_never_repeats_an_address_freed_and_taken_mid_listing():
 
 async def test_free_and_move_invalidate_only_names_the_kernel_holds(monkeypatch):
     sent = []
-    monkeypatch.setattr(invalidator, "entry",
-                        lambda parent, name, deleted=0: sent.append((name.decode(), deleted)))
     cma = Cma("r=320K:bf", "*=r")
     tree = Tree(cma)
     fs = Filesystem(tree.root)
+    monkeypatch.setattr(fs.invalidator, "entry",
+                        lambda parent, name, deleted=0: sent.append((name.decode(), deleted)))
     run(cma, "x 64K label=pad"), run(cma, "x 64K label=p1")
     victim = run(cma, "x 64K label=victim movable")
     run(cma, "x 64K label=hole"), run(cma, "x 64K label=p2")

@@ -1,11 +1,17 @@
-"""The ``cmad`` command: a foreground daemon serving the CMA tree over FUSE."""
+"""The ``cmad`` command: a foreground daemon serving the CMA tree over FUSE.
+
+Start-up (the command line, the mount, the build of the core with its arena
+and journal, the tree), serving and signals.  The rest has modules of its own:
+the configuration keys (config.py), the checks before the mount and the mount
+lock (preflight.py), the arena assembly (assembly.py), the SIGHUP reload
+(reload.py) and the offline commands (offline.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
-import fcntl
 import gc
 import grp
 import json
@@ -14,36 +20,29 @@ import os
 import signal
 import sqlite3
 import sys
-import time
 from functools import partial
 from typing import Iterator
 
-from cmad import __version__
-
-from cmad.memory import physmap
-
-from cmad import privileges
-
-from cmad.daemon import ratelimit
-
-from cmad.daemon import service
-
-from cmad.memory import shared as sharing
-from cmad.allocators import registry
-from cmad.memory.arena import Arena, remove_own
-from cmad.memory.hugepages import (MEMFD, RUN_DIR, Pool, adopt_old_record, escaped_name, fs_type,
-                        private_dir, private_mount, record_key, shm_dir, sweep, user_dir)
-from cmad.memparse import human
-from cmad.core.regions import SHARED_ALIGN, Region
-from cmad.core.cma import Cma, plan_regions
-from cmad.daemon.config import Config, ConfigError, load
+from cmad import __version__, privileges
+from cmad.core.cma import Cma
+from cmad.daemon import ratelimit, service
+# arena_name and arena_paths: offline.py finds them here
+from cmad.daemon.assembly import (arena_name, arena_path, arena_paths,  # noqa: F401
+                                  check_arena_length, check_journal_matches, mark_regions,
+                                  open_arena, remove_stale_arenas, shared_files,
+                                  surviving_arena)
+from cmad.daemon.config import Config, ConfigError, add_flags, flag_values, load
+from cmad.daemon.preflight import layout_problem, mount_lock, mount_unlock, state_dir_problem
+from cmad.daemon.reload import Reloader
 from cmad.errors import CmaError
+from cmad.memory import physmap
+from cmad.memory import shared as sharing
+from cmad.memory.arena import Arena
+from cmad.memory.hugepages import (MEMFD, RUN_DIR, Pool, adopt_old_record, escaped_name,
+                                   record_key, sweep)
 from cmad.store.journal import Journal, recover, restore_allocators
 
 log = logging.getLogger("cmad")
-
-FLAGS = ("regions", "map", "mountpoint", "arena_size", "base", "backing", "arena_file",
-         "state_dir", "group", "log_level", "hugepages", "contiguous", "gather_limit")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,23 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the hugepages the arena needs.")
     p.add_argument("--version", action="version", version=f"cmad {__version__}")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file; flags win")
-    p.add_argument("--regions", help="regions, cma= grammar (default: %(default)s)")
-    p.add_argument("--map", help="map rules, cma.map grammar")
-    p.add_argument("--mountpoint", help="where to mount the tree (default /run/cma)")
-    p.add_argument("--arena-size", help="arena size (memparse); default: end of the last region")
-    p.add_argument("--base", help="bus address of the arena's first byte (default 0x40000000)")
-    p.add_argument("--backing", help="auto, hugetlb, thp or shm (default auto)")
-    p.add_argument("--arena-file", help="named file behind the arena")
-    p.add_argument("--state-dir", help="directory for the journal (persistence)")
-    p.add_argument("--group", help="group allowed to alloc and free (default cma)")
-    p.add_argument("--log-level", help="debug, info, warning or error (default info)")
-    p.add_argument("--hugepages", help="reserve (raise the pool as root when short, the "
-                   "default) or free (use only pages already free)")
-    p.add_argument("--contiguous", help="auto (physically contiguous regions where the "
-                   "hugepages allow, the default), physical (or fail) or virtual")
-    p.add_argument("--gather-limit", help="how far the pool may be raised while gathering "
-                   "hugepages for physical runs: a share of MemAvailable (default 50%%) or a "
-                   "size")
+    add_flags(p)  # one per configuration key (config.KEYS)
     return p.parse_args(argv)
 
 
@@ -126,35 +109,6 @@ def group_id(name: str) -> int:
     except KeyError:
         log.warning("group %r does not exist: alloc and free are root-only", name)
         return 0
-
-
-ATTEMPTS = 3  # layouts tried when another process takes pages in the middle of one
-
-
-def arena_name(config: Config) -> str:
-    """The arena file's name: its mountpoint's and its state directory's."""
-    return escaped_name(config.mountpoint, config.state_dir)
-
-
-def arena_paths(config: Config) -> list[str]:
-    """Where this daemon's arena file may be: configured, else its name (unique per
-    mountpoint and state directory) in the private hugetlbfs mount, or in the
-    shared-memory directory.  Root's are all under the root-only /run/cmad: a
-    world-writable directory (/dev/shm) is never searched, so nothing another
-    user plants there can matter."""
-    if config.arena_file:
-        return [config.arena_file]
-    name = arena_name(config)
-    if os.geteuid() != 0:
-        return [os.path.join(user_dir(), name)]
-    return [os.path.join(RUN_DIR, "hugetlbfs", name), os.path.join(RUN_DIR, name),
-            os.path.join(RUN_DIR, "tmpfs", name)]
-
-
-def arena_path(config: Config) -> str:
-    """The arena file in use (the first candidate that exists), else the preferred one."""
-    paths = arena_paths(config)
-    return next((p for p in paths if os.path.lexists(p)), paths[0])
 
 
 def build(config: Config) -> tuple[Cma, Journal | None]:
@@ -219,15 +173,6 @@ def adopt_old_records(config: Config, key: str, arena: str | None) -> None:
         adopt_old_record(path, key, arena)
 
 
-def surviving_arena(journal: Journal) -> str | None:
-    """The journal's arena file if it is still there.  After a reboot it is not
-    (/run and the private mounts under it are gone): then the daemon builds a new
-    arena where a fresh start would, never at the old path, whose directory may
-    now be an unmounted mountpoint on the root disk (/run/cmad/hugetlbfs)."""
-    path = journal.get("arena_file")
-    return path if path and os.path.exists(path) else None
-
-
 def open_journal(state_dir: str) -> Journal:
     """The state directory's journal; a daemon holding it is named, not just
     "database is locked"."""
@@ -252,310 +197,6 @@ def refuse_sticky_physical(cma: Cma, contiguous: str) -> None:
                                      "contiguous=auto)")
 
 
-def check_arena_length(path: str, journal: Journal, size: int) -> None:
-    """An arena file shorter than the journal says lost chunk bytes: never zero-fill them."""
-    want = max(int(journal.get("arena_size") or 0), size)
-    have = os.stat(path).st_size
-    if have < want:
-        raise CmaError(errno.EINVAL, f"arena file {path} is {have} bytes, shorter than the "
-                                     f"{want} the journal recorded (truncated behind the "
-                                     f"daemon's back?): {journal.count()} journalled chunks "
-                                     "would come back zeroed; refusing to start (run 'cmad "
-                                     "reset' to forget them)")
-
-
-def remove_stale_arenas(config: Config, path: str | None) -> None:
-    """No journalled chunk lives in an old arena file of ours: delete it (and only if it
-    is ours: never a file someone else made at an explicit --arena-file), and the
-    old files of its shared regions."""
-    for candidate in [path] if path else arena_paths(config):
-        if remove_own(candidate):
-            log.info("arena: removed the previous arena file %s (no chunk lives in it)",
-                     candidate)
-    for candidate in sharing.files_of(arena_name(config)):
-        if sharing.remove(candidate):
-            log.info("arena: removed the previous shared region file %s", candidate)
-
-
-def shared_files(cma: Cma) -> list[sharing.SharedFile]:
-    """The regions shared with a group (SPEC 4d), their gids resolved; EINVAL for
-    one that does not lie on whole hugepages of the arena."""
-    out = []
-    for region in cma.regions:
-        if region.group is None:
-            continue
-        offset = region.start - cma.base
-        if offset % SHARED_ALIGN:
-            raise CmaError(errno.EINVAL, f"region {region.name} is shared with group "
-                                         f"{region.group}, so it must start on a "
-                                         f"{human(SHARED_ALIGN)} boundary of the arena, and "
-                                         f"it starts {offset:#x} bytes in (set base to a "
-                                         f"multiple of {human(SHARED_ALIGN)})")
-        region.gid = sharing.group_gid(region.group, region.name)
-        out.append(sharing.SharedFile(region.name, region.group, region.gid, offset,
-                                      region.size))
-    return out
-
-
-def adopt_shared(arena: Arena, shared: list[sharing.SharedFile], journal: Journal,
-                 path: str, name: str) -> None:
-    """Map the surviving shared region files over the surviving arena.  A region
-    shared then and not now (or the reverse) is refused while journalled chunks
-    live in it (their bytes are in the other file); without chunks its old file
-    goes, or a new one is made (virtual: the pages are new)."""
-    recorded = recorded_shared(journal, path)
-    configured = {s.region: s for s in shared}
-    busy = sorted(r for r in set(recorded) ^ set(configured) if journal.count(r))
-    if busy:
-        raise CmaError(errno.EINVAL, f"arena file {path}: region {busy[0]} was "
-                                     f"{'' if busy[0] in recorded else 'not '}shared with a "
-                                     f"group when its {journal.count(busy[0])} chunks were "
-                                     "journalled, and is "
-                                     f"{'' if busy[0] in configured else 'not '}now: their "
-                                     "bytes are in another file; refusing to start (restore "
-                                     "its group= parameter, or free its chunks first, or run "
-                                     "'cmad reset')")
-    # no longer shared: the old files go once the start succeeded (`build`)
-    arena.stale = [old for region, old in recorded.items() if region not in configured]
-    for s in shared:
-        if s.region in recorded:
-            sharing.adopt(s, recorded[s.region])
-        else:
-            sharing.create(s, name, "hugetlb" if arena.backing == "hugetlb" else "shm")
-            log.info("region %s is shared with %s from now on: its file is %s", s.region,
-                     s.group, s.path)
-        try:
-            arena.overlay(s.offset, s.size, s.fd, s.path)
-        finally:
-            s.close()
-
-
-def recorded_shared(journal: Journal, path: str) -> dict[str, str]:
-    """The journal's ``shared_files``: region -> file (none before cmad had them)."""
-    try:
-        recorded = json.loads(journal.get("shared_files") or "{}")
-    except ValueError:
-        recorded = None
-    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
-        raise CmaError(errno.EINVAL, f"journal of {path}: shared_files is not an object of "
-                                     "region -> file; refusing to start (the journal was "
-                                     "edited or damaged: fix the row, or 'cmad reset')")
-    return recorded
-
-
-def spans_of(cma: Cma, contiguous: str) -> list[physmap.Span]:
-    return [physmap.Span(r.name, r.start - cma.base, r.size,
-                         wants=contiguous != "virtual" and r.kind != "sticky")
-            for r in cma.regions]
-
-
-def open_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
-               journal: Journal | None, shared: list[sharing.SharedFile] = ()) -> Arena:
-    """Adopt the surviving arena file (``journal`` given), else build a fresh one:
-    hugetlbfs laid out by frame where the pool allows, else shared memory.  The
-    shared regions' files are mapped over their places (`Arena.overlay`)."""
-    spans = spans_of(cma, config.contiguous)
-    if journal is not None:
-        return adopt_arena(cma, config, path, pool, journal, list(shared), spans)
-    strict = config.contiguous == "physical"
-    why = "backing is " + config.backing
-    if config.backing in ("auto", "hugetlb"):
-        try:
-            return hugetlb_arena(cma, config, path, pool, spans, strict, list(shared))
-        except OSError as e:
-            why = e.strerror or str(e)
-    if strict:
-        span = next(s for s in spans if s.wants)
-        raise physmap.refusal(span, 0, 0, why)
-    if config.backing == "hugetlb":
-        raise CmaError(errno.ENOMEM, f"arena of {human(cma.arena_size)}: hugetlb: {why}")
-    return shm_arena(cma, config, path, list(shared), why)
-
-
-def adopt_arena(cma: Cma, config: Config, path: str | None, pool: Pool, journal: Journal,
-                shared: list[sharing.SharedFile], spans: list[physmap.Span]) -> Arena:
-    """The surviving arena file and shared files, their layout checked against the journal."""
-    holes = bool(shared) or bool(recorded_shared(journal, path))
-    arena = Arena(cma.arena_size, path=path, backing=config.backing, holes=holes)
-    arena.pool = pool
-    try:
-        adopt_shared(arena, shared, journal, path, arena_name(config))
-    except BaseException:
-        arena.close()
-        raise
-    record = journal.get("arena_layout")
-    if record:
-        physmap.parse_record(record)  # a tampered row: one line, whatever the backing
-    if arena.backing == "hugetlb" and record:
-        arena.layout = physmap.verify(record, spans, arena.frames, arena.page, path)
-    virtual = [s for s in spans if s.wants and (
-        arena.layout is None or arena.layout.phys.get(s.name) is None)]
-    if config.contiguous == "physical" and virtual:
-        arena.close()
-        raise CmaError(errno.EINVAL, f"contiguous=physical: region {virtual[0].name} lies "
-                                     f"in the surviving arena file {path} without a "
-                                     "physical run, and its journalled chunks keep that "
-                                     "layout; use contiguous=auto or run 'cmad reset'")
-    return arena
-
-
-def shm_arena(cma: Cma, config: Config, path: str | None,
-              shared: list[sharing.SharedFile], why: str) -> Arena:
-    """A shared-memory arena (no hugepages to be had: ``why``), shared regions' files beside."""
-    private = os.path.join(RUN_DIR, "hugetlbfs")
-    if path is not None and os.path.dirname(os.path.abspath(path)) == private:
-        raise CmaError(errno.EINVAL, f"arena file {path}: {private} is not mounted, and a "
-                                     "shared-memory arena never goes there (it would be a "
-                                     "file on the disk under the next hugetlbfs mount)")
-    spath = path or os.path.join(shm_dir(), arena_name(config))
-    arena = Arena(cma.arena_size, path=spath, backing=config.backing, no_hugetlb=why,
-                  holes=bool(shared))
-    try:
-        for s in shared:
-            try:
-                sharing.create(s, arena_name(config), "shm")
-            except OSError as e:
-                raise CmaError(e.errno or errno.EIO, f"region {s.region}: no file for it "
-                                                     f"(shared with {s.group}): {e.strerror}")
-            try:
-                arena.overlay(s.offset, s.size, s.fd, s.path)
-            finally:
-                s.close()
-    except BaseException:
-        arena.close(unlink=True)
-        for s in shared:
-            if s.path:
-                sharing.remove(s.path)
-        raise
-    return arena
-
-
-def hugetlb_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
-                  spans: list[physmap.Span], strict: bool,
-                  shared: list[sharing.SharedFile] = ()) -> Arena:
-    """A fresh hugetlb arena laid out so that regions lie in physical runs: a file in the
-    private hugetlbfs mount when it must outlive the daemon, else a memfd; each
-    shared region in a file of its own on its group's hugetlbfs."""
-    try:
-        for s in shared:
-            sharing.create(s, arena_name(config), "hugetlb")  # OSError: shared memory then
-        return _hugetlb_arena(cma, config, path, pool, spans, strict, list(shared))
-    except BaseException:
-        for s in shared:
-            s.close()
-            if s.path:
-                sharing.remove(s.path)
-        sharing.release_mounts()
-        raise
-    finally:
-        for s in shared:
-            s.close()
-
-
-def _hugetlb_arena(cma: Cma, config: Config, path: str | None, pool: Pool,
-                   spans: list[physmap.Span], strict: bool,
-                   shared: list[sharing.SharedFile]) -> Arena:
-    if path is None and config.state_dir:
-        if os.geteuid() != 0:
-            raise OSError(errno.EPERM, "not root: no private hugetlbfs mount")
-        path = os.path.join(private_mount("hugetlbfs"), arena_name(config))
-    elif path is not None and fs_type(os.path.dirname(path) or ".") != "hugetlbfs":
-        raise OSError(errno.EINVAL, f"{path} is not on a hugetlbfs mount")
-    size = -(-cma.arena_size // pool.page) * pool.page
-    pieces = [(s.offset, s.size, s.fd) for s in shared]
-    for attempt in range(1, ATTEMPTS + 1):
-        arena = laid_out_arena(path, size, spans, pool, strict and attempt == ATTEMPTS,
-                               shared)
-        layout = arena.layout
-        failed = [s for s in spans if s.wants and layout.phys[s.name] is None]
-        if not failed or attempt == ATTEMPTS or not layout.planned & {s.name for s in failed}:
-            break
-        log.info("arena: another process took hugepages while the arena was laid out "
-                 "(%s not physical as planned); again", ", ".join(s.name for s in failed))
-        arena.close()  # the pool and the mount stay for the next attempt
-        physmap.empty(pieces)
-        if path is not None:
-            os.unlink(path)
-    if strict and failed:
-        arena.close(unlink=True)
-        raise physmap.refusal(failed[0], layout.longest, layout.gathered,
-                              layout.why[failed[0].name], stopped=layout.stopped)
-    if failed and layout.stopped:
-        for s in failed:
-            layout.why[s.name] += f" ({layout.cut_short()})"
-    log.info("arena: %d hugepages gathered, %d kept, longest physical run %s, in %.2f s",
-             layout.gathered, layout.kept, human(layout.longest), layout.seconds)
-    return arena
-
-
-def laid_out_arena(path: str | None, size: int, spans: list[physmap.Span], pool: Pool,
-                   strict: bool, shared: list[sharing.SharedFile] = ()) -> Arena:
-    """One attempt: gather, lay out, map, and decide each region on the real frames."""
-    pieces = [(s.offset, s.size, s.fd) for s in shared]
-    try:
-        fd, layout = physmap.build_file(path, size, spans, pool, strict=strict, pieces=pieces)
-    except OSError as e:  # another process took pages between the gathering and us
-        if e.errno != errno.ENOSPC:
-            raise
-        log.info("arena: hugetlb: %s; gathering again", e.strerror)
-        fd, layout = physmap.build_file(path, size, spans, pool, strict=strict, pieces=pieces)
-    arena = Arena(size, path=path, backing="hugetlb", fd=fd, holes=bool(shared))
-    arena.created, arena.pool = path is not None, pool
-    for s in shared:  # before any frame is read: a hole of the arena file never faults in
-        arena.overlay(s.offset, s.size, s.fd, s.path)
-    try:
-        physmap.decide(spans, arena.frames(0, size // pool.page), pool.page, layout)
-    except CmaError as e:  # frames hidden: every region is virtual
-        layout.phys = {s.name: None for s in spans}
-        layout.why = {s.name: e.why for s in spans if s.wants}
-    arena.layout = layout
-    return arena
-
-
-def mark_regions(cma: Cma, arena: Arena) -> None:
-    """Each region's ``contiguous`` and physical start, logged once per region."""
-    layout = arena.layout
-    for region in cma.regions:
-        phys = layout.phys.get(region.name) if layout is not None else None
-        region.phys = phys
-        if phys is not None:
-            log.info("region %s: physically contiguous, %s at physical %#x", region.name,
-                     human(region.size), phys)
-        else:
-            log.info("region %s: virtual only (%s)", region.name, virtual_reason(
-                region, arena, layout))
-    physical = sum(r.phys is not None for r in cma.regions)
-    log.info("arena: %s-backed, %d of %d regions physically contiguous",
-             "hugepage" if arena.backing == "hugetlb" else arena.backing, physical,
-             len(cma.regions))
-
-
-def virtual_reason(region: Region, arena: Arena, layout: physmap.Layout | None) -> str:
-    """Why a region is not physical, for its start-up log line."""
-    if region.kind == "sticky":
-        return "sticky regions give pages back and cannot keep their frames"
-    if arena.backing != "hugetlb":
-        return f"the arena is {arena.backing}, not hugepages"
-    if layout is None or region.name not in layout.phys:
-        return "contiguous=virtual" if layout is not None else "no layout recorded"
-    return layout.why.get(region.name, "contiguous=virtual")
-
-
-def check_journal_matches(journal: Journal, config: Config, path: str, base: int) -> None:
-    """Journalled chunks live at addresses = base + offset in one arena file: a new
-    base or another file while the old one exists would lose them silently."""
-    old_base, old_path = journal.get("base"), journal.get("arena_file")
-    if old_base is not None and int(old_base) != base:
-        raise CmaError(errno.EINVAL, f"base changed from {int(old_base):#x} to {base:#x} "
-                                     f"under {journal.count()} journalled chunks: refusing to "
-                                     "start (restore the base or run 'cmad reset')")
-    if old_path and old_path != path and os.path.exists(old_path):
-        raise CmaError(errno.EINVAL, f"arena_file changed from {old_path} to {path} under "
-                                     f"{journal.count()} journalled chunks whose bytes are in "
-                                     f"{old_path}: refusing to start (restore arena_file or "
-                                     "run 'cmad reset')")
-
-
 def stop(cma: Cma, journal: Journal | None) -> None:
     """Keep the arena file only while a journal says chunks live in it."""
     service.notify(STOPPING=1)
@@ -566,50 +207,6 @@ def stop(cma: Cma, journal: Journal | None) -> None:
         journal.close()
     log.info("stopped with %d chunks%s", len(cma.chunks),
              f"; arena kept at {cma.arena.path}" if keep else "")
-
-
-def layout(config: Config) -> list[tuple]:
-    """What a configuration makes of the regions (EINVAL etc. if it is bad), without
-    building allocators (a typo like 1P:bitmap must not allocate a huge bitmap)."""
-    specs, starts = plan_regions(config.regions, config.base, config.arena_size, registry())
-    return sorted((starts[s.name], s.name, s.size, s.alloc) for s in specs)
-
-
-class Reloader:
-    """SIGHUP: re-read the configuration.  The map and limits take effect; a
-    changed region layout is refused (chunks are never dropped by a reload)."""
-
-    def __init__(self, cma: Cma, config: Config, args: argparse.Namespace):
-        self.cma, self.config, self.args = cma, config, args
-
-    def __call__(self) -> None:
-        try:
-            new = load(self.args.config, {k: getattr(self.args, k) for k in FLAGS})
-            changed_layout = layout(new) != layout(self.config)
-        except Exception as e:  # a reload never takes the daemon down
-            log.error("reload: %s; keeping the running configuration", getattr(e, "why", e))
-            return
-        if changed_layout:
-            log.error("reload: the region layout changed (%r); refused, the running regions "
-                      "stay: restart the daemon to apply it", new.regions)
-            new.regions, new.base, new.arena_size = (self.config.regions, self.config.base,
-                                                     self.config.arena_size)
-        from fusefs.serve import resolve
-        new.mountpoint = resolve(new.mountpoint)  # the running one is resolved (main)
-        for key in ("mountpoint", "backing", "arena_file", "state_dir", "group", "hugepages",
-                    "contiguous", "gather_limit"):
-            if getattr(new, key) != getattr(self.config, key):
-                log.warning("reload: %s changed; it takes effect at the next start", key)
-                setattr(new, key, getattr(self.config, key))
-        try:
-            self.cma.set_map(new.map)
-        except CmaError as e:
-            log.error("reload: map: %s; keeping the running map", e.why)
-            new.map = self.cma.map
-        self.cma.limits = dict(new.limits)
-        logging.getLogger().setLevel(new.log_level.upper())
-        self.config = new
-        log.info("reload: map %r, limits %s", self.cma.map, self.cma.limits or "none")
 
 
 def physical_facts(cma: Cma, arena: Arena) -> dict[str, object]:
@@ -644,80 +241,6 @@ def serve_tree(mount, cma: Cma, config: Config, args: argparse.Namespace) -> Non
         partial(service.reload_on_sighup, Reloader(cma, config, args))])
 
 
-def state_dir_problem(state_dir: str | None) -> str | None:
-    """Why *state_dir* cannot hold a journal, found before anything is mounted."""
-    if state_dir is None or not os.path.lexists(state_dir):
-        return None
-    if not os.path.isdir(state_dir):
-        return f"state_dir {state_dir} exists and is not a directory"
-    from cmad.daemon.offline import holders
-    running = holders(state_dir)
-    if running:
-        return (f"state_dir {state_dir} is in use by another daemon: {', '.join(running)} "
-                "holds its journal; one state directory serves one daemon")
-    return None
-
-
-def layout_problem(config: Config) -> str | None:
-    """Why the regions cannot be laid out, found before anything is mounted."""
-    try:
-        layout(config)
-    except CmaError as e:
-        return e.why
-    return None
-
-
-def mount_lock(mountpoint: str) -> tuple[int, str]:
-    """Take the lock of *mountpoint* (resolved), held from the check of the
-    mountpoint until the mount stands (`start`): of two daemons started at once
-    on one mountpoint, the second fails naming the first, instead of both
-    mounting.  A flock on a file in the root-only /run/cmad (the user's own
-    directory for a daemon run by another user) that names its holder's pid;
-    the kernel drops it with its holder, kill -9 included, and its holder
-    deletes it.  Returns (fd, path) for `mount_unlock`."""
-    directory = RUN_DIR if os.geteuid() == 0 else user_dir()
-    path = os.path.join(private_dir(directory), escaped_name(mountpoint) + ".lock")
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = lock_holder(fd)
-            os.close(fd)
-            raise OSError(errno.EBUSY, f"{mountpoint}: another cmad (pid {holder}) is "
-                                       "starting on this mountpoint; not touching it") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break  # else its holder deleted it meanwhile: lock the new one
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd, path
-
-
-def lock_holder(fd: int) -> str:
-    """The pid in a lock file someone holds; it writes it just after taking the
-    lock, so wait a moment for it."""
-    for _ in range(50):
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        if holder:
-            return holder
-        time.sleep(0.01)
-    return "?"
-
-
-def mount_unlock(lock: tuple[int, str]) -> None:
-    """The mount stands (or start-up failed): the next daemon sees the mount itself."""
-    fd, path = lock
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    os.close(fd)
-
-
 class Interrupted(Exception):
     """SIGTERM or SIGINT while the tree is built: unmount, serve nothing."""
 
@@ -729,7 +252,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def interruptible() -> Iterator[None]:
     """SIGTERM/SIGINT raise Interrupted in the block.  Outside such blocks start()
     keeps them blocked, from before the mount until the serving loop's own
-    receiver takes them (fusefs.serve): a death in between would leave the mount
+    receiver takes them (fusefs.loop): a death in between would leave the mount
     stale, an ignored signal would keep the daemon running."""
     def interrupt(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
@@ -816,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         return offline.main(argv)
     args = parse_args(argv)
     try:
-        config = load(args.config, {k: getattr(args, k) for k in FLAGS})
+        config = load(args.config, flag_values(args))
         logging.getLogger().setLevel(config.log_level.upper())
     except ConfigError as e:
         log.error("%s", e)
@@ -825,8 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         log.error("configuration: %s", problem)
         return 2
-    from fusefs import Dir, Filesystem, check_mountpoint
-    from fusefs.serve import resolve
+    from fusefs import Dir, Filesystem, check_mountpoint, resolve
 
     try:
         privileges.pagemap_fd()  # opened while privileged: see privileges.py

@@ -13,7 +13,7 @@ import time
 
 from cmad.daemon.config import Config
 from cmad.memory.hugepages import escaped_name, give_back_record, record_key, release_mount
-from cmad.daemon.main import arena_paths
+from cmad.daemon.assembly import arena_paths
 from cmad.memory.shared import files_of, release_mounts
 from util.mount import MountError, cleanup, daemon_stderr, mounted
 

@@ -87,3 +87,11 @@ async def errno_of(coro):
     with pytest.raises(FUSEError) as info:
         await coro
     return info.value.errno
+
+
+async def read_file(fs, inode) -> bytes:
+    fi = await fs.open(inode, os.O_RDONLY, ctx())
+    try:
+        return await fs.read(fi.fh, 0, 4096)
+    finally:
+        await fs.release(fi.fh)

@@ -73,7 +73,7 @@ def require_fuse():
 def is_mounted(path):
     """Whether *path* is a mount point per the mount table (true for a stale
     FUSE mount too, where os.path.ismount fails with ENOTCONN)."""
-    from fusefs.serve import mount_entry
+    from fusefs.mountinfo import mount_entry
     return mount_entry(os.path.abspath(path)) is not None
 
 
@@ -125,7 +125,8 @@ def cleanup(proc, path, timeout=10):
     if is_mounted(path):
         # A daemon killed while the kernel waited on it can hang everyone that
         # touches the mount (itself included): abort the connection first.
-        from fusefs.serve import mount_entry, abort_connection
+        from fusefs.guard import abort_connection
+        from fusefs.mountinfo import mount_entry
         mount = mount_entry(os.path.abspath(path))
         if mount is not None and mount[1].startswith("fuse"):
             abort_connection(mount[2])
@@ -136,8 +137,8 @@ def cleanup(proc, path, timeout=10):
 
 def unseal(path):
     """Clear the immutable flag a daemon leaves on its bare mountpoint, so the
-    directory can be removed (fusefs.serve.seal_mountpoint)."""
-    from fusefs.serve import unseal_mountpoint
+    directory can be removed (fusefs.sealing.seal_mountpoint)."""
+    from fusefs.sealing import unseal_mountpoint
     if os.path.isdir(path) and not is_mounted(path):
         with contextlib.suppress(OSError):
             unseal_mountpoint(path)

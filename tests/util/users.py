@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -19,3 +20,16 @@ def as_user(user: str, script: str) -> subprocess.CompletedProcess:
     gid = subprocess.check_output(["id", "-g", user], text=True).strip()
     return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={gid}", "--init-groups",
                            "sh", "-c", script], capture_output=True, text=True, timeout=30)
+
+
+def capabilities(pid: int) -> dict[str, set[int]]:
+    """Cap* lines of every thread of *pid*, each as the set of its numbers."""
+    sets: dict[str, set[int]] = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status") as f:
+            for line in f:
+                if line.startswith("Cap"):
+                    name, mask = line.split(":")
+                    caps = {c for c in range(64) if int(mask, 16) >> c & 1}
+                    sets.setdefault(name, set()).update(caps)
+    return sets
