@@ -26,11 +26,9 @@ from typing import Iterator
 from cmad import __version__, privileges
 from cmad.core.cma import Cma
 from cmad.daemon import ratelimit, service
-# arena_name and arena_paths: offline.py finds them here
-from cmad.daemon.assembly import (arena_name, arena_path, arena_paths,  # noqa: F401
-                                  check_arena_length, check_journal_matches, mark_regions,
-                                  open_arena, remove_stale_arenas, shared_files,
-                                  surviving_arena)
+from cmad.daemon.assembly import (arena_path, check_arena_length, check_journal_matches,
+                                  mark_regions, open_arena, remove_stale_arenas,
+                                  shared_files, surviving_arena)
 from cmad.daemon.config import Config, ConfigError, add_flags, flag_values, load
 from cmad.daemon.preflight import layout_problem, mount_lock, mount_unlock, state_dir_problem
 from cmad.daemon.reload import Reloader

@@ -214,8 +214,8 @@ def reset_mountpoint(mountpoint: str) -> int:
     """``cmad reset --mountpoint M``: the arena of a daemon run on M without a state
     directory (kill -9 leaves it, and its pages), never one a live process holds."""
     from cmad.daemon.config import Config
-    from cmad.daemon.main import arena_name, arena_paths
-    from fusefs.serve import resolve
+    from cmad.daemon.assembly import arena_name, arena_paths
+    from fusefs import resolve
 
     config = Config(mountpoint=resolve(mountpoint))
     for shared in sharing.files_of(arena_name(config)):
@@ -261,7 +261,7 @@ def hugepages(config_path: str | None) -> int:
     """
     from cmad.memory.arena import hugepage_size
     from cmad.daemon.config import load
-    from cmad.daemon.main import arena_path
+    from cmad.daemon.assembly import arena_path
 
     config = load(config_path, {})
     cma = Cma(config.regions, "", base=config.base, arena_size=config.arena_size)
