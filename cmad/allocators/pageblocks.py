@@ -45,7 +45,7 @@ from typing import Iterator
 
 from cmad.errors import CmaError
 from cmad.allocators.bitmap import MAX_ORDER_PER_BIT, Bitmap
-from cmad.allocators.interface import PAGE_SHIFT, PAGE_SIZE, Allocator, merge_adjacent
+from cmad.allocators.interface import PAGE_SHIFT, PAGE_SIZE, Allocator, uncovered, merge_adjacent
 
 # What a block shows: free, pinned, movable, mixed (both, after a fallback).
 FREE, PINNED, MOVABLE, MIXED = 0, 1, 2, 3
@@ -93,12 +93,12 @@ def pageblock_size(cls: type[Allocator], start: int, size: int, params: dict) ->
                     MAX_PAGEBLOCK)
         fits = (start % block == 0 and size % block == 0 and size >= MIN_BLOCKS * block
                 and size // block <= MAX_BLOCKS)
-        return block if getattr(cls, "groupable", False) and fits and granule <= block else 0
+        return block if cls.groupable and fits and granule <= block else 0
     block = params["pageblock"]
     if block == 0:
         return 0
     what = f"{cls.name}: pageblock={block:#x}"
-    if not getattr(cls, "groupable", False):
+    if not cls.groupable:
         raise CmaError(errno.EINVAL, f"{what}: allocator {cls.name!r} cannot group by mobility")
     if block & (block - 1) or block < max(granule, PAGE_SIZE) or block > MAX_PAGEBLOCK:
         raise CmaError(errno.EINVAL, f"{what} must be a power of two no smaller than the "
@@ -231,10 +231,8 @@ class Grouped(Allocator):
             return
         typed = self._typed[owner]
         hole = self._freed_hole
-        carve = getattr(typed, "carve", None)
-        if hole is not None and carve is not None and hole[0] <= b \
-                and b + self.pageblock <= hole[0] + hole[1]:
-            taken = carve(hole[0], hole[1], b, self.pageblock)
+        if hole is not None and hole[0] <= b and b + self.pageblock <= hole[0] + hole[1]:
+            taken = typed.carve(hole[0], hole[1], b, self.pageblock)
             rest = hole[0] + hole[1] - b - self.pageblock  # the next block may be in the tail
             self._freed_hole = (b + self.pageblock, rest) if taken and rest else None
         else:
@@ -519,7 +517,22 @@ class Grouped(Allocator):
 
     # -- compaction support ------------------------------------------------
 
-    def windows(self, span: int, align: int, budget: int) -> list[tuple[int, int, int]]:
+    def windows(self, size: int, alignment: int, movable: bool, budget: int,
+                chunks=()) -> list[tuple[int, int, int]]:
+        """Compaction empties blocks for a pinned request (as a run of whole blocks
+        it would claim), never for a movable one: movable requests take free
+        blocks or fall back, never move others.  ``chunks`` are not needed: the
+        blocks' byte counts say where the movable bytes are."""
+        if movable:
+            return []
+        span, align = self.claim_shape(size, alignment, LARGE)
+        return self.block_windows(span, align, budget)
+
+    def misplaced(self, start: int) -> bool:
+        """A movable chunk at ``start`` lies in a block not owned by the movable type."""
+        return self.owner_of(start) != MOVABLE
+
+    def block_windows(self, span: int, align: int, budget: int) -> list[tuple[int, int, int]]:
         """Runs of ``span`` bytes at ``align`` made of free and movable-only blocks
         whose movable bytes (the cost of emptying them) are at most ``budget``
         and fit in the free space outside the run: (cost, lo, hi),
@@ -561,15 +574,8 @@ class Grouped(Allocator):
         """Hold every free byte of [lo, hi) (``used`` lists the chunks' ranges, sorted)
         so nothing is placed there while it is emptied; None if it cannot be held."""
         holds: list[tuple[int, int, int]] = []
-        at = lo
-        gaps = []
-        for s, n in used:
-            if s > at:
-                gaps.append((at, s))
-            at = max(at, s + n)
-        if at < hi:
-            gaps.append((at, hi))
-        for g_lo, g_hi in gaps:
+        for g_lo, g_size in uncovered(lo, hi, used):
+            g_hi = g_lo + g_size
             for i in self._span(g_lo, g_hi):
                 b = self._block(i)
                 p_lo, p_hi = max(g_lo, b), min(g_hi, b + self.pageblock)

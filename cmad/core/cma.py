@@ -11,16 +11,17 @@ import functools
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from cmad.core import compaction
 
-from cmad.core import faults
 from cmad.allocators import PAGE_SHIFT, PAGE_SIZE, Allocator, registry
 from cmad.memory.arena import Arena
 from cmad.core.chunks import Chunk, ChunkIndex, check_label
+from cmad.core.events import Listener, Listeners, Tracer  # noqa: F401 (Listener: re-exported)
 from cmad.errors import CmaError, clip, einval
 from cmad.core.map import DEFAULT_TYPE, Map
+from cmad.core.mover import Mover
 from cmad.memparse import U64_MAX, fmt_addr, human, is_power_of_two
 from cmad.core.regions import (AllocSpec, Region, RegionSpec, RegionStats, check_name, fragmentation,
                       layout, parse_alignment, parse_alloc_spec, parse_regions)
@@ -46,29 +47,6 @@ class Info:
     total_size: int
     free_size: int
     count: int
-
-
-class Tracer(Protocol):
-    """Told of each step of an allocation, as the kernel's ``cma`` trace events."""
-
-    def alloc_start(self, region: Region, size: int, alignment: int) -> None: ...
-    def alloc_finish(self, region: Region, chunk: Chunk | None, size: int, alignment: int,
-                     error: int) -> None: ...
-    def release(self, region: Region, chunk: Chunk, start: int, size: int) -> None: ...
-    def busy_retry(self, chunk: Chunk, old_start: int) -> None: ...
-
-
-class Listener(Protocol):
-    """Told of every change after the core made it; may veto alloc by raising."""
-
-    def on_alloc(self, chunk: Chunk) -> None: ...
-    def on_free(self, chunk: Chunk) -> None: ...
-    def on_move(self, chunk: Chunk, old_start: int) -> None:
-        """The chunk's start, movability or (``release_head``) size changed;
-        old_start is where it was."""
-
-    # Optional: on_allocator(region) after a region's alloc attribute changed (may
-    # veto by raising); catch_up() to retry what could not be recorded.
 
 
 def _locked(method: Callable) -> Callable:
@@ -185,7 +163,8 @@ class Cma:
         self._next_id = 1
         self.limits: dict[int, int] = dict(limits or {})
         self._held: dict[int, int] = {}
-        self.listeners: list[Listener] = []
+        self.listeners = Listeners()  # durable first, then views (cmad.core.events)
+        self._mover = Mover(self.chunks, self.listeners, base, lambda: self.tracer)
         # The trace hook (cmad.daemon.trace.Tracer) while some trace event is enabled,
         # else None: a disabled event costs one attribute test.
         self.tracer: Tracer | None = None
@@ -198,7 +177,7 @@ class Cma:
         if arena.size < self.arena_size:
             raise CmaError(errno.ENOMEM, f"arena of {human(arena.size)} is smaller than the "
                                          f"{human(self.arena_size)} the regions need")
-        self.arena = arena
+        self.arena = self._mover.arena = arena
         for region in self._regions.values():
             if region.kind == "exclusive":
                 arena.populate(region.start - self.base, region.size)
@@ -267,14 +246,9 @@ class Cma:
                          "configuration, not the alloc attribute")
         old_class, old_spec = type(region.allocator) if region.allocator else None, region.wanted
         self._switch_allocator(region, spec)
-        try:
-            for listener in self.listeners:  # the journal: a restart brings it back
-                tell = getattr(listener, "on_allocator", None)
-                if tell is not None:
-                    tell(region)
-        except BaseException:
-            self._switch_allocator(region, old_spec, old_class)
-            raise
+        # the journal: a restart brings it back
+        self.listeners.allocator(region, functools.partial(self._switch_allocator, region,
+                                                           old_spec, old_class))
 
     def _switch_allocator(self, region: Region, spec: AllocSpec,
                           cls: type[Allocator] | None = None) -> None:
@@ -442,7 +416,7 @@ class Cma:
                    movable: bool, bound: int | None) -> tuple[int, int] | None:
         if not region.movable_users:
             return None
-        return compaction.make_room(self, region, size, fast, movable)
+        return compaction.make_room(self.chunks, region, self._mover, size, fast, movable)
 
     @staticmethod
     def _fallback(region: Region, size: int, alignment: int, fast: int,
@@ -643,10 +617,7 @@ class Cma:
     def catch_up(self) -> None:
         """Let listeners retry what they could not record (the journal's deferred
         frees after a full state disk); the daemon's heartbeat calls this."""
-        for listener in self.listeners:
-            retry = getattr(listener, "catch_up", None)
-            if retry is not None:
-                retry()
+        self.listeners.catch_up()
 
     def _index(self, chunk: Chunk) -> None:
         self.chunks.add(chunk)
@@ -657,19 +628,16 @@ class Cma:
         self._held[chunk.uid] = self._held.get(chunk.uid, 0) + chunk.size
 
     def _tell_alloc(self, chunk: Chunk) -> None:
-        """Zero the chunk's bytes and tell the listeners; undo all if one vetoes."""
-        told = []
+        """Zero the chunk's bytes and tell the listeners; undo all if one vetoes
+        (the listeners told already hear ``on_free``)."""
         try:
             if self.arena is not None:
                 if chunk.region.kind == "sticky":
                     self.arena.populate(chunk.start - self.base, chunk.size)
                 self.arena.zero(chunk.start - self.base, chunk.size)  # no bytes of the past
-            for listener in self.listeners:
-                listener.on_alloc(chunk)
-                told.append(listener)
+            if self.listeners:
+                self.listeners.alloc(chunk)
         except BaseException:
-            for listener in reversed(told):
-                listener.on_free(chunk)
             self._forget(chunk)
             raise
 
@@ -691,40 +659,6 @@ class Cma:
             del held[uid]
 
     # -- moves ---------------------------------------------------------
-
-    def _move_to(self, chunk: Chunk, new: int) -> None:
-        """Move a chunk to ``new``, already claimed from its region's allocator.
-
-        Copy, then commit (journal first), then let go of the old range.  A crash
-        before the commit finds the chunk at its old place with its old bytes.
-        On any error the move is undone and ``new`` given back.
-        """
-        region, old, size = chunk.region, chunk.start, chunk.size
-        assert new + size <= old or old + size <= new, "a move never overlaps itself"
-        moved_index = False
-        try:
-            if self.arena is not None:
-                if region.kind == "sticky":
-                    self.arena.populate(new - self.base, size)
-                self.data(chunk, at=new)[:] = self.data(chunk)
-            faults.point("move-copied")
-            self.chunks.move(chunk, new)
-            moved_index = True
-            for listener in self.listeners:
-                listener.on_move(chunk, old)
-        except BaseException:
-            if moved_index:
-                self.chunks.move(chunk, old)
-            region.allocator.free_for(new, size, chunk.movable)
-            raise
-        region.allocator.free_for(old, size, chunk.movable)
-        if region.kind == "sticky" and self.arena is not None:
-            self.arena.release(old - self.base, size)
-        region.moved += 1
-        region.moved_bytes += size
-        if self.tracer is not None:
-            self.tracer.busy_retry(chunk, old)
-        log.info("moved chunk %s -> %s (%s)", fmt_addr(old), fmt_addr(new), human(size))
 
     @_locked
     def release_head(self, chunk: Chunk, size: int) -> None:
@@ -754,15 +688,14 @@ class Cma:
             raise CmaError(errno.EBUSY, f"chunk {chunk.name}: its tail cannot be kept alone")
         self.chunks.move(chunk, old + size)
         chunk.size = whole - size
-        try:
-            for listener in self.listeners:
-                listener.on_move(chunk, old)
-        except BaseException:
+
+        def undo() -> None:
             self.chunks.move(chunk, old)
             chunk.size = whole
             allocator.free_for(old + size, whole - size, movable)
             allocator.reserve_for(old, whole, movable)
-            raise
+
+        self.listeners.move(chunk, old, undo)
         if region.kind == "sticky" and self.arena is not None:
             self.arena.release(old - self.base, size)
         region.used -= size
@@ -779,12 +712,15 @@ class Cma:
         self.check_live(chunk)
         if not chunk.movable:
             return
-        chunk.movable = False
-        chunk.region.movable_users -= 1
-        chunk.region.allocator.retype(chunk.start, chunk.size, movable=False)
-        for listener in self.listeners:
-            listener.on_move(chunk, chunk.start)
+        self._set_movable(chunk, False)
+        self.listeners.move(chunk, chunk.start, functools.partial(self._set_movable, chunk, True))
         log.info("chunk %s pinned: a zero-copy mapping of it was handed out", chunk.name)
+
+    @staticmethod
+    def _set_movable(chunk: Chunk, movable: bool) -> None:
+        chunk.movable = movable
+        chunk.region.movable_users += 1 if movable else -1
+        chunk.region.allocator.retype(chunk.start, chunk.size, movable=movable)
 
     @_locked
     def compact(self, region_name: str) -> int:
@@ -802,7 +738,7 @@ class Cma:
             region = self.region(region_name)
             if region.allocator is None:
                 raise CmaError(errno.ENODEV, f"region {region.name} has no allocator")
-            steps = compaction.compact_steps(self, region)
+            steps = compaction.compact_steps(self.chunks, region, self._mover)
         moved = 0
         while True:
             with self._lock:
@@ -863,8 +799,8 @@ class Cma:
             if uid is not None and uid != 0 and uid != chunk.uid:
                 raise CmaError(errno.EPERM, f"free {chunk.name}: owned by uid {chunk.uid}, "
                                             f"not {uid}")
-            for listener in self.listeners:
-                listener.on_free(chunk)
+            if self.listeners:
+                self.listeners.free(chunk)  # a veto keeps the chunk
             self._forget(chunk)
             region = chunk.region
             region.freed += 1
@@ -934,9 +870,7 @@ class Cma:
             assert region.used == sum(c.size for c in chunks)
             if region.allocator is not None:
                 region.allocator._check()
-                check_chunks = getattr(region.allocator, "check_chunks", None)
-                if check_chunks is not None:
-                    check_chunks((c.start, c.size, c.movable) for c in chunks)
+                region.allocator.check_chunks((c.start, c.size, c.movable) for c in chunks)
                 assert region.allocator.free_bytes == region.free
                 for start, size in region.allocator.holes():
                     assert self.chunks.holding(start) is None
