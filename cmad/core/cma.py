@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
-from cmad.core import compaction
+from cmad.core import compaction, recovery
 
 from cmad.allocators import PAGE_SHIFT, PAGE_SIZE, Allocator, registry
 from cmad.memory.arena import Arena
@@ -110,29 +110,10 @@ def _runs(chunks: Iterable[Chunk]) -> Iterator[tuple[int, int]]:
         yield run_start, run_end - run_start
 
 
-def _misfit(region: Region | None, name: str, start: int,
-            size: int) -> tuple[int, str] | None:
-    """(errno, why) a journalled chunk cannot go back into ``region``; None if it can."""
-    if region is None or region.allocator is None:
-        return errno.ENOENT, f"chunk {fmt_addr(start)}: region {name!r} is gone or has no allocator"
-    if start < region.start or start + size > region.end:
-        return errno.EADDRINUSE, (f"chunk {fmt_addr(start)}+{size:#x} is not inside region "
-                                  f"{name} [{fmt_addr(region.start)}, {fmt_addr(region.end)})")
-    return None
-
-
 def _request(dev: str, type: str, size: int, alignment: int) -> str:
     """How log lines and errors name an allocation request (not a closure per
     request: that would cost every allocation its cells)."""
     return f"alloc {dev}/{type} {size:#x}/{alignment:#x}"
-
-
-def _label_taken(start: int, label: str) -> str:
-    return f"chunk {fmt_addr(start)}: label {label!r} is taken"
-
-
-def _not_free(start: int, size: int, region: str) -> str:
-    return f"chunk {fmt_addr(start)}+{size:#x} overlaps another chunk or is not free in region {region}"
 
 
 class Cma:
@@ -506,16 +487,9 @@ class Cma:
         Listeners are not told (the journal already has it).  ENOENT if the
         region is gone, EADDRINUSE if the range is not free or not inside it.
         """
-        r = self._regions.get(region)
-        misfit = _misfit(r, region, start, size)
-        if misfit is not None:
-            raise CmaError(*misfit)
-        label = fields.get("label")
-        if label is not None and self.chunks.by_label(label):
-            raise CmaError(errno.EEXIST, _label_taken(start, label))
-        if not r.allocator.reserve_for(start, size, bool(fields.get("movable"))):
-            raise CmaError(errno.EADDRINUSE, _not_free(start, size, region))
-        chunk = Chunk(id, start, size, r, dev, type, **fields)
+        chunk = recovery.restore_one(self._regions, self.chunks.by_label, id, start, size,
+                                     region, dev, type, **fields)
+        r = chunk.region
         self._next_id = max(self._next_id, id + 1)
         self._index(chunk)
         r.alloc_ok += 1
@@ -534,80 +508,12 @@ class Cma:
         does not fit, CmaError (EINVAL) names every such row and nothing
         changes.
         """
-        plan = {r: ([], []) for r in self._regions.values()}  # region -> (ranges, chunks)
-        bounds = {r.name: (r, r.start, r.end) for r in plan if r.allocator is not None}
-        restored: list[Chunk] = []
-        problems: list[str] = []
-        labels: set[str] = set()
-        by_label = self.chunks.by_label
-        shared: dict = {}  # one object per distinct size, pid, dev...: not one per chunk
-        share = shared.setdefault
-        ordered, last = True, -1
-        for (id, start, size, name, dev, type, uid, pid, label, created, movable,
-             transient, bound, alignment) in rows:
-            where = bounds.get(name)
-            if where is None or start < where[1] or start + size > where[2]:
-                problems.append(_misfit(self._regions.get(name), name, start, size)[1])
-                continue
-            if label is not None:
-                if label in labels or by_label(label):
-                    problems.append(_label_taken(start, label))
-                    continue
-                labels.add(label)
-            r = where[0]
-            chunk = Chunk(id, start, share(size, size), r, share(dev, dev), share(type, type),
-                          share(uid, uid), share(pid, pid), label, created, movable == 1,
-                          transient == 1, bound, share(alignment, alignment))
-            ranges, chunks = plan[r]
-            ranges.append((start, size, chunk.movable))
-            chunks.append(chunk)
-            restored.append(chunk)
-            if start < last:
-                ordered = False
-            last = start
-        plan = {r: entry for r, entry in plan.items() if entry[0]}
-        if not ordered:
-            for ranges, chunks in plan.values():
-                ranges.sort()
-                chunks.sort(key=lambda c: c.start)
-        self._reserve_planned(plan, problems)
-        self.chunks.add_many(restored if ordered else sorted(restored, key=lambda c: c.start))
+        plan, restored, problems = recovery.plan_rows(rows, self._regions, self.chunks.by_label)
+        recovery.reserve_planned(plan, problems)
+        self.chunks.add_many(restored)
         for r, (_, chunks) in plan.items():
-            self._count_restored(r, chunks)
+            self._next_id = max(self._next_id, recovery.count_restored(r, chunks, self._held))
         return len(restored)
-
-    def _reserve_planned(self, plan: dict[Region, tuple[list, list]],
-                         problems: list[str]) -> None:
-        """Each region's allocator reserves its chunks; if anything failed, every
-        reservation is given back and CmaError names each problem."""
-        granted = []
-        for r, (ranges, _) in plan.items():
-            done = r.allocator.reserve_many(ranges)
-            granted.append((r, ranges, done))
-            problems.extend(_not_free(start, size, r.name)
-                            for (start, size, _), ok in zip(ranges, done) if not ok)
-        if problems:
-            for r, ranges, done in granted:
-                for (start, size, movable), ok in zip(ranges, done):
-                    if ok:
-                        r.allocator.free_for(start, size, movable)
-            raise CmaError(errno.EINVAL, "; ".join(problems))
-
-    def _count_restored(self, region: Region, chunks: list[Chunk]) -> None:
-        """What ``_index`` and ``restore`` count per chunk, for a region's restored chunks."""
-        held = self._held
-        used = 0
-        for chunk in chunks:
-            used += chunk.size
-            held[chunk.uid] = held.get(chunk.uid, 0) + chunk.size
-        region.users += len(chunks)
-        region.used += used
-        region.movable_users += sum(chunk.movable for chunk in chunks)
-        region.alloc_ok += len(chunks)
-        region.alloc_pages += used >> PAGE_SHIFT
-        region.peak_used = max(region.peak_used, region.used)
-        if chunks:
-            self._next_id = max(self._next_id, max(chunk.id for chunk in chunks) + 1)
 
     def skip_ids(self, next_id: int) -> None:
         """Ids below ``next_id`` were handed out before a restart: never again."""
