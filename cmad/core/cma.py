@@ -145,7 +145,8 @@ class Cma:
         self.limits: dict[int, int] = dict(limits or {})
         self._held: dict[int, int] = {}
         self.listeners = Listeners()  # durable first, then views (cmad.core.events)
-        self._mover = Mover(self.chunks, self.listeners, base, lambda: self.tracer)
+        self._mover = Mover(self.chunks, self.listeners, base, lambda: self.tracer,
+                            self._held)
         # The trace hook (cmad.daemon.trace.Tracer) while some trace event is enabled,
         # else None: a disabled event costs one attribute test.
         self.tracer: Tracer | None = None
@@ -579,54 +580,13 @@ class Cma:
         ``on_move`` (the start and size changed; the id and label stay).
         """
         self.check_live(chunk)
-        region = chunk.region
-        allocator = region.allocator
-        step = max(type(allocator).granule(**region.wanted.params), chunk.alignment)
-        if not 0 < size < chunk.size or size % step:
-            raise einval(f"release of {size:#x} bytes from the head of chunk {chunk.name} "
-                         f"({chunk.size:#x}): must be below its size and a multiple of "
-                         f"{step:#x}")
-        old, whole, movable = chunk.start, chunk.size, chunk.movable
-        allocator.free_for(old, whole, movable)
-        if not allocator.reserve_for(old + size, whole - size, movable):
-            taken = allocator.reserve_for(old, whole, movable)
-            assert taken, "a range just freed can be reserved again"
-            raise CmaError(errno.EBUSY, f"chunk {chunk.name}: its tail cannot be kept alone")
-        self.chunks.move(chunk, old + size)
-        chunk.size = whole - size
-
-        def undo() -> None:
-            self.chunks.move(chunk, old)
-            chunk.size = whole
-            allocator.free_for(old + size, whole - size, movable)
-            allocator.reserve_for(old, whole, movable)
-
-        self.listeners.move(chunk, old, undo)
-        if region.kind == "sticky" and self.arena is not None:
-            self.arena.release(old - self.base, size)
-        region.used -= size
-        self._held[chunk.uid] -= size
-        region.release_pages += size >> PAGE_SHIFT
-        if self.tracer is not None:
-            self.tracer.release(region, chunk, old, size)
-        log.info("chunk %s: released its first %s; it is now %s at %s", fmt_addr(old),
-                 human(size), human(chunk.size), chunk.name)
+        self._mover.release_head(chunk, size)
 
     @_locked
     def pin(self, chunk: Chunk) -> None:
         """Make a movable chunk pinned for good (its mapping was handed out)."""
         self.check_live(chunk)
-        if not chunk.movable:
-            return
-        self._set_movable(chunk, False)
-        self.listeners.move(chunk, chunk.start, functools.partial(self._set_movable, chunk, True))
-        log.info("chunk %s pinned: a zero-copy mapping of it was handed out", chunk.name)
-
-    @staticmethod
-    def _set_movable(chunk: Chunk, movable: bool) -> None:
-        chunk.movable = movable
-        chunk.region.movable_users += 1 if movable else -1
-        chunk.region.allocator.retype(chunk.start, chunk.size, movable=movable)
+        self._mover.pin(chunk)
 
     @_locked
     def compact(self, region_name: str) -> int:
