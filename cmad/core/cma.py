@@ -2,6 +2,10 @@
 
 This is the whole core API; the filesystem is one client of it, the tests
 another.  Every method either succeeds or raises CmaError and changes nothing.
+The facade takes the lock and hands over: the listeners and their veto and
+undo are ``events``, moves, heads released and pins ``mover``, compaction
+``compaction`` (through the mover and the allocator interface), putting
+journalled chunks back ``recovery``.
 """
 
 from __future__ import annotations
