@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from cmad.core.events import Listeners, Tracer
     from cmad.memory.arena import Arena
 
-log = logging.getLogger("cmad.core.cma")  # the log lines moves always had
+log = logging.getLogger(__name__)
 
 
 class Mover:
