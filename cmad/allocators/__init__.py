@@ -4,7 +4,8 @@
   cma_allocator``) and the registry;
 - ``bf``, ``buddy``, ``bitmap``: one module per built-in allocator;
 - ``pageblocks``: grouping by mobility, the shared machinery that wraps any
-  allocator in pageblocks of one mobility type each (SPEC 4b).
+  allocator in pageblocks of one mobility type each (SPEC 4b): the policy
+  (the request path) there, the block table it works on in ``blocks``.
 """
 
 from cmad.allocators.interface import (BUILTIN, PAGE_SHIFT, PAGE_SIZE, Allocator, Factory,

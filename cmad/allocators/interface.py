@@ -16,6 +16,8 @@ here; an allocator may override it to rebuild its index once.
 from __future__ import annotations
 
 import errno
+from bisect import bisect_left, bisect_right
+from itertools import accumulate
 from typing import Callable, Iterable, Iterator
 
 from cmad.errors import CmaError
@@ -146,6 +148,74 @@ class Allocator:
     def cleanup(self) -> None:
         """cleanup(region): called when the region has no chunks left."""
 
+    def carve(self, hole: int, hole_size: int, start: int, size: int) -> bool:
+        """Claim [start, start + size) inside the hole [hole, hole + hole_size) that
+        ``free`` just returned; here a plain ``reserve``, an allocator that knows
+        its holes (bf) skips the search."""
+        return self.reserve(start, size)
+
+    # -- pageblocks (SPEC 4b): a plain allocator has none; Grouped overrides.
+
+    pageblock = 0      # bytes per pageblock; 0: grouping off (and no ``block_counts``)
+    fallbacks = 0      # allocations that took space kept for the other mobility
+
+    def picture(self) -> str:
+        """The ``pageblocks`` file: one character per block; empty without grouping."""
+        return ""
+
+    def check_chunks(self, chunks: Iterable[tuple[int, int, bool]]) -> None:
+        """Assert the structure agrees with the region's chunks, every (start,
+        size, movable) of them (tests); nothing to check here."""
+
+    # -- compaction support (cmad.core.compaction): what it asks of any allocator.
+
+    def windows(self, size: int, alignment: int, movable: bool, budget: int,
+                chunks: Iterable[tuple[int, int, bool]]) -> list[tuple[int, int, int]]:
+        """(cost, lo, hi) of the windows compaction may empty to serve the request,
+        cheapest first.  Here: the request's ``shape`` at any aligned place
+        between pinned chunks (``chunks``: the region's (start, end, movable) in
+        address order) whose movable bytes, the cost, are at most ``budget``."""
+        window, align = self.shape(size, alignment)
+        if self.free_bytes < window:
+            return []
+        found = []
+        for lo, hi, movable_chunks in _stretches(self.start, self.start + self.size, chunks):
+            starts = [s for s, _ in movable_chunks]
+            ends = [e for _, e in movable_chunks]
+            weights = [0, *accumulate(e - s for s, e in movable_chunks)]
+            for w in {_align_up(lo, align), *(_align_up(e, align) for e in ends)}:
+                if w < lo or w + window > hi:
+                    continue
+                i, j = bisect_right(ends, w), bisect_left(starts, w + window)
+                cost = weights[j] - weights[i]
+                if 0 < cost <= budget:
+                    found.append((cost, w, w + window))
+        found.sort()
+        return found
+
+    def isolate(self, lo: int, hi: int, used: list[tuple[int, int]]) -> list | None:
+        """Hold every free byte of [lo, hi) (``used``: the (start, size) of the
+        chunks there, sorted) so nothing is placed there while compaction empties
+        it; None (and nothing held) if it cannot be held.  ``release`` takes the
+        result back."""
+        held: list[tuple[int, int]] = []
+        for gap in uncovered(lo, hi, used):
+            if not self.reserve(*gap):
+                self.release(held)
+                return None
+            held.append(gap)
+        return held
+
+    def release(self, holds: list) -> None:
+        """Give back what ``isolate`` held."""
+        for start, size in holds:
+            self.free(start, size)
+
+    def misplaced(self, start: int) -> bool:
+        """Whether a movable chunk at ``start`` sits where movable chunks are not
+        kept (a pinned block): compaction then moves it out.  Never, here."""
+        return False
+
     def _check(self) -> None:
         """Assert every invariant of the structure (tests call it after each step)."""
         raise NotImplementedError
@@ -170,6 +240,35 @@ def merge_adjacent(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int
         cur, end = start, start + size
     if cur is not None:
         yield cur, end - cur
+
+
+def _align_up(x: int, alignment: int) -> int:
+    return (x + alignment - 1) & -alignment
+
+
+def _stretches(lo: int, hi: int, chunks: Iterable[tuple[int, int, bool]]
+               ) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """The ranges of [lo, hi) between pinned chunks, each with the (start, end) of
+    the movable chunks inside it."""
+    start, movable = lo, []
+    for c_start, c_end, c_movable in chunks:
+        if c_movable:
+            movable.append((c_start, c_end))
+        else:
+            yield start, c_start, movable
+            start, movable = c_end, []
+    yield start, hi, movable
+
+
+def uncovered(lo: int, hi: int, used: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """(start, size) of the parts of [lo, hi) that no (start, size) of ``used`` covers."""
+    at = lo
+    for s, n in used:
+        if s > at:
+            yield at, s - at
+        at = max(at, s + n)
+    if hi > at:
+        yield at, hi - at
 
 
 def register(cls: type[Allocator]) -> type[Allocator]:

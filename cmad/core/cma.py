@@ -2,6 +2,10 @@
 
 This is the whole core API; the filesystem is one client of it, the tests
 another.  Every method either succeeds or raises CmaError and changes nothing.
+The facade takes the lock and hands over: the listeners and their veto and
+undo are ``events``, moves, heads released and pins ``mover``, compaction
+``compaction`` (through the mover and the allocator interface), putting
+journalled chunks back ``recovery``.
 """
 
 from __future__ import annotations
@@ -11,16 +15,17 @@ import functools
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
-from cmad.core import compaction
+from cmad.core import compaction, recovery
 
-from cmad.core import faults
 from cmad.allocators import PAGE_SHIFT, PAGE_SIZE, Allocator, registry
 from cmad.memory.arena import Arena
 from cmad.core.chunks import Chunk, ChunkIndex, check_label
+from cmad.core.events import Listener, Listeners, Tracer  # noqa: F401 (Listener: re-exported)
 from cmad.errors import CmaError, clip, einval
 from cmad.core.map import DEFAULT_TYPE, Map
+from cmad.core.mover import Mover
 from cmad.memparse import U64_MAX, exact, fmt_addr, human, is_power_of_two
 from cmad.protocol import SUMMED_KEYS, FreeKey, parse_free_key
 from cmad.core.regions import (AllocSpec, Region, RegionSpec, RegionStats, check_name, fragmentation,
@@ -47,29 +52,6 @@ class Info:
     total_size: int
     free_size: int
     count: int
-
-
-class Tracer(Protocol):
-    """Told of each step of an allocation, as the kernel's ``cma`` trace events."""
-
-    def alloc_start(self, region: Region, size: int, alignment: int) -> None: ...
-    def alloc_finish(self, region: Region, chunk: Chunk | None, size: int, alignment: int,
-                     error: int) -> None: ...
-    def release(self, region: Region, chunk: Chunk, start: int, size: int) -> None: ...
-    def busy_retry(self, chunk: Chunk, old_start: int) -> None: ...
-
-
-class Listener(Protocol):
-    """Told of every change after the core made it; may veto alloc by raising."""
-
-    def on_alloc(self, chunk: Chunk) -> None: ...
-    def on_free(self, chunk: Chunk) -> None: ...
-    def on_move(self, chunk: Chunk, old_start: int) -> None:
-        """The chunk's start, movability or (``release_head``) size changed;
-        old_start is where it was."""
-
-    # Optional: on_allocator(region) after a region's alloc attribute changed (may
-    # veto by raising); catch_up() to retry what could not be recorded.
 
 
 def _locked(method: Callable) -> Callable:
@@ -133,29 +115,10 @@ def _runs(chunks: Iterable[Chunk]) -> Iterator[tuple[int, int]]:
         yield run_start, run_end - run_start
 
 
-def _misfit(region: Region | None, name: str, start: int,
-            size: int) -> tuple[int, str] | None:
-    """(errno, why) a journalled chunk cannot go back into ``region``; None if it can."""
-    if region is None or region.allocator is None:
-        return errno.ENOENT, f"chunk {fmt_addr(start)}: region {name!r} is gone or has no allocator"
-    if start < region.start or start + size > region.end:
-        return errno.EADDRINUSE, (f"chunk {fmt_addr(start)}+{exact(size)} is not inside region "
-                                  f"{name} [{fmt_addr(region.start)}, {fmt_addr(region.end)})")
-    return None
-
-
 def _request(dev: str, type: str, size: int, alignment: int) -> str:
     """How log lines and errors name an allocation request (not a closure per
     request: that would cost every allocation its cells)."""
     return f"alloc {dev}/{type} {exact(size)}/{exact(alignment)}"
-
-
-def _label_taken(start: int, label: str) -> str:
-    return f"chunk {fmt_addr(start)}: label {label!r} is taken"
-
-
-def _not_free(start: int, size: int, region: str) -> str:
-    return f"chunk {fmt_addr(start)}+{exact(size)} overlaps another chunk or is not free in region {region}"
 
 
 class Cma:
@@ -186,7 +149,9 @@ class Cma:
         self._next_id = 1
         self.limits: dict[int, int] = dict(limits or {})
         self._held: dict[int, int] = {}
-        self.listeners: list[Listener] = []
+        self.listeners = Listeners()  # durable first, then views (cmad.core.events)
+        self._mover = Mover(self.chunks, self.listeners, base, lambda: self.tracer,
+                            self._held)
         # The trace hook (cmad.daemon.trace.Tracer) while some trace event is enabled,
         # else None: a disabled event costs one attribute test.
         self.tracer: Tracer | None = None
@@ -199,7 +164,7 @@ class Cma:
         if arena.size < self.arena_size:
             raise CmaError(errno.ENOMEM, f"arena of {human(arena.size)} is smaller than the "
                                          f"{human(self.arena_size)} the regions need")
-        self.arena = arena
+        self.arena = self._mover.arena = arena
         for region in self._regions.values():
             if region.kind == "exclusive":
                 arena.populate(region.start - self.base, region.size)
@@ -268,14 +233,9 @@ class Cma:
                          "configuration, not the alloc attribute")
         old_class, old_spec = type(region.allocator) if region.allocator else None, region.wanted
         self._switch_allocator(region, spec)
-        try:
-            for listener in self.listeners:  # the journal: a restart brings it back
-                tell = getattr(listener, "on_allocator", None)
-                if tell is not None:
-                    tell(region)
-        except BaseException:
-            self._switch_allocator(region, old_spec, old_class)
-            raise
+        # the journal: a restart brings it back
+        self.listeners.allocator(region, functools.partial(self._switch_allocator, region,
+                                                           old_spec, old_class))
 
     def _switch_allocator(self, region: Region, spec: AllocSpec,
                           cls: type[Allocator] | None = None) -> None:
@@ -443,7 +403,7 @@ class Cma:
                    movable: bool, bound: int | None) -> tuple[int, int] | None:
         if not region.movable_users:
             return None
-        return compaction.make_room(self, region, size, fast, movable)
+        return compaction.make_room(self.chunks, region, self._mover, size, fast, movable)
 
     @staticmethod
     def _fallback(region: Region, size: int, alignment: int, fast: int,
@@ -533,16 +493,9 @@ class Cma:
         Listeners are not told (the journal already has it).  ENOENT if the
         region is gone, EADDRINUSE if the range is not free or not inside it.
         """
-        r = self._regions.get(region)
-        misfit = _misfit(r, region, start, size)
-        if misfit is not None:
-            raise CmaError(*misfit)
-        label = fields.get("label")
-        if label is not None and self.chunks.by_label(label):
-            raise CmaError(errno.EEXIST, _label_taken(start, label))
-        if not r.allocator.reserve_for(start, size, bool(fields.get("movable"))):
-            raise CmaError(errno.EADDRINUSE, _not_free(start, size, region))
-        chunk = Chunk(id, start, size, r, dev, type, **fields)
+        chunk = recovery.restore_one(self._regions, self.chunks.by_label, id, start, size,
+                                     region, dev, type, **fields)
+        r = chunk.region
         self._next_id = max(self._next_id, id + 1)
         self._index(chunk)
         r.alloc_ok += 1
@@ -561,80 +514,12 @@ class Cma:
         does not fit, CmaError (EINVAL) names every such row and nothing
         changes.
         """
-        plan = {r: ([], []) for r in self._regions.values()}  # region -> (ranges, chunks)
-        bounds = {r.name: (r, r.start, r.end) for r in plan if r.allocator is not None}
-        restored: list[Chunk] = []
-        problems: list[str] = []
-        labels: set[str] = set()
-        by_label = self.chunks.by_label
-        shared: dict = {}  # one object per distinct size, pid, dev...: not one per chunk
-        share = shared.setdefault
-        ordered, last = True, -1
-        for (id, start, size, name, dev, type, uid, pid, label, created, movable,
-             transient, bound, alignment) in rows:
-            where = bounds.get(name)
-            if where is None or start < where[1] or start + size > where[2]:
-                problems.append(_misfit(self._regions.get(name), name, start, size)[1])
-                continue
-            if label is not None:
-                if label in labels or by_label(label):
-                    problems.append(_label_taken(start, label))
-                    continue
-                labels.add(label)
-            r = where[0]
-            chunk = Chunk(id, start, share(size, size), r, share(dev, dev), share(type, type),
-                          share(uid, uid), share(pid, pid), label, created, movable == 1,
-                          transient == 1, bound, share(alignment, alignment))
-            ranges, chunks = plan[r]
-            ranges.append((start, size, chunk.movable))
-            chunks.append(chunk)
-            restored.append(chunk)
-            if start < last:
-                ordered = False
-            last = start
-        plan = {r: entry for r, entry in plan.items() if entry[0]}
-        if not ordered:
-            for ranges, chunks in plan.values():
-                ranges.sort()
-                chunks.sort(key=lambda c: c.start)
-        self._reserve_planned(plan, problems)
-        self.chunks.add_many(restored if ordered else sorted(restored, key=lambda c: c.start))
+        plan, restored, problems = recovery.plan_rows(rows, self._regions, self.chunks.by_label)
+        recovery.reserve_planned(plan, problems)
+        self.chunks.add_many(restored)
         for r, (_, chunks) in plan.items():
-            self._count_restored(r, chunks)
+            self._next_id = max(self._next_id, recovery.count_restored(r, chunks, self._held))
         return len(restored)
-
-    def _reserve_planned(self, plan: dict[Region, tuple[list, list]],
-                         problems: list[str]) -> None:
-        """Each region's allocator reserves its chunks; if anything failed, every
-        reservation is given back and CmaError names each problem."""
-        granted = []
-        for r, (ranges, _) in plan.items():
-            done = r.allocator.reserve_many(ranges)
-            granted.append((r, ranges, done))
-            problems.extend(_not_free(start, size, r.name)
-                            for (start, size, _), ok in zip(ranges, done) if not ok)
-        if problems:
-            for r, ranges, done in granted:
-                for (start, size, movable), ok in zip(ranges, done):
-                    if ok:
-                        r.allocator.free_for(start, size, movable)
-            raise CmaError(errno.EINVAL, "; ".join(problems))
-
-    def _count_restored(self, region: Region, chunks: list[Chunk]) -> None:
-        """What ``_index`` and ``restore`` count per chunk, for a region's restored chunks."""
-        held = self._held
-        used = 0
-        for chunk in chunks:
-            used += chunk.size
-            held[chunk.uid] = held.get(chunk.uid, 0) + chunk.size
-        region.users += len(chunks)
-        region.used += used
-        region.movable_users += sum(chunk.movable for chunk in chunks)
-        region.alloc_ok += len(chunks)
-        region.alloc_pages += used >> PAGE_SHIFT
-        region.peak_used = max(region.peak_used, region.used)
-        if chunks:
-            self._next_id = max(self._next_id, max(chunk.id for chunk in chunks) + 1)
 
     def skip_ids(self, next_id: int) -> None:
         """Ids below ``next_id`` were handed out before a restart: never again."""
@@ -644,10 +529,7 @@ class Cma:
     def catch_up(self) -> None:
         """Let listeners retry what they could not record (the journal's deferred
         frees after a full state disk); the daemon's heartbeat calls this."""
-        for listener in self.listeners:
-            retry = getattr(listener, "catch_up", None)
-            if retry is not None:
-                retry()
+        self.listeners.catch_up()
 
     def _index(self, chunk: Chunk) -> None:
         self.chunks.add(chunk)
@@ -658,19 +540,16 @@ class Cma:
         self._held[chunk.uid] = self._held.get(chunk.uid, 0) + chunk.size
 
     def _tell_alloc(self, chunk: Chunk) -> None:
-        """Zero the chunk's bytes and tell the listeners; undo all if one vetoes."""
-        told = []
+        """Zero the chunk's bytes and tell the listeners; undo all if one vetoes
+        (the listeners told already hear ``on_free``)."""
         try:
             if self.arena is not None:
                 if chunk.region.kind == "sticky":
                     self.arena.populate(chunk.start - self.base, chunk.size)
                 self.arena.zero(chunk.start - self.base, chunk.size)  # no bytes of the past
-            for listener in self.listeners:
-                listener.on_alloc(chunk)
-                told.append(listener)
+            if self.listeners:
+                self.listeners.alloc(chunk)
         except BaseException:
-            for listener in reversed(told):
-                listener.on_free(chunk)
             self._forget(chunk)
             raise
 
@@ -693,40 +572,6 @@ class Cma:
 
     # -- moves ---------------------------------------------------------
 
-    def _move_to(self, chunk: Chunk, new: int) -> None:
-        """Move a chunk to ``new``, already claimed from its region's allocator.
-
-        Copy, then commit (journal first), then let go of the old range.  A crash
-        before the commit finds the chunk at its old place with its old bytes.
-        On any error the move is undone and ``new`` given back.
-        """
-        region, old, size = chunk.region, chunk.start, chunk.size
-        assert new + size <= old or old + size <= new, "a move never overlaps itself"
-        moved_index = False
-        try:
-            if self.arena is not None:
-                if region.kind == "sticky":
-                    self.arena.populate(new - self.base, size)
-                self.data(chunk, at=new)[:] = self.data(chunk)
-            faults.point("move-copied")
-            self.chunks.move(chunk, new)
-            moved_index = True
-            for listener in self.listeners:
-                listener.on_move(chunk, old)
-        except BaseException:
-            if moved_index:
-                self.chunks.move(chunk, old)
-            region.allocator.free_for(new, size, chunk.movable)
-            raise
-        region.allocator.free_for(old, size, chunk.movable)
-        if region.kind == "sticky" and self.arena is not None:
-            self.arena.release(old - self.base, size)
-        region.moved += 1
-        region.moved_bytes += size
-        if self.tracer is not None:
-            self.tracer.busy_retry(chunk, old)
-        log.info("moved chunk %s -> %s (%s)", fmt_addr(old), fmt_addr(new), human(size))
-
     @_locked
     def release_head(self, chunk: Chunk, size: int) -> None:
         """Give back the first ``size`` bytes of ``chunk``, which stays, smaller
@@ -740,52 +585,13 @@ class Cma:
         ``on_move`` (the start and size changed; the id and label stay).
         """
         self.check_live(chunk)
-        region = chunk.region
-        allocator = region.allocator
-        step = max(type(allocator).granule(**region.wanted.params), chunk.alignment)
-        if not 0 < size < chunk.size or size % step:
-            raise einval(f"release of {size:#x} bytes from the head of chunk {chunk.name} "
-                         f"({chunk.size:#x}): must be below its size and a multiple of "
-                         f"{step:#x}")
-        old, whole, movable = chunk.start, chunk.size, chunk.movable
-        allocator.free_for(old, whole, movable)
-        if not allocator.reserve_for(old + size, whole - size, movable):
-            taken = allocator.reserve_for(old, whole, movable)
-            assert taken, "a range just freed can be reserved again"
-            raise CmaError(errno.EBUSY, f"chunk {chunk.name}: its tail cannot be kept alone")
-        self.chunks.move(chunk, old + size)
-        chunk.size = whole - size
-        try:
-            for listener in self.listeners:
-                listener.on_move(chunk, old)
-        except BaseException:
-            self.chunks.move(chunk, old)
-            chunk.size = whole
-            allocator.free_for(old + size, whole - size, movable)
-            allocator.reserve_for(old, whole, movable)
-            raise
-        if region.kind == "sticky" and self.arena is not None:
-            self.arena.release(old - self.base, size)
-        region.used -= size
-        self._held[chunk.uid] -= size
-        region.release_pages += size >> PAGE_SHIFT
-        if self.tracer is not None:
-            self.tracer.release(region, chunk, old, size)
-        log.info("chunk %s: released its first %s; it is now %s at %s", fmt_addr(old),
-                 human(size), human(chunk.size), chunk.name)
+        self._mover.release_head(chunk, size)
 
     @_locked
     def pin(self, chunk: Chunk) -> None:
         """Make a movable chunk pinned for good (its mapping was handed out)."""
         self.check_live(chunk)
-        if not chunk.movable:
-            return
-        chunk.movable = False
-        chunk.region.movable_users -= 1
-        chunk.region.allocator.retype(chunk.start, chunk.size, movable=False)
-        for listener in self.listeners:
-            listener.on_move(chunk, chunk.start)
-        log.info("chunk %s pinned: a zero-copy mapping of it was handed out", chunk.name)
+        self._mover.pin(chunk)
 
     @_locked
     def compact(self, region_name: str) -> int:
@@ -803,7 +609,7 @@ class Cma:
             region = self.region(region_name)
             if region.allocator is None:
                 raise CmaError(errno.ENODEV, f"region {region.name} has no allocator")
-            steps = compaction.compact_steps(self, region)
+            steps = compaction.compact_steps(self.chunks, region, self._mover)
         moved = 0
         while True:
             with self._lock:
@@ -856,8 +662,8 @@ class Cma:
             if uid is not None and uid != 0 and uid != chunk.uid:
                 raise CmaError(errno.EPERM, f"free {chunk.name}: owned by uid {chunk.uid}, "
                                             f"not {uid}")
-            for listener in self.listeners:
-                listener.on_free(chunk)
+            if self.listeners:
+                self.listeners.free(chunk)  # a veto keeps the chunk
             self._forget(chunk)
             region = chunk.region
             region.freed += 1
@@ -924,9 +730,7 @@ class Cma:
             assert region.used == sum(c.size for c in chunks)
             if region.allocator is not None:
                 region.allocator._check()
-                check_chunks = getattr(region.allocator, "check_chunks", None)
-                if check_chunks is not None:
-                    check_chunks((c.start, c.size, c.movable) for c in chunks)
+                region.allocator.check_chunks((c.start, c.size, c.movable) for c in chunks)
                 assert region.allocator.free_bytes == region.free
                 for start, size in region.allocator.holes():
                     assert self.chunks.holding(start) is None

@@ -331,18 +331,16 @@ class Region:
     def pageblock_stats(self) -> dict[str, int]:
         """The pageblock keys of stats: O(1), the allocator keeps the counts."""
         allocator = self.allocator
-        blocks = getattr(allocator, "block_counts", None)
-        if blocks is None:
+        if allocator is None or not allocator.pageblock:
             return {}
-        free, pinned, movable, mixed = blocks()
+        free, pinned, movable, mixed = allocator.block_counts()
         return dict(pageblock=allocator.pageblock, blocks_free=free, blocks_pinned=pinned,
                     blocks_movable=movable, blocks_mixed=mixed, fallbacks=allocator.fallbacks)
 
     def pageblocks(self) -> str:
         """The ``pageblocks`` file: one character per block, '.' free, 'P' pinned,
         'M' movable, 'X' mixed, 64 per line; empty when grouping is off."""
-        picture = getattr(self.allocator, "picture", None)
-        return picture() if picture is not None else ""
+        return self.allocator.picture() if self.allocator is not None else ""
 
     def describe(self) -> str:
         """For log lines: name, free bytes and largest hole."""

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from cmad.allocators import PAGE_SHIFT
+from cmad.core import events
 
 if TYPE_CHECKING:
     from cmad.core.chunks import Chunk
@@ -70,7 +71,7 @@ def region_name(region: "Region") -> str:
     return region.name or f"{region.start:016x}"
 
 
-class Tracer:
+class Tracer(events.Tracer):
     """The ring, the enable switches, and the hook the core calls."""
 
     def __init__(self, cma: "Cma", *, capacity: int = RING_EVENTS, clock=time.monotonic):

@@ -27,6 +27,7 @@ from fusefs import Attr, Bytes, Caller, Dir, DynamicDir, LazyDir, Node, Stream, 
 from cmad.core import request
 from cmad.core.chunks import Chunk
 from cmad.core.cma import Cma
+from cmad.core.events import Listener
 from cmad.errors import CmaError, einval
 from cmad.daemon.kernelviews import KernelViews
 from cmad.memparse import fmt_addr
@@ -215,7 +216,7 @@ class RegionLinks:
             yield chunk.start, chunk.name, chunk
 
 
-class Tree:
+class Tree(Listener):
     """Builds the fusefs tree for ``cma`` and keeps it in step with it."""
 
     def __init__(self, cma: Cma, *, gid: int = 0, extra_stats: dict | None = None,

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 from cmad.core.chunks import ADDR_FORM, LABEL, RECORD, Chunk, check_label
 from cmad.core.cma import Cma
+from cmad.core.events import DURABLE, Listener
 from cmad.errors import CmaError
 from cmad.memparse import fmt_addr
 from cmad.core.regions import NAME, NAME_MAX, Region, alloc_spec_text
@@ -212,8 +213,11 @@ def keep_private(state_dir: str, path: str) -> None:
             os.close(fd)
 
 
-class Journal:
-    """A Cma listener that records chunks in ``<state_dir>/journal.db``."""
+class Journal(Listener):
+    """A Cma listener that records chunks in ``<state_dir>/journal.db``: durable,
+    so it is told before any view and may veto what it cannot record."""
+
+    tier = DURABLE
 
     def __init__(self, state_dir: str, *, readonly: bool = False):
         self.path = os.path.join(state_dir, JOURNAL)
