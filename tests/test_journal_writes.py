@@ -183,7 +183,9 @@ def test_ids_are_never_reused_across_restarts(tmp_path):
 def test_build_keeps_ids_unique_across_restarts(tmp_path):
     """The daemon's own wiring: main.build twice on one state directory."""
     config = Config(mountpoint=str(tmp_path / "mnt"), state_dir=str(tmp_path / "state"),
-                    arena_file=str(tmp_path / "arena"), backing="shm")
+                    arena_file=str(tmp_path / "arena"), backing="shm",
+                    regions="video=32M:bf;common=16M:buddy;dma=8M:bitmap",
+                    map="camera,video=video;*=common")  # no shared region: no file outside tmp
     seen = set()
     for _ in range(3):
         cma, journal = build(config)
@@ -198,6 +200,12 @@ def test_build_keeps_ids_unique_across_restarts(tmp_path):
         finally:
             cma.arena.close()
             journal.close()
+    assert not any("test_build_keeps_ids" in name for name in _shared_files())
+
+
+def _shared_files() -> list[str]:
+    import os
+    return [name for top, _, names in os.walk("/run/cmad-shared") for name in names]
 
 
 # -- allocators written at runtime (SPEC 5) -------------------------------------
