@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from cmad import CmaError
-import cmad.clients.client as client_module
+import cmad.clients.buffer as buffer_module
+import cmad.clients.tables as tables_module
 from cmad.clients.client import Buffer, ChunkInfo, Client, NotMounted, parse_created, parse_result
 from util.fake_tree import fake_chunk, fake_mount
 from util.files import alloc, eventually, read_value, write_errno
@@ -278,7 +279,7 @@ TABLE = ("0000000040000000 6291456 video camera preview 0 42 2026-11-25T06:29:29
 
 def test_chunk_table_is_parsed_as_it_is_read(tmp_path, monkeypatch):
     mnt = fake_mount(tmp_path, chunkinfo=TABLE * 50, monkeypatch=monkeypatch)
-    monkeypatch.setattr(client_module, "TABLE_READ", 7)  # lines cut across reads
+    monkeypatch.setattr(tables_module, "TABLE_READ", 7)  # lines cut across reads
     client = Client(mnt)
     rows = client.chunk_rows()
     assert next(rows)[:3] == ["0000000040000000", "6291456", "video"]
@@ -370,7 +371,7 @@ def test_a_buffer_whose_files_answer_enxio_is_gone(tmp_path, monkeypatch):
     def enxio(path):
         raise OSError(errno.ENXIO, "No such device or address", path)
 
-    monkeypatch.setattr(client_module, "read_value", enxio)
+    monkeypatch.setattr(buffer_module, "read_value", enxio)
     with pytest.raises(CmaError, match="chunk id=9 is gone") as e:
         buf.start
     assert e.value.errno == errno.ENOENT
