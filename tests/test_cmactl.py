@@ -11,6 +11,7 @@ import sys
 import time
 
 import cmad.clients.cmactl as cmactl_module
+import cmad.clients.cmactl_out as cmactl_out
 from cmad.clients.client import Client
 from cmad.memparse import human
 from util.fake_tree import fake_mount
@@ -285,8 +286,8 @@ def test_map_draws_pageblocks_by_type_else_the_bitmap(tmp_path, monkeypatch, cap
 
 def test_list_streams_rows_as_they_are_parsed(tmp_path, monkeypatch):
     mnt = fake_mount(tmp_path, monkeypatch=monkeypatch)
-    monkeypatch.setattr(cmactl_module, "STREAM_BATCH", 10)
-    monkeypatch.setattr(cmactl_module, "GRID_WINDOW", 10)
+    monkeypatch.setattr(cmactl_out, "STREAM_BATCH", 10)
+    monkeypatch.setattr(cmactl_out, "GRID_WINDOW", 10)
     pulled = []
 
     def rows(self, region=None):
@@ -368,7 +369,7 @@ def test_map_of_a_daemon_with_pageblocks(daemon):
 def test_grid_in_colour_streams_window_by_window(monkeypatch, capsys):
     monkeypatch.setenv("FORCE_COLOR", "1")
     monkeypatch.delenv("NO_COLOR", raising=False)
-    monkeypatch.setattr(cmactl_module, "GRID_WINDOW", 3)
+    monkeypatch.setattr(cmactl_out, "GRID_WINDOW", 3)
     out = cmactl_module.Out(False)
     assert out.colour
     cells = [(f"r{i}", str(10 ** (i % 4)), "x" * (i % 5)) for i in range(10)]
