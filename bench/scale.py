@@ -77,7 +77,8 @@ def recovery_cpu(state_dir: str) -> float:
     """CPU seconds of the journal's recovery alone, in a fresh process, as the
     daemon runs it (no collection during start-up)."""
     code = ("import gc, sys, time; gc.disable()\n"
-            "from cmad import Cma\nfrom cmad.store.journal import Journal, recover\n"
+            "from cmad import Cma\nfrom cmad.daemon.recovery import recover\n"
+            "from cmad.store.journal import Journal\n"
             f"cma = Cma({REGIONS!r}, {MAP!r}); journal = Journal(sys.argv[1])\n"
             "t = time.process_time(); recover(cma, journal, arena_survived=True)\n"
             "print(time.process_time() - t)")

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cmad import Arena, Cma, CmaError
-from cmad.store.journal import Journal, recover
+from cmad.daemon.recovery import recover
+from cmad.store.journal import Journal
 from util.core import attach
 
 M = 1 << 20

@@ -8,7 +8,8 @@ import pathlib
 import pytest
 
 from cmad import Cma, CmaError
-from cmad.store.journal import Journal, recover
+from cmad.daemon.recovery import recover
+from cmad.store.journal import Journal
 from cmad.daemon.offline import check, reset
 from util.core import attach
 

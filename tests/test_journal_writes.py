@@ -9,7 +9,8 @@ import pytest
 
 from cmad import Cma, CmaError
 from cmad.daemon.config import Config
-from cmad.store.journal import Journal, recover, restore_allocators
+from cmad.daemon.recovery import recover, restore_allocators
+from cmad.store.journal import Journal
 from cmad.daemon.main import build
 from cmad.daemon.offline import check
 from util.core import attach

@@ -6,7 +6,8 @@ import random
 import pytest
 
 from cmad import Cma, CmaError
-from cmad.store.journal import Journal, recover
+from cmad.daemon.recovery import recover
+from cmad.store.journal import Journal
 from cmad.daemon.trace import NO_PFN, Tracer, format_line, page_token
 from util.core import attach
 

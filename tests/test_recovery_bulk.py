@@ -10,7 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cmad import Cma, CmaError
-from cmad.store.journal import BadRow, Journal, check_rows, recover, restore_record
+from cmad.daemon.recovery import recover, restore_record
+from cmad.store.journal import Journal
+from cmad.store.rows import BadRow, check_rows
 from util.core import attach
 
 K = 4096

@@ -38,7 +38,8 @@ from cmad.memory import shared as sharing
 from cmad.memory.arena import Arena
 from cmad.memory.hugepages import (MEMFD, RUN_DIR, Pool, adopt_old_record, escaped_name,
                                    record_key, sweep)
-from cmad.store.journal import Journal, recover, restore_allocators
+from cmad.daemon.recovery import recover, restore_allocators
+from cmad.store.journal import Journal
 
 log = logging.getLogger("cmad")
 

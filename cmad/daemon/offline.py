@@ -14,7 +14,9 @@ from cmad.memory.arena import remove_own
 from cmad.core.cma import Cma
 from cmad.memory.hugepages import release_mount, sweep
 from cmad.errors import CmaError
-from cmad.store.journal import JOURNAL, BadRow, Journal, restore_allocators, restore_record
+from cmad.daemon.recovery import restore_allocators, restore_record
+from cmad.store.journal import JOURNAL, Journal
+from cmad.store.rows import BadRow
 from cmad.memparse import human
 from cmad.memory.physmap import parse_record
 

@@ -14,17 +14,15 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import os
 import sqlite3
-from typing import Callable, Iterator
+from typing import Iterator
 
-from cmad.core.chunks import ADDR_FORM, LABEL, RECORD, Chunk, check_label
-from cmad.core.cma import Cma
+from cmad.core.chunks import Chunk
 from cmad.core.events import DURABLE, Listener
+from cmad.core.regions import Region, alloc_spec_text
 from cmad.errors import CmaError
-from cmad.memparse import fmt_addr
-from cmad.core.regions import NAME, NAME_MAX, Region, alloc_spec_text
+from cmad.store.rows import FIELDS, check_rows, chunk_row, i64, unsigned
 
 log = logging.getLogger(__name__)
 
@@ -38,152 +36,24 @@ CREATE TABLE IF NOT EXISTS chunks (
     movable INTEGER NOT NULL, transient INTEGER NOT NULL, bound INTEGER,
     alignment INTEGER NOT NULL);
 """
-FIELDS = RECORD
 # Ids are reserved in the meta table a batch at a time, so the hot path writes
 # the next id once per ID_BATCH allocations, and a restart never hands out an
 # id a chunk had before (ids are never dense, only unique).
 ID_BATCH = 1024
 ALLOC_KEY = "alloc."  # meta key prefix: a region's alloc attribute written at runtime
 
-
-def _i64(value: int | None) -> int | None:
-    """A 64-bit unsigned value as SQLite's signed INTEGER (two's complement), so
-    addresses from 2^63 up (``--base 0x8000000000000000``) fit; smaller values
-    are stored as they are, so older journals read the same."""
-    return value - (1 << 64) if value is not None and value >= 1 << 63 else value
-
-
-def _u64(value: object) -> object:
-    """Back from ``_i64``; anything but a negative int (a tampered row) is left to
-    ``check_rows``."""
-    return value + (1 << 64) if type(value) is int and value < 0 else value
-
-
-def _unsigned(row: tuple) -> tuple:
-    return tuple(_u64(v) if i in _U64_AT else v for i, v in enumerate(row))
-# Addresses from 2^63 up are stored negative (below): the non-negative ones
-# first, then those, each by the unique index on start.
+# Addresses from 2^63 up are stored negative (``rows.i64``): the non-negative
+# ones first, then those, each by the unique index on start.
 _SELECT = f"SELECT {', '.join(FIELDS)} FROM chunks WHERE start {{}} 0 ORDER BY start"
 _WRAPPED = ("SELECT count(*) FROM chunks WHERE start < 0 OR size < 0 OR bound < 0 "
             "OR alignment < 0")
 BATCH = 65536  # rows fetched, checked and handed on at a time
-_TRANSIENT = FIELDS.index("transient")
-_U64_AT = tuple(FIELDS.index(f) for f in ("start", "size", "bound", "alignment"))
-
-
-def _row(chunk: Chunk) -> tuple:
-    return (chunk.id, _i64(chunk.start), _i64(chunk.size), chunk.region.name, chunk.dev,
-            chunk.type, chunk.uid, chunk.pid, chunk.label, chunk.created, int(chunk.movable),
-            int(chunk.transient), _i64(chunk.bound), _i64(chunk.alignment))
 
 
 def _failure(e: Exception, what: str) -> CmaError:
     """ENOSPC for a full state disk (SQLITE_FULL), else EIO."""
     full = getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
     return CmaError(errno.ENOSPC if full else errno.EIO, f"journal: cannot record {what}: {e}")
-
-
-# -- what a journalled row may hold ---------------------------------------
-#
-# The journal is the daemon's own, but a row edited by hand (or a disk that
-# lies) must stop start-up with one line naming the row, never a traceback
-# and never a chunk whose label is ``../x`` or whose dev splits chunkinfo.
-# Refusing (rather than dropping the row) is the rule for every journalled
-# chunk that does not fit: a dropped row would hand memory a client may still
-# be using to someone else.
-
-_PAGE = 4096
-_I63 = (1 << 63) - 1
-_U64 = (1 << 64) - 1
-_U32 = (1 << 32) - 1
-
-
-def _int(lo: int, hi: int, multiple: int = 1, *, none: bool = False) -> Callable:
-    def ok(v: object) -> bool:
-        return (v is None and none) or (type(v) is int and lo <= v <= hi and not v % multiple)
-    ok.bounds = (lo, hi, multiple)
-    ok.what = (f"an integer in [{lo}, {hi}]" + (f", a multiple of {multiple}" if multiple > 1
-                                                 else "") + (" or NULL" if none else ""))
-    return ok
-
-
-def _pow2(*, none: bool = False) -> Callable:
-    def ok(v: object) -> bool:
-        return (v is None and none) or (type(v) is int and _PAGE <= v <= 1 << 63
-                                        and not v & (v - 1))
-    ok.what = "a power of two of at least 4096" + (" or NULL" if none else "")
-    return ok
-
-
-def _name(v: object) -> bool:
-    return type(v) is str and NAME.fullmatch(v) is not None
-
-
-def _label(v: object) -> bool:
-    if v is None:
-        return True
-    try:
-        return type(v) is str and check_label(v) == v
-    except CmaError:
-        return False
-
-
-def _created(v: object) -> bool:
-    return type(v) in (int, float) and math.isfinite(v) and v >= 0
-
-
-_name.what = f"a name (1 to {NAME_MAX} of [A-Za-z0-9_.-])"
-_label.what = f"NULL or a label ({LABEL.pattern}, not 16 hex digits)"
-_created.what = "a finite time >= 0"
-
-# column -> rule; ``wide`` columns hold a distinct value per row and are
-# checked by type and bounds over the whole column, the others value by value
-# over their few distinct values.
-RULES: dict[str, Callable] = {
-    "id": _int(1, _I63), "start": _int(0, _U64, _PAGE), "size": _int(_PAGE, _U64, _PAGE),
-    "region": _name, "dev": _name, "type": _name, "uid": _int(0, _U32),
-    "pid": _int(0, _U32), "label": _label, "created": _created, "movable": _int(0, 1),
-    "transient": _int(0, 1), "bound": _pow2(none=True), "alignment": _pow2(),
-}
-_WIDE = ("id", "start", "pid", "created", "label")
-
-
-def _column_ok(name: str, values: tuple) -> bool:
-    """Whether every value passes RULES[name], without a Python call per value
-    where types and bounds over the column say so."""
-    rule = RULES[name]
-    if name not in _WIDE:
-        return all(map(rule, set(values)))
-    if name == "label":  # the label rule, over the column: C loops, no call per value
-        labels = [v for v in values if v is not None]
-        return (set(map(type, labels)) <= {str} and all(map(LABEL.fullmatch, labels))
-                and not any(map(ADDR_FORM.fullmatch, labels)))
-    types = set(map(type, values))
-    if name == "created":
-        return types <= {int, float} and all(map(math.isfinite, values)) and min(values) >= 0
-    lo, hi, multiple = rule.bounds
-    return (types == {int} and lo <= min(values) and max(values) <= hi
-            and (multiple == 1 or set(map((multiple - 1).__and__, values)) == {0}))
-
-
-class BadRow(CmaError):
-    """A journal row holding what its column may not."""
-
-
-def check_rows(rows: list[tuple]) -> None:
-    """CmaError (EINVAL) naming the first row with a value its column may not hold."""
-    if not rows:
-        return
-    for name, values in zip(FIELDS, zip(*rows)):
-        if _column_ok(name, values):
-            continue
-        rule, i = RULES[name], FIELDS.index(name)
-        row = next(r for r in rows if not rule(r[i]))
-        where = f"start {fmt_addr(row[1])}" if type(row[1]) is int else f"start {row[1]!r:.40}"
-        raise BadRow(errno.EINVAL, f"journal row id={row[0]!r:.24} ({where}): {name} "
-                                     f"{row[i]!r:.60} is not {rule.what}; refusing to start "
-                                     "(the journal was edited or damaged: fix the row, or "
-                                     "'cmad reset' forgets every chunk)")
 
 
 def keep_private(state_dir: str, path: str) -> None:
@@ -308,7 +178,7 @@ class Journal(Listener):
             cursor = self.db.execute(_SELECT.format(sign))
             while batch := cursor.fetchmany(BATCH):
                 if wrapped:  # only with a base from 2^63 up: converted row by row
-                    batch = [_unsigned(row) for row in batch]
+                    batch = [unsigned(row) for row in batch]
                 check_rows(batch)
                 yield batch
 
@@ -319,6 +189,10 @@ class Journal(Listener):
             record["movable"] = bool(record["movable"])
             record["transient"] = bool(record["transient"])
             yield record
+
+    def ids(self) -> list[int]:
+        """The id of every recorded chunk."""
+        return [i for (i,) in self.db.execute("SELECT id FROM chunks")]
 
     def count(self, region: str | None = None) -> int:
         """Recorded chunks, or those of one region that recovery keeps (not transient)."""
@@ -334,7 +208,7 @@ class Journal(Listener):
                 self.set(next_id=chunk.id + ID_BATCH)
                 self._ids_reserved = chunk.id + ID_BATCH
             self.db.execute(f"INSERT INTO chunks VALUES ({', '.join('?' * len(FIELDS))})",
-                            _row(chunk))
+                            chunk_row(chunk))
         except (sqlite3.Error, OverflowError) as e:
             raise _failure(e, f"chunk {chunk.name}") from e
 
@@ -357,7 +231,7 @@ class Journal(Listener):
         try:
             self._record_frees()
             self.db.execute("UPDATE chunks SET start = ?, size = ?, movable = ? WHERE id = ?",
-                            (_i64(chunk.start), _i64(chunk.size), int(chunk.movable),
+                            (i64(chunk.start), i64(chunk.size), int(chunk.movable),
                              chunk.id))
         except (sqlite3.Error, OverflowError) as e:
             raise _failure(e, f"the move of chunk {chunk.name}") from e
@@ -393,97 +267,3 @@ class Journal(Listener):
 
     def close(self) -> None:
         self.db.close()
-
-
-def restore_allocators(cma: Cma, journal: Journal) -> None:
-    """Give back the allocators written to regions' ``alloc`` files at runtime,
-    before the chunks they made are recovered (SPEC 5: a restart never fails
-    because of them).
-
-    The configuration wins where it changed that region's allocator since the
-    write (the administrator's later word), unless the region has journalled
-    chunks: those were made by the runtime allocator and could not be put back
-    by another, so it stays, with a warning, until a start finds the region empty.
-    """
-    names = {region.name for region in cma.regions}
-    for gone in set(journal.runtime_allocator_regions()) - names:
-        if not journal.readonly:  # a region the configuration no longer has
-            journal.forget_allocator(gone)
-    for region in cma.regions:
-        saved = journal.runtime_allocator(region.name)
-        if saved is None:
-            continue
-        runtime, configured_then = saved
-        configured = alloc_spec_text(region.configured)
-        if configured != configured_then:
-            chunks = journal.count(region.name)
-            if not chunks:
-                log.info("region %s: the configuration's allocator %r replaces %r, written "
-                         "to its alloc file at runtime", region.name, configured, runtime)
-                if not journal.readonly:
-                    journal.forget_allocator(region.name)
-                continue
-            log.warning("region %s: keeping allocator %r, written to its alloc file at "
-                        "runtime, for its %d journalled chunks; the configuration's %r "
-                        "applies at a start that finds the region empty", region.name,
-                        runtime, chunks, configured)
-        try:
-            cma.set_allocator(region.name, runtime)
-        except CmaError as e:
-            log.warning("region %s: cannot restore allocator %r written at runtime (%s); "
-                        "the configuration's %r stays", region.name, runtime, e.why,
-                        configured)
-            continue
-        log.info("region %s: allocator %r, written to its alloc file at runtime, restored",
-                 region.name, runtime)
-
-
-def restore_record(cma: Cma, record: dict) -> Chunk:
-    """Put one journalled chunk back in ``cma`` (CmaError if it does not fit)."""
-    fields = {k: v for k, v in record.items()
-              if k not in ("id", "start", "size", "region", "dev", "type")}
-    return cma.restore(record["id"], record["start"], record["size"], record["region"],
-                       record["dev"], record["type"], **fields)
-
-
-def recover(cma: Cma, journal: Journal, *, arena_survived: bool) -> int:
-    """Put every journalled chunk back in ``cma``, in bulk; returns how many.
-
-    Transient chunks are freed (their handles died with the daemon).  If the
-    arena file is gone (a reboot) the records are dropped with a warning.  If
-    any row holds what its column may not, or does not fit the configured
-    regions, nothing is changed and CmaError names it: start-up must stop,
-    not drop chunks.
-    """
-    if not arena_survived:
-        ids = [i for (i,) in journal.db.execute("SELECT id FROM chunks")]
-        if ids:
-            log.warning("journal: the arena file is gone (reboot?): dropping %d recorded "
-                        "chunks whose bytes are lost", len(ids))
-            journal.forget(ids)
-        return 0
-    transient: list[tuple] = []
-
-    def kept() -> Iterator[tuple]:
-        for batch in journal.rows():
-            for row in batch:
-                if row[_TRANSIENT]:
-                    transient.append(row)
-                else:
-                    yield row
-
-    try:
-        count = cma.restore_many(kept())
-    except BadRow:
-        raise
-    except CmaError as e:
-        raise CmaError(errno.EINVAL, "journalled chunks do not fit the configured regions "
-                                     "(refusing to start; fix the configuration or run "
-                                     "'cmad reset'): " + e.why) from None
-    if transient:
-        log.info("journal: freed %d transient chunks whose handles died with the daemon: %s",
-                 len(transient), " ".join(fmt_addr(r[1]) for r in transient[:20])
-                 + (" ..." if len(transient) > 20 else ""))
-        journal.forget([r[0] for r in transient])
-    log.info("journal: recovered %d chunks", count)
-    return count
