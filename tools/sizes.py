@@ -20,10 +20,7 @@ LARGER = {
     "cmad/clients/client.py": "client and wire formats not yet apart (issue 18: protocol.py)",
     "cmad/clients/cmactl.py": "one module per command not yet (issue 18)",
     "cmad/store/journal.py": "store, row rules and recovery policy not yet apart (issue 18)",
-    "cmad/memory/physmap.py": "gather, sort by frame and create not yet apart (issue 18: memory/)",
-    "cmad/memory/hugepages.py": "pool, ledger, lock and private mounts together (issue 18: memory/)",
     "cmad/clients/cmactl.py:parse_args": "one argparse table for every subcommand",
-    "cmad/memory/physmap.py:build_file": "the gather-and-lay-out sequence (issue 18)",
 }
 
 
