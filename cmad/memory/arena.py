@@ -18,11 +18,11 @@ import os
 import stat
 
 from cmad.errors import CmaError
+from cmad.memory import pagemap
 from cmad.memory.kernelpool import page_size
 from cmad.memory.ledger import unlink_arena
 from cmad.memory.mounts import fs_type, release_mount
 from cmad.memory.pool import Pool
-from cmad.memory import pagemap
 from cmad.memparse import human
 
 log = logging.getLogger(__name__)

@@ -63,8 +63,6 @@ def boot_id() -> str:
         return "?"
 
 
-
-
 def boot_time() -> float:
     """When this boot began (``btime`` of /proc/stat), in seconds since the epoch."""
     try:
@@ -96,5 +94,3 @@ def pool_unlock() -> None:
     if _lock["depth"] == 0 and _lock["fd"] >= 0:
         os.close(_lock["fd"])
         _lock["fd"] = -1
-
-

@@ -98,7 +98,6 @@ def assign(groups: list[Group], runs: list[list[int]], pages: int
     return [o if o is not None else next(rest) for o in order], placed
 
 
-
 def refusal(span: Span, longest: int, gathered: int, why: str = "", *,
             stopped: str = "") -> CmaError:
     """The one line of contiguous=physical when a region cannot be physical; where
@@ -112,7 +111,6 @@ def refusal(span: Span, longest: int, gathered: int, why: str = "", *,
     return CmaError(errno.ENOMEM, f"contiguous=physical: region {span.name} "
                                   f"({human(span.size)}) fits no physical run: {detail}; "
                                   f"{ADVICE}")
-
 
 
 def decide(spans: list[Span], frames: list[int], page: int, layout: Layout) -> None:

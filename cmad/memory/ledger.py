@@ -207,5 +207,3 @@ def record_key(state_dir: str | None, mountpoint: str) -> str | None:
     if os.geteuid() != 0:
         return None
     return escaped_name(mountpoint, state_dir)
-
-

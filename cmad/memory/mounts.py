@@ -82,5 +82,3 @@ def release_mount(kind: str = "hugetlbfs") -> None:
         pass
     finally:
         kernelpool.pool_unlock()
-
-

@@ -194,4 +194,3 @@ def _refuse_all(spans: list[Span], strict: bool, longest: int, gathered: int, wh
         for span in spans:
             if span.wants:
                 raise refusal(span, longest, gathered, why)
-

@@ -48,8 +48,6 @@ def parse_gather_limit(text: str) -> tuple[float | None, int | None]:
     return None, memparse(text, "gather_limit")
 
 
-
-
 class Pool:
     """The hugepage pool as one daemon sees it: what is free, and what it added.
 

@@ -61,5 +61,3 @@ def user_dir() -> str:
     if st is not None and st.st_uid == os.geteuid() and not st.st_mode & 0o022:
         return os.path.join(runtime, "cmad")
     return f"/dev/shm/cmad-{os.geteuid()}"
-
-
