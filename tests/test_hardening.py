@@ -365,7 +365,8 @@ def test_a_daemon_meeting_the_mount_lock_names_its_holder(tmp_path):
 
 # -- items 4, 8: the ledger of added hugepages, reconciled with the pool --------------
 
-from cmad.memory import hugepages
+from cmad.memory import hugepages, kernelpool  # noqa: E402
+from cmad.memory.ledger import me as _me  # noqa: E402
 from cmad.memory.hugepages import Ledger, Pool, give_back_record, read_record, sweep  # noqa: E402
 from util.pool import FakeKernel, nr  # noqa: E402
 
@@ -397,9 +398,9 @@ def test_pages_that_became_surplus_under_the_arena_are_not_given_back(monkeypatc
     one.held_in(str(arena))
     kernel.free -= 10  # in the arena
     kernel.nr = 6  # lowered by another process under them: 4 surplus
-    monkeypatch.setattr(hugepages, "meminfo", lambda: {"MemAvailable": 1 << 30,
-                                                        "Hugepagesize": 2048,
-                                                        "HugePages_Surp": 4})
+    monkeypatch.setattr(kernelpool, "meminfo", lambda: {"MemAvailable": 1 << 30,
+                                                         "Hugepagesize": 2048,
+                                                         "HugePages_Surp": 4})
     hugepages.unlink_arena(str(arena), ledger=ledger)
     kernel.free += 6  # the 4 surplus pages vanished with the file
     assert read_record("cmad-a", ledger=ledger) == 6
@@ -422,7 +423,7 @@ def test_sweep_gives_back_dead_daemons_pages_that_no_arena_holds(monkeypatch, tm
     kept.write_bytes(b"")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    me = hugepages._me()
+    me = _me()
     Ledger(ledger).save({"gathering": [5, f"{dead.pid}:1", "-"],
                          "memfd": [3, f"{dead.pid}:1", "-"],
                          "gone": [2, f"{dead.pid}:1", str(tmp_path / "removed")],

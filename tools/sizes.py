@@ -17,9 +17,6 @@ ROOTS = ("cmad", "fusefs")
 # path or path:function -> why it is larger, for now
 LARGER = {
     "cmad/core/cma.py": "the allocation path (hot, kept inline) and region/allocator management",
-    "cmad/memory/physmap.py": "gather, sort by frame and create not yet apart (issue 18: memory/)",
-    "cmad/memory/hugepages.py": "pool, ledger, lock and private mounts together (issue 18: memory/)",
-    "cmad/memory/physmap.py:build_file": "the gather-and-lay-out sequence (issue 18)",
 }
 
 

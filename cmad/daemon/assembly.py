@@ -170,8 +170,7 @@ def adopt_arena(cma: Cma, config: Config, path: str | None, pool: Pool, journal:
                 shared: list[sharing.SharedFile], spans: list[physmap.Span]) -> Arena:
     """The surviving arena file and shared files, their layout checked against the journal."""
     holes = bool(shared) or bool(recorded_shared(journal, path))
-    arena = Arena(cma.arena_size, path=path, backing=config.backing, holes=holes)
-    arena.pool = pool
+    arena = Arena(cma.arena_size, path=path, backing=config.backing, holes=holes, pool=pool)
     try:
         adopt_shared(arena, shared, journal, path, arena_name(config))
     except BaseException:
@@ -293,8 +292,8 @@ def laid_out_arena(path: str | None, size: int, spans: list[physmap.Span], pool:
             raise
         log.info("arena: hugetlb: %s; gathering again", e.strerror)
         fd, layout = physmap.build_file(path, size, spans, pool, strict=strict, pieces=pieces)
-    arena = Arena(size, path=path, backing="hugetlb", fd=fd, holes=bool(shared))
-    arena.created, arena.pool = path is not None, pool
+    arena = Arena(size, path=path, backing="hugetlb", fd=fd, holes=bool(shared), pool=pool,
+                  created=path is not None)
     for s in shared:  # before any frame is read: a hole of the arena file never faults in
         arena.overlay(s.offset, s.size, s.fd, s.path)
     try:

@@ -16,12 +16,14 @@ import logging
 import mmap
 import os
 import stat
-from array import array
 
 from cmad.errors import CmaError
-from cmad.memory.hugepages import fs_type, page_size, release_mount, unlink_arena
+from cmad.memory import pagemap
+from cmad.memory.kernelpool import page_size
+from cmad.memory.ledger import unlink_arena
+from cmad.memory.mounts import fs_type, release_mount
+from cmad.memory.pool import Pool
 from cmad.memparse import human
-from cmad.privileges import pagemap_fd
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +152,16 @@ class Arena:
 
     Shared regions' files are mapped over their place (`overlay`): the arena
     stays one range of addresses, and a range of a shared region is backed
-    by (populated in, punched in) that region's file."""
+    by (populated in, punched in) that region's file.
+
+    ``pool``: the hugepage pool the arena's pages came from, given back to when
+    the arena is deleted; ``created``: the caller made the file behind ``fd``
+    (a failed start removes it)."""
 
     def __init__(self, size: int, *, path: str | None = None, backing: str = "auto",
                  populate: bool = False, no_hugetlb: str = "",
-                 fd: int = -1, holes: bool = False):
+                 fd: int = -1, holes: bool = False, pool: Pool | None = None,
+                 created: bool = False):
         if backing not in BACKINGS:
             raise CmaError(errno.EINVAL, f"backing {backing!r}: expected one of {BACKINGS}")
         if size <= 0:
@@ -164,8 +171,8 @@ class Arena:
         self.path = path
         self.existed = path is not None and os.path.exists(path)
         self.fd = fd  # a hugetlb file already laid out (physmap.build_file)
-        self.created = False
-        self.pool = None  # the hugepage pool to give back to when the file is deleted
+        self.created = False  # ``created``: the caller made ``fd``'s file (set once open)
+        self.pool = pool  # the hugepage pool to give back to when the file is deleted
         self.layout = None  # physmap.Layout for a hugetlbfs arena laid out by frame
         self.mm: mmap.mmap | None = None
         self.overlays: list[Overlay] = []
@@ -188,6 +195,7 @@ class Arena:
                 self._unlink_created()
                 continue
             self.backing = kind
+            self.created = self.created or created
             self.why = "; ".join(failures) or "first choice"
             log.info("arena: %s of %s backed by %s%s at %s", human(self.size),
                      "named file" if self.named else "anonymous memory", kind,
@@ -303,19 +311,12 @@ class Arena:
         base = self._address()
         self.view(offset, size)  # bounds check
         self.mm[offset:offset + size:mmap.PAGESIZE]  # fault the pages into our page table
-        first, count = (base + offset) // mmap.PAGESIZE, -(-size // mmap.PAGESIZE)
-        entries = array("Q")
-        entries.frombytes(os.pread(pagemap_fd(), count * 8, first * 8))
+        start = (base + offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        count = -(-size // mmap.PAGESIZE)
+        frames = pagemap.physical(start, count, mmap.PAGESIZE, lambda i: CmaError(
+            errno.EFAULT, f"arena page at {offset + i * 4096:#x} is not present"))
         segments: list[list[int]] = []
-        for i, entry in enumerate(entries):
-            if not entry >> 63:
-                raise CmaError(errno.EFAULT, f"arena page at {offset + i * 4096:#x} is not "
-                                             "present")
-            pfn = entry & ((1 << 55) - 1)
-            if pfn == 0:
-                raise CmaError(errno.EACCES, "the kernel hides physical frame numbers "
-                                             "(needs CAP_SYS_ADMIN)")
-            addr = pfn * mmap.PAGESIZE
+        for addr in frames:
             if segments and segments[-1][0] + segments[-1][1] == addr:
                 segments[-1][1] += mmap.PAGESIZE
             else:
@@ -324,8 +325,7 @@ class Arena:
 
     def frames(self, first: int, count: int) -> list[int]:
         """The physical address of each of ``count`` hugepages from page ``first``."""
-        from cmad.memory.physmap import read_frames
-        return read_frames(self._address() + first * self.page, count, self.page)
+        return pagemap.read_frames(self._address() + first * self.page, count, self.page)
 
     def _unlink_created(self) -> None:
         """A failed start leaves no file it made (a sparse 4 TiB one, say) behind."""

@@ -35,7 +35,10 @@ import stat
 from dataclasses import dataclass
 
 from cmad.errors import CmaError
-from cmad.memory.hugepages import fs_type, page_size, pool_lock, pool_unlock, unlink_arena, user_dir
+from cmad.memory.kernelpool import page_size, pool_lock, pool_unlock
+from cmad.memory.ledger import unlink_arena
+from cmad.memory.mounts import fs_type
+from cmad.memory.rundir import user_dir
 
 log = logging.getLogger(__name__)
 

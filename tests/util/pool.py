@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from cmad.memory import hugepages
-from cmad.memory.hugepages import NR_HUGEPAGES
+from cmad.memory import kernelpool
+from cmad.memory.kernelpool import NR_HUGEPAGES
 
 
 def free_hugepages() -> int:
@@ -22,13 +22,13 @@ class FakeKernel:
 
     def __init__(self, monkeypatch, nr: int, free: int):
         self.nr, self.free = nr, free
-        monkeypatch.setattr(hugepages, "_read_nr", lambda: self.nr)
-        monkeypatch.setattr(hugepages, "_write_nr", self.write)
-        monkeypatch.setattr(hugepages, "unreserved_free", lambda: self.free)
-        monkeypatch.setattr(hugepages, "meminfo", lambda: {"MemAvailable": 1 << 30,
-                                                            "Hugepagesize": 2048})
-        monkeypatch.setattr(hugepages, "pool_lock", lambda: None)
-        monkeypatch.setattr(hugepages, "pool_unlock", lambda: None)
+        monkeypatch.setattr(kernelpool, "read_nr", lambda: self.nr)
+        monkeypatch.setattr(kernelpool, "write_nr", self.write)
+        monkeypatch.setattr(kernelpool, "unreserved_free", lambda: self.free)
+        monkeypatch.setattr(kernelpool, "meminfo", lambda: {"MemAvailable": 1 << 30,
+                                                             "Hugepagesize": 2048})
+        monkeypatch.setattr(kernelpool, "pool_lock", lambda: None)
+        monkeypatch.setattr(kernelpool, "pool_unlock", lambda: None)
         monkeypatch.setattr(os, "geteuid", lambda: 0)
 
     def write(self, value: int) -> int:
