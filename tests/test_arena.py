@@ -84,3 +84,32 @@ def test_a_planted_arena_file_or_symlink_is_refused():
     finally:
         if os.path.lexists(path):
             os.unlink(path)
+
+
+def test_a_gather_that_cannot_start_leaves_the_pool_lock_free(monkeypatch):
+    """build_file took the pool lock and then made its memfd outside the try: an
+    EMFILE there kept the machine-wide lock held for the daemon's life."""
+    import errno as errnos
+
+    from cmad.memory import physmap
+
+    class FakePool:
+        page, added, depth = 2 << 20, 0, 0
+
+        def lock(self):
+            self.depth += 1
+
+        def unlock(self):
+            self.depth -= 1
+
+        def give_back(self, n):
+            pass
+
+    def no_memfd(page):
+        raise OSError(errnos.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(physmap, "Gather", no_memfd)
+    pool = FakePool()
+    with pytest.raises(OSError):
+        physmap.build_file(None, 4 << 20, [], pool, strict=False)
+    assert pool.depth == 0

@@ -86,8 +86,12 @@ def build_file(path: str | None, size: int, spans: list[Span], pool: Pool, *, st
     pages = size // page
     groups = groups_of(spans, page)
     added_before = pool.added
-    pool.lock()
-    gather = Gather(page)
+    gather = Gather(page)  # before the lock: a memfd that cannot be made leaves it free
+    try:
+        pool.lock()
+    except BaseException:
+        gather.close()
+        raise
     try:
         cap = _gather_arena(gather, pool, spans, pages, strict)
         runs, order, placed, stopped = _search(gather, pool, groups, pages, cap)
