@@ -47,6 +47,11 @@ def fmt_addr(addr: int) -> str:
     return f"{addr:016x}"
 
 
+def align_up(addr: int, alignment: int) -> int:
+    """``addr`` rounded up to a multiple of ``alignment`` (a power of two)."""
+    return (addr + alignment - 1) & -alignment
+
+
 def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 

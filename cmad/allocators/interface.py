@@ -21,6 +21,7 @@ from itertools import accumulate
 from typing import Callable, Iterable, Iterator
 
 from cmad.errors import CmaError
+from cmad.memparse import align_up
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -106,7 +107,7 @@ class Allocator:
         if bound is not None and need > bound:
             return None
         for start, length in self.holes():
-            at = (start + align - 1) & -align
+            at = align_up(start, align)
             if bound is not None and at // bound != (at + need - 1) // bound:
                 at = (at // bound + 1) * bound  # the next window, aligned as bound >= align
             if at + need <= start + length and self.reserve_for(at, need, movable):
@@ -183,7 +184,7 @@ class Allocator:
             starts = [s for s, _ in movable_chunks]
             ends = [e for _, e in movable_chunks]
             weights = [0, *accumulate(e - s for s, e in movable_chunks)]
-            for w in {_align_up(lo, align), *(_align_up(e, align) for e in ends)}:
+            for w in {align_up(lo, align), *(align_up(e, align) for e in ends)}:
                 if w < lo or w + window > hi:
                     continue
                 i, j = bisect_right(ends, w), bisect_left(starts, w + window)
@@ -240,10 +241,6 @@ def merge_adjacent(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int
         cur, end = start, start + size
     if cur is not None:
         yield cur, end - cur
-
-
-def _align_up(x: int, alignment: int) -> int:
-    return (x + alignment - 1) & -alignment
 
 
 def _stretches(lo: int, hi: int, chunks: Iterable[tuple[int, int, bool]]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from cmad.allocators import PAGE_SIZE, Allocator
 from cmad.allocators.pageblocks import make_allocator
 from cmad.errors import CmaError, clip, einval
-from cmad.memparse import fmt_addr, human, is_power_of_two, memparse
+from cmad.memparse import align_up, fmt_addr, human, is_power_of_two, memparse
 
 NAME_MAX = 64  # as labels: names are file names and log words, never a client's essay
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,%d}" % NAME_MAX)
@@ -56,10 +56,6 @@ def check_region_name(name: str, what: str = "region name") -> str:
 
 def page_align(size: int) -> int:
     return (size + PAGE_SIZE - 1) & -PAGE_SIZE
-
-
-def align_up(addr: int, alignment: int) -> int:
-    return (addr + alignment - 1) & -alignment
 
 
 def parse_alignment(text: str | int | None, what: str = "alignment") -> int:
