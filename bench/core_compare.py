@@ -46,6 +46,7 @@ REGION = 64 << 30
 # -- the worker: one side, in its own process ----------------------------
 
 def trace(rng: random.Random, n: int, pairs: int) -> tuple[list[int], list[int]]:
+    """The sizes and victims of ``pairs`` steps, drawn as bench/core.py draws them."""
     return ([rng.randint(1, 64) << 12 for _ in range(pairs)],
             [rng.randrange(n) for _ in range(pairs)])
 
@@ -60,17 +61,9 @@ class CmaSide:
                        for _ in range(live)]
 
     def run(self, pairs: int) -> float:
-        sizes, victims = trace(self.rng, len(self.starts), pairs)
-        alloc, free, starts = self.cma.alloc, self.cma.free, self.starts
-        gc.disable()
-        t0 = time.perf_counter()
-        for size, i in zip(sizes, victims):
-            new = alloc("bench", size).start
-            free(starts[i])
-            starts[i] = new
-        elapsed = time.perf_counter() - t0
-        gc.enable()
-        return pairs / elapsed
+        import core  # bench/core.py's loop, on the cmad this side's path gives
+
+        return core.pairs_per_second(self.cma, self.starts, self.rng, pairs)
 
     def check(self) -> None:
         self.cma._check()
