@@ -66,7 +66,7 @@ def make_room(index: ChunkIndex, region: Region, mover: Mover, size: int, alignm
         cost = sum(c.size for c in victims)  # whole chunks move, not their parts in the window
         if not victims or cost > budget:
             continue
-        if evacuate(index, region, mover, lo, hi, victims):
+        if evacuate(region, mover, lo, hi, victims):
             budget -= cost
             region.compactions += 1
             got = (allocator.alloc_for(size, alignment, movable)
@@ -83,14 +83,11 @@ def _victims(index: ChunkIndex, lo: int, hi: int) -> list[Chunk]:
     return [first, *inside] if first is not None and first.start < lo else inside
 
 
-def evacuate(index: ChunkIndex, region: Region, mover: Mover, lo: int, hi: int,
-             victims: list[Chunk] | None = None) -> bool:
-    """Move every chunk (``victims``, if the caller has them) out of [lo, hi);
-    False (and nothing changed) if one is pinned or they do not all fit elsewhere."""
+def evacuate(region: Region, mover: Mover, lo: int, hi: int, victims: list[Chunk]) -> bool:
+    """Move ``victims``, every chunk with bytes in [lo, hi), out of it; False (and
+    nothing changed) if one is pinned or they do not all fit elsewhere."""
     allocator = region.allocator
-    if victims is None:
-        victims = _victims(index, lo, hi)
-    if not victims or not all(c.movable for c in victims):
+    if not all(c.movable for c in victims):
         return False
     holds = allocator.isolate(lo, hi, [(c.start, c.size) for c in victims])
     if holds is None:
