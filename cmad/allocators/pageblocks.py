@@ -196,7 +196,7 @@ class Grouped(BlockTable):
         i, j = offset >> self._shift, (offset + size - 1) >> self._shift
         owner_of = self._owner
         owner = owner_of[i]
-        if owner_of.find(FREE, i, j + 1) >= 0:
+        if owner == FREE or (i != j and owner_of.find(FREE, i, j + 1) >= 0):
             raise CmaError(errno.EINVAL, f"{self.name}: free of {start:#x}+{size:#x} "
                                          "in a free block")
         kind = MOVABLE if movable else LARGE if size >= self._large else PINNED
