@@ -115,6 +115,9 @@ def adopt_shared(arena: Arena, shared: list[sharing.SharedFile], journal: Journa
         if s.region in recorded:
             sharing.adopt(s, recorded[s.region])
         else:
+            # Its range of the arena file holds no chunk (checked above): its pages
+            # go back, so the new file can have them with the pool as it is.
+            arena.release(s.offset, s.size)
             sharing.create(s, name, "hugetlb" if arena.backing == "hugetlb" else "shm")
             log.info("region %s is shared with %s from now on: its file is %s", s.region,
                      s.group, s.path)
