@@ -143,7 +143,6 @@ class Cma:
             region.attach(self._allocator_class(spec.alloc.name, ""), spec.alloc.params)
             self._regions[spec.name] = region
         self._map = Map(map)
-        self._names_ok: set[tuple[str, str]] = set()
         self._routes: dict[tuple[str, str | None], list[Region]] = {}  # alloc's memo
         self.chunks = ChunkIndex()
         self._next_id = 1
@@ -277,7 +276,8 @@ class Cma:
         4096 pairs, until the map changes) when there is at least one."""
         key = (dev, type)
         type = type or DEFAULT_TYPE
-        self._check_names(dev, type)
+        check_name(dev, "device")  # 1 to 64 of [A-Za-z0-9_.-]: no newline in chunkinfo,
+        check_name(type, "type")   # no essay in the journal; once per remembered pair
         names = self._map.lookup(dev, type)
         regions = [self._regions[n] for n in dict.fromkeys(names) if n in self._regions]
         if not regions:
@@ -286,16 +286,6 @@ class Cma:
         if len(self._routes) < 4096:
             self._routes[key] = regions
         return regions
-
-    def _check_names(self, dev: str, type: str) -> None:
-        """1 to 64 of [A-Za-z0-9_.-] (no newline in chunkinfo, no essay in the
-        journal); a pair seen before is known good, as the map's memo knows it."""
-        if (dev, type) in self._names_ok:
-            return
-        check_name(dev, "device")
-        check_name(type, "type")
-        if len(self._names_ok) < 4096:
-            self._names_ok.add((dev, type))
 
     @_locked
     def alloc_from(self, regions: str | Sequence[str], size: int, alignment: int = 0, *,
